@@ -1,0 +1,141 @@
+"""The DeFT hyper-parameters: one typed record, their defaults, and their validation.
+
+This file is the single source of every DeFT default. `DeftLlavaConfig` (the model config) and
+`DeFTModule` (the seed's standalone module) both read their defaults from `DeftSettings`, so a value
+changed here changes everywhere. It imports nothing from the project.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+MODALITIES = ("image", "video", "text")
+INFERENCE_MODES = ("fast", "hybrid", "adaptive")
+
+
+@dataclass(frozen=True)
+class DeftSettings:
+    """DeFT hyper-parameters (seed README table, plus what the model needs).
+
+    Args:
+        use_deft: compress visual tokens inside the model's forward pass.
+        deft_semantic_dim: width of the shared semantic space of SAM (seed: 512).
+        deft_retention_ratio: share of tokens kept by top-k, in (0, 1]; k = max(1, floor(ratio * N + 0.5)).
+        deft_enable_rtd: build the Recoverable Token Dictionary (needed by `hybrid` and `adaptive`).
+        deft_alpha_var: variance penalty of the feedback score, `||g|| * exp(-alpha_var * Var(g))`.
+        deft_rtd_bottleneck_ratio: RTD code width is `token_dim // ratio` (seed: d/4).
+        deft_inference_mode: `fast` (kept tokens only), `hybrid` (plus reconstructed uncertain tokens) or
+            `adaptive` (per sample: reconstruct everything pruned, or nothing, by the model's uncertainty).
+        deft_rtd_entropy_threshold: a distribution is *uncertain* when its entropy divided by log(vocab)
+            (so in [0, 1]) is above this value.
+        deft_rtd_confidence_threshold: a distribution is *unconfident* when its largest probability is
+            below this value. RTD reconstructs when uncertain OR unconfident.
+        deft_saliency_hidden_dim: hidden width of the 3-layer saliency MLP.
+        deft_group_image_neighbors: 8 (8-connected grid) or 4 (4-connected) spatial neighbours for images.
+        deft_group_video_window: temporal window of the video group score (seed: +-2 frames).
+        deft_group_text_neighbors: number of semantic neighbours of the text group score (seed: 5).
+        deft_keep_original_positions: kept visual tokens and the text after them keep the position ids they
+            had before compression (gaps stay). Turn off only for a model fine-tuned on renumbered sequences.
+        deft_feedback_loss_weight: weight of the loss that pulls the learned saliency towards the feedback
+            score (training only).
+        deft_rtd_loss_weight: weight of the RTD reconstruction loss (training only).
+    """
+
+    use_deft: bool = False
+    deft_semantic_dim: int = 512
+    deft_retention_ratio: float = 0.482
+    deft_enable_rtd: bool = True
+    deft_alpha_var: float = 0.1
+    deft_rtd_bottleneck_ratio: int = 4
+    deft_inference_mode: str = "fast"
+    deft_rtd_entropy_threshold: float = 0.6
+    deft_rtd_confidence_threshold: float = 0.3
+    deft_saliency_hidden_dim: int = 256
+    deft_group_image_neighbors: int = 8
+    deft_group_video_window: int = 2
+    deft_group_text_neighbors: int = 5
+    deft_keep_original_positions: bool = True
+    deft_feedback_loss_weight: float = 1.0
+    deft_rtd_loss_weight: float = 1.0
+
+    def __post_init__(self):
+        validate_deft_settings(**asdict(self))
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+def _check_type(name, value, types, what):
+    # bool is an int subclass: refuse True where a number is expected, and 1 where a bool is expected
+    if isinstance(value, bool) and bool not in types:
+        raise TypeError(f"{name} must be {what}, got the bool {value!r}")
+    if not isinstance(value, types):
+        raise TypeError(f"{name} must be {what}, got {value!r} of type {type(value).__name__}")
+
+
+def validate_retention_ratio(value, name="deft_retention_ratio"):
+    _check_type(name, value, (int, float), "a number in (0, 1]")
+    if not (0.0 < float(value) <= 1.0) or math.isnan(float(value)):
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+
+
+def validate_inference_mode(value, name="deft_inference_mode"):
+    if value not in INFERENCE_MODES:
+        raise ValueError(f"{name} must be one of {INFERENCE_MODES}, got {value!r}")
+
+
+def validate_deft_settings(**values) -> None:
+    """Raise `TypeError`/`ValueError` naming the first invalid DeFT setting."""
+    for name in ("use_deft", "deft_enable_rtd", "deft_keep_original_positions"):
+        if name in values:
+            _check_type(name, values[name], (bool,), "True or False")
+    for name in (
+        "deft_semantic_dim",
+        "deft_rtd_bottleneck_ratio",
+        "deft_saliency_hidden_dim",
+        "deft_group_text_neighbors",
+    ):
+        if name in values:
+            _check_type(name, values[name], (int,), "a positive int")
+            if values[name] < 1:
+                raise ValueError(f"{name} must be a positive int, got {values[name]!r}")
+    if "deft_group_video_window" in values:
+        _check_type("deft_group_video_window", values["deft_group_video_window"], (int,), "an int >= 0")
+        if values["deft_group_video_window"] < 0:
+            raise ValueError(
+                f"deft_group_video_window must be >= 0, got {values['deft_group_video_window']!r}"
+            )
+    if "deft_group_image_neighbors" in values and values["deft_group_image_neighbors"] not in (4, 8):
+        raise ValueError(
+            f"deft_group_image_neighbors must be 4 or 8, got {values['deft_group_image_neighbors']!r}"
+        )
+    if "deft_retention_ratio" in values:
+        validate_retention_ratio(values["deft_retention_ratio"])
+    if "deft_inference_mode" in values:
+        validate_inference_mode(values["deft_inference_mode"])
+    for name in ("deft_rtd_entropy_threshold", "deft_rtd_confidence_threshold"):
+        if name in values:
+            _check_type(name, values[name], (int, float), "a number in [0, 1]")
+            if not 0.0 <= float(values[name]) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {values[name]!r}")
+    for name in ("deft_alpha_var", "deft_feedback_loss_weight", "deft_rtd_loss_weight"):
+        if name in values:
+            _check_type(name, values[name], (int, float), "a finite number >= 0")
+            if not (math.isfinite(float(values[name])) and float(values[name]) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {values[name]!r}")
+
+
+def num_kept_tokens(num_tokens: int, retention_ratio: float) -> int:
+    """Tokens kept by top-k: `max(1, floor(retention_ratio * num_tokens + 0.5))` (round half up).
+
+    >>> num_kept_tokens(576, 0.25), num_kept_tokens(256, 0.482), num_kept_tokens(64, 0.125)
+    (144, 123, 8)
+    """
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    return max(1, min(num_tokens, int(math.floor(retention_ratio * num_tokens + 0.5))))
+
+
+DEFAULTS = DeftSettings()

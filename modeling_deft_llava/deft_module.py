@@ -1,0 +1,380 @@
+"""`DeFTModule`: the seed's standalone DeFT compressor (SAM -> FGCS -> top-k -> RTD) for any modality.
+
+Paper: "DeFT: Decoupled and Feedback-Guided Tokenization for Efficient Multimodal Long-Context Modeling"
+(seed README in `shared/seeds/deft-readme.md`). Every default comes from `configuration/deft_settings.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from .configuration.deft_settings import (
+    DEFAULTS,
+    INFERENCE_MODES,
+    MODALITIES,
+    validate_deft_settings,
+    validate_inference_mode,
+    validate_retention_ratio,
+)
+from .feedback_scorer import feedback_scores, feedback_scores_from_gradients
+from .group_scorer import group_scores
+from .saliency_scorer import SaliencyScorer
+from .score_mixer import ScoreMixer, normalize_per_sample
+from .semantic_abstraction import SemanticAbstraction
+from .token_dictionary import TokenDictionary, is_uncertain, sample_is_uncertain
+from .topk_selector import gather_tokens, select_topk
+
+
+@dataclass
+class DeFTOutput:
+    """What `DeFTModule` returns; reads both as `out.retained_tokens` and as `out["retained_tokens"]`.
+
+    Attributes:
+        retained_tokens: `(batch_size, k, token_dim)` kept tokens in their original order (slots beyond a
+            padded row's own k are zeros; see `kept_mask`).
+        reconstructed_tokens: `(batch_size, r, token_dim)` RTD reconstructions of pruned tokens, in original
+            order, or None when nothing was reconstructed (`fast`, RTD off, or every sample certain).
+        kept_indices: `(batch_size, k)` positions of the kept tokens in the input, ascending.
+        kept_mask: `(batch_size, k)` bool, False on unused slots of padded rows.
+        reconstructed_indices / reconstructed_mask: `(batch_size, r)` positions and validity of the
+            reconstructed tokens (None when `reconstructed_tokens` is None).
+        scores: `(batch_size, num_tokens)` the mixed score used for selection (padding gets -inf).
+        scoring_info: `mixture_weights` (component -> weight of the present components), the normalised
+            components `s_sem`, `s_fb` (None without feedback), `s_group`, and `num_kept` per sample.
+        rtd_loss: reconstruction loss of the pruned tokens (None without RTD).
+        feedback_loss: MSE pulling the normalised `s_sem` towards the normalised `s_fb` (None without feedback).
+    """
+
+    retained_tokens: torch.Tensor
+    reconstructed_tokens: torch.Tensor | None
+    kept_indices: torch.Tensor
+    kept_mask: torch.Tensor
+    scores: torch.Tensor
+    scoring_info: dict
+    reconstructed_indices: torch.Tensor | None = None
+    reconstructed_mask: torch.Tensor | None = None
+    rtd_loss: torch.Tensor | None = None
+    feedback_loss: torch.Tensor | None = None
+
+    def __getitem__(self, key: str):
+        if key not in self.keys():
+            raise KeyError(f"{key!r} is not a DeFT output; valid keys: {self.keys()}")
+        return getattr(self, key)
+
+    def keys(self) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(self))
+
+
+class DeFTModule(nn.Module):
+    """Decoupled, feedback-guided token compression for image, video and text tokens.
+
+    Args:
+        token_dim: width of the tokens to compress.
+        semantic_dim: width of the semantic space of SAM.
+        retention_ratio: share of tokens kept, in (0, 1].
+        enable_rtd: build the Recoverable Token Dictionary.
+        alpha_var: variance penalty of the feedback score.
+        rtd_bottleneck_ratio: RTD codes have `token_dim // rtd_bottleneck_ratio` features.
+        saliency_hidden_dim, image_neighbors, video_window, text_neighbors: see `DeftSettings`.
+        entropy_threshold, confidence_threshold: the RTD rule (see `token_dictionary.py`).
+        feedback_loss_weight, rtd_loss_weight: recorded for training code; the module returns the raw losses.
+
+    Differences from the paper:
+    - The feedback gradient is taken against the tokens given to this module (the encoder's tokens `x`), not
+      against `z = SAM(x)`: the task loss is computed before this call, so it cannot depend on this call's `z`.
+    - Top-k has no gradient; the retained tokens are multiplied by `1 + s_i - stopgrad(s_i)` (value exactly 1)
+      so the task loss still reaches the scorer, SAM and the mixture weights (straight-through estimator).
+    """
+
+    def __init__(
+        self,
+        token_dim: int,
+        semantic_dim: int = DEFAULTS.deft_semantic_dim,
+        retention_ratio: float = DEFAULTS.deft_retention_ratio,
+        enable_rtd: bool = DEFAULTS.deft_enable_rtd,
+        alpha_var: float = DEFAULTS.deft_alpha_var,
+        rtd_bottleneck_ratio: int = DEFAULTS.deft_rtd_bottleneck_ratio,
+        saliency_hidden_dim: int = DEFAULTS.deft_saliency_hidden_dim,
+        image_neighbors: int = DEFAULTS.deft_group_image_neighbors,
+        video_window: int = DEFAULTS.deft_group_video_window,
+        text_neighbors: int = DEFAULTS.deft_group_text_neighbors,
+        entropy_threshold: float = DEFAULTS.deft_rtd_entropy_threshold,
+        confidence_threshold: float = DEFAULTS.deft_rtd_confidence_threshold,
+        feedback_loss_weight: float = DEFAULTS.deft_feedback_loss_weight,
+        rtd_loss_weight: float = DEFAULTS.deft_rtd_loss_weight,
+    ):
+        super().__init__()
+        if isinstance(token_dim, bool) or not isinstance(token_dim, int) or token_dim < 1:
+            raise ValueError(f"token_dim must be a positive int, got {token_dim!r}")
+        validate_deft_settings(
+            deft_semantic_dim=semantic_dim,
+            deft_retention_ratio=retention_ratio,
+            deft_enable_rtd=enable_rtd,
+            deft_alpha_var=alpha_var,
+            deft_rtd_bottleneck_ratio=rtd_bottleneck_ratio,
+            deft_saliency_hidden_dim=saliency_hidden_dim,
+            deft_group_image_neighbors=image_neighbors,
+            deft_group_video_window=video_window,
+            deft_group_text_neighbors=text_neighbors,
+            deft_rtd_entropy_threshold=entropy_threshold,
+            deft_rtd_confidence_threshold=confidence_threshold,
+            deft_feedback_loss_weight=feedback_loss_weight,
+            deft_rtd_loss_weight=rtd_loss_weight,
+        )
+        self.token_dim = token_dim
+        self.retention_ratio = float(retention_ratio)
+        self.alpha_var = float(alpha_var)
+        self.image_neighbors = image_neighbors
+        self.video_window = video_window
+        self.text_neighbors = text_neighbors
+        self.entropy_threshold = float(entropy_threshold)
+        self.confidence_threshold = float(confidence_threshold)
+        self.feedback_loss_weight = float(feedback_loss_weight)
+        self.rtd_loss_weight = float(rtd_loss_weight)
+        self.semantic_abstraction = SemanticAbstraction(token_dim, semantic_dim)
+        self.saliency_scorer = SaliencyScorer(semantic_dim, saliency_hidden_dim)
+        self.score_mixer = ScoreMixer()
+        self.token_dictionary = TokenDictionary(token_dim, rtd_bottleneck_ratio) if enable_rtd else None
+
+    @property
+    def enable_rtd(self) -> bool:
+        return self.token_dictionary is not None
+
+    # ------------------------------------------------------------------ input checks
+    def _check_inputs(
+        self, tokens, modality, spatial_shape, inference_mode, logits, attention_mask, retention_ratio
+    ):
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+        if tokens.dim() != 3:
+            raise ValueError(
+                f"tokens must have shape (batch_size, num_tokens, token_dim), got rank {tokens.dim()} "
+                f"shape {tuple(tokens.shape)}"
+            )
+        batch, n, dim = tokens.shape
+        if dim != self.token_dim:
+            raise ValueError(
+                f"tokens have {dim} features but this DeFTModule was built with token_dim={self.token_dim}"
+            )
+        if n < 1:
+            raise ValueError("tokens must hold at least one token (num_tokens >= 1)")
+        if not tokens.is_floating_point():
+            raise TypeError(f"tokens must be a floating-point tensor, got {tokens.dtype}")
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        validate_inference_mode(inference_mode, name="inference_mode")
+        if retention_ratio is not None:
+            validate_retention_ratio(retention_ratio, name="retention_ratio")
+        if modality in ("image", "video"):
+            if (
+                spatial_shape is None
+                or len(tuple(spatial_shape)) != 2
+                or not all(isinstance(s, int) and s > 0 for s in spatial_shape)
+            ):
+                raise ValueError(
+                    f"modality={modality!r} needs spatial_shape=(rows, cols) of positive ints, got {spatial_shape!r}"
+                )
+            frame = spatial_shape[0] * spatial_shape[1]
+            if modality == "image" and frame != n:
+                raise ValueError(
+                    f"spatial_shape {tuple(spatial_shape)} holds {frame} patches but tokens have {n} tokens"
+                )
+            if modality == "video" and n % frame != 0:
+                raise ValueError(
+                    f"video tokens ({n}) must be a whole number of frames of spatial_shape "
+                    f"{tuple(spatial_shape)} = {frame} patches"
+                )
+        if attention_mask is not None:
+            if attention_mask.shape != (batch, n):
+                raise ValueError(
+                    f"attention_mask must have shape (batch_size, num_tokens) = {(batch, n)}, "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            if modality != "text" and not bool(attention_mask.bool().all()):
+                raise ValueError("attention_mask with padding is only supported for modality='text'")
+            if bool((attention_mask.bool().sum(1) == 0).any()):
+                raise ValueError("every row of attention_mask must keep at least one token")
+        if logits is not None:
+            if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
+                raise ValueError(
+                    "logits must be (batch_size, vocab) or (batch_size, num_tokens, vocab), got "
+                    f"{getattr(logits, 'shape', type(logits).__name__)}"
+                )
+            if logits.shape[0] != batch or (logits.dim() == 3 and logits.shape[1] != n):
+                raise ValueError(
+                    f"logits of shape {tuple(logits.shape)} do not fit tokens {tuple(tokens.shape)}: expected "
+                    f"({batch}, vocab) or ({batch}, {n}, vocab)"
+                )
+        if inference_mode == "adaptive" and logits is None:
+            raise ValueError("inference_mode='adaptive' decides from the model's uncertainty: pass logits")
+        if inference_mode != "fast" and not self.enable_rtd:
+            raise ValueError(
+                f"inference_mode={inference_mode!r} reconstructs pruned tokens and needs enable_rtd=True; "
+                f"use inference_mode='fast' or build the module with enable_rtd=True"
+            )
+        nonfinite = ~torch.isfinite(tokens)
+        if bool(nonfinite.any()):
+            rows = nonfinite.any(-1).nonzero()[:5].tolist()
+            raise ValueError(
+                f"tokens contain {int(nonfinite.any(-1).sum())} non-finite token(s) (NaN/inf), first at "
+                f"(batch, token) {rows}: DeFT refuses to rank them"
+            )
+
+    # ------------------------------------------------------------------ stages
+    def score(
+        self,
+        tokens: torch.Tensor,
+        modality: str,
+        spatial_shape=None,
+        token_mask: torch.Tensor | None = None,
+        task_loss: torch.Tensor | None = None,
+        token_gradients: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict]:
+        """SAM + FGCS: mixed scores `(batch, N)` (padding -inf) and the scoring details."""
+        semantic = self.semantic_abstraction(tokens)  # (batch, N, semantic_dim)
+        s_sem = normalize_per_sample(self.saliency_scorer(semantic), token_mask)  # (batch, N)
+        s_fb = None
+        if token_gradients is not None:
+            s_fb = normalize_per_sample(
+                feedback_scores_from_gradients(token_gradients, self.alpha_var), token_mask
+            )
+        elif task_loss is not None:
+            s_fb = normalize_per_sample(feedback_scores(task_loss, tokens, self.alpha_var), token_mask)
+        s_group = normalize_per_sample(
+            group_scores(
+                semantic,
+                s_sem,
+                modality,
+                tuple(spatial_shape) if spatial_shape is not None else None,
+                token_mask,
+                image_neighbors=self.image_neighbors,
+                video_window=self.video_window,
+                text_neighbors=self.text_neighbors,
+            ),
+            token_mask,
+        )
+        mixed, beta = self.score_mixer({"semantic": s_sem, "feedback": s_fb, "group": s_group})
+        if token_mask is not None:
+            mixed = mixed.masked_fill(~token_mask, float("-inf"))
+        info = {"mixture_weights": beta, "s_sem": s_sem, "s_fb": s_fb, "s_group": s_group}
+        return mixed, info
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        modality: str = "image",
+        spatial_shape: tuple[int, int] | None = None,
+        inference_mode: str = DEFAULTS.deft_inference_mode,
+        task_loss: torch.Tensor | None = None,
+        logits: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_gradients: torch.Tensor | None = None,
+        retention_ratio: float | None = None,
+    ) -> DeFTOutput:
+        """Compress `tokens` `(batch_size, num_tokens, token_dim)`.
+
+        Args:
+            modality: "image", "video" or "text".
+            spatial_shape: `(rows, cols)` patch grid of an image, or of one video frame.
+            inference_mode: "fast", "hybrid" or "adaptive" (see `token_dictionary.py` for the exact rule).
+            task_loss: scalar loss computed from `tokens`; enables `s_fb` (gradient against `tokens`).
+            logits: `(batch, V)` or `(batch, N, V)` predictions that drive RTD reconstruction.
+            attention_mask: `(batch, N)`, 1 on real tokens and 0 on padding (text only).
+            token_gradients: precomputed `d loss / d tokens` `(batch, N, token_dim)`, instead of `task_loss`.
+            retention_ratio: override of the module's ratio for this call.
+        """
+        self._check_inputs(
+            tokens, modality, spatial_shape, inference_mode, logits, attention_mask, retention_ratio
+        )
+        ratio = self.retention_ratio if retention_ratio is None else float(retention_ratio)
+        token_mask = attention_mask.bool() if attention_mask is not None else None
+        scores, info = self.score(tokens, modality, spatial_shape, token_mask, task_loss, token_gradients)
+        feedback_loss = None
+        if info["s_fb"] is not None:
+            feedback_loss = (info["s_sem"] - info["s_fb"]).pow(2)
+            feedback_loss = feedback_loss.mean() if token_mask is None else feedback_loss[token_mask].mean()
+
+        kept_indices, kept_mask = select_topk(scores, ratio, token_mask)  # (batch, k)
+        retained = gather_tokens(tokens, kept_indices)  # (batch, k, D)
+        if ratio >= 1.0 and token_mask is None:
+            retained = tokens  # keep-all: the input itself, untouched
+        elif torch.is_grad_enabled() and scores.requires_grad:
+            kept_scores = torch.gather(scores, 1, kept_indices).masked_fill(~kept_mask, 0.0)
+            gate = 1.0 + kept_scores - kept_scores.detach()  # value 1, gradient d/ds
+            retained = retained * gate.unsqueeze(-1).to(retained.dtype)
+        if not bool(kept_mask.all()):
+            retained = retained * kept_mask.unsqueeze(-1).to(retained.dtype)
+        info["num_kept"] = kept_mask.sum(1)
+        info["scores"] = scores
+
+        reconstructed = rec_idx = rec_mask = rtd_loss = None
+        if self.enable_rtd:
+            pruned_mask = pruned_token_mask(
+                kept_indices, kept_mask, tokens.shape[1], token_mask
+            )  # (batch, N)
+            if bool(pruned_mask.any()):
+                rtd_loss = self.token_dictionary.reconstruction_loss(tokens, pruned_mask)
+            recover = self._recover_mask(inference_mode, logits, pruned_mask, token_mask)
+            if recover is not None and bool(recover.any()):
+                reconstructed, rec_idx, rec_mask = self._reconstruct(tokens, recover)
+        info["num_reconstructed"] = (
+            rec_mask.sum(1) if rec_mask is not None else torch.zeros_like(info["num_kept"])
+        )
+        return DeFTOutput(
+            retained_tokens=retained,
+            reconstructed_tokens=reconstructed,
+            kept_indices=kept_indices,
+            kept_mask=kept_mask,
+            scores=scores,
+            scoring_info=info,
+            reconstructed_indices=rec_idx,
+            reconstructed_mask=rec_mask,
+            rtd_loss=rtd_loss,
+            feedback_loss=feedback_loss,
+        )
+
+    # ------------------------------------------------------------------ RTD
+    def _recover_mask(self, mode, logits, pruned_mask, token_mask):
+        """`(batch, N)` pruned tokens to reconstruct under `mode`, or None for `fast`."""
+        if mode == "fast":
+            return None
+        if mode == "hybrid":
+            if logits is None:
+                return pruned_mask
+            flags = is_uncertain(logits, self.entropy_threshold, self.confidence_threshold)
+            return pruned_mask & (flags if flags.dim() == 2 else flags.unsqueeze(1))
+        flags = sample_is_uncertain(logits, self.entropy_threshold, self.confidence_threshold, token_mask)
+        return pruned_mask & flags.unsqueeze(1)
+
+    def _reconstruct(self, tokens, recover):
+        """Decode the tokens flagged in `recover` `(batch, N)` -> padded `(batch, r_max, D)`, indices, mask."""
+        n = tokens.shape[1]
+        counts = recover.sum(1)
+        r_max = int(counts.max())
+        # ascending positions of the flagged tokens, unflagged pushed to the end
+        position = torch.arange(n, device=tokens.device).expand_as(recover)
+        order = position.masked_fill(~recover, n).sort(dim=1).values[:, :r_max]  # (batch, r_max)
+        rec_mask = order < n
+        rec_idx = order.masked_fill(~rec_mask, 0)
+        codes = self.token_dictionary.encode(gather_tokens(tokens, rec_idx))  # (batch, r_max, code_dim)
+        rebuilt = self.token_dictionary.decode(codes) * rec_mask.unsqueeze(-1).to(tokens.dtype)
+        return rebuilt, rec_idx, rec_mask
+
+
+def pruned_token_mask(kept_indices, kept_mask, num_tokens, token_mask=None) -> torch.Tensor:
+    """`(batch, N)` True on valid tokens that top-k did not keep.
+
+    Unused slots of padded rows point at index 0 with `kept_mask` False; `scatter_add_` of the mask (not a
+    plain scatter, whose result for duplicate indices is undefined) marks only the slots really used."""
+    hits = torch.zeros(kept_indices.shape[0], num_tokens, dtype=torch.long, device=kept_indices.device)
+    hits.scatter_add_(1, kept_indices, kept_mask.long())
+    pruned = hits == 0
+    if token_mask is not None:
+        pruned &= token_mask
+    return pruned
+
+
+__all__ = ["DeFTModule", "DeFTOutput", "INFERENCE_MODES", "MODALITIES", "pruned_token_mask"]

@@ -1,0 +1,81 @@
+"""Phase 3b of DeFT: the Recoverable Token Dictionary (RTD) and its reconstruct-or-not rule.
+
+Pruned tokens are encoded to a `token_dim // bottleneck_ratio` code (the dictionary entry) and decoded back
+to `token_dim` when the model is uncertain. The rule, shared by `DeFTModule` and the LLaVA model:
+
+    p = softmax(logits);  H~ = -sum p log p / log(V)  (entropy normalised to [0, 1]);  c = max p
+    uncertain  <=>  H~ > entropy_threshold  OR  c < confidence_threshold
+
+- `hybrid`: logits `(batch, N, V)` are read per token, and each *pruned* token whose own distribution is
+  uncertain is reconstructed; logits `(batch, V)` are read per sample, and every pruned token of an
+  uncertain sample is reconstructed; without logits every pruned token is reconstructed.
+- `adaptive`: one decision per sample (logits required): with `(batch, V)` logits that sample's
+  distribution decides; with `(batch, N, V)` the mean of H~ and of c over the sample's valid tokens decide.
+  An uncertain sample gets all its pruned tokens back, a certain one none.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TokenDictionary(nn.Module):
+    """Linear encoder `token_dim -> token_dim // bottleneck_ratio` and linear decoder back."""
+
+    def __init__(self, token_dim: int, bottleneck_ratio: int):
+        super().__init__()
+        code_dim = max(1, token_dim // bottleneck_ratio)
+        self.encoder = nn.Linear(token_dim, code_dim)
+        self.decoder = nn.Linear(code_dim, token_dim)
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`(..., token_dim)` -> codes `(..., code_dim)`."""
+        return self.encoder(tokens)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """`(..., code_dim)` -> reconstructed tokens `(..., token_dim)`."""
+        return self.decoder(codes)
+
+    def reconstruction_loss(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean squared error of `decode(encode(tokens))` against the (detached) tokens, over `mask` rows."""
+        target = tokens.detach()
+        err = (self.decode(self.encode(target)) - target).float().pow(2).mean(-1)  # (...,)
+        if mask is None:
+            return err.mean()
+        return (err * mask).sum() / mask.sum().clamp(min=1)
+
+
+def uncertainty(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised entropy and max probability over the last (vocabulary) axis."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    vocab = logits.shape[-1]
+    entropy = -(logp.exp() * logp).sum(-1) / (math.log(vocab) if vocab > 1 else 1.0)
+    return entropy, logp.max(-1).values.exp()
+
+
+def is_uncertain(logits: torch.Tensor, entropy_threshold: float, confidence_threshold: float) -> torch.Tensor:
+    """Bool tensor of `logits.shape[:-1]`: the RTD rule above."""
+    entropy, confidence = uncertainty(logits)
+    return (entropy > entropy_threshold) | (confidence < confidence_threshold)
+
+
+def sample_is_uncertain(
+    logits: torch.Tensor,
+    entropy_threshold: float,
+    confidence_threshold: float,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sample `(batch,)` decision from `(batch, V)` or `(batch, N, V)` logits (the `adaptive` rule)."""
+    if logits.dim() == 2:
+        return is_uncertain(logits, entropy_threshold, confidence_threshold)
+    entropy, confidence = uncertainty(logits)  # (batch, N) each
+    if token_mask is None:
+        token_mask = torch.ones_like(entropy, dtype=torch.bool)
+    count = token_mask.sum(1).clamp(min=1)
+    mean_entropy = (entropy * token_mask).sum(1) / count
+    mean_confidence = (confidence * token_mask).sum(1) / count
+    return (mean_entropy > entropy_threshold) | (mean_confidence < confidence_threshold)

@@ -1,0 +1,52 @@
+"""Phase 3a of DeFT: top-k selection that keeps the original token order (batched, padding-aware)."""
+
+from __future__ import annotations
+
+import torch
+
+from .configuration.deft_settings import num_kept_tokens
+
+
+def kept_counts(num_valid: torch.Tensor, retention_ratio: float) -> torch.Tensor:
+    """Per-sample k for `(batch,)` valid-token counts: `max(1, floor(ratio * n + 0.5))` (0 for empty rows)."""
+    k = torch.floor(num_valid.double() * retention_ratio + 0.5).long().clamp(min=1)
+    return torch.minimum(k, num_valid.long())
+
+
+def select_topk(
+    scores: torch.Tensor, retention_ratio: float, token_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the top-k scores of each row, sorted ascending (original order).
+
+    Args:
+        scores: `(batch_size, num_tokens)`; higher is more important. Must be finite on valid tokens.
+        retention_ratio: share kept, in (0, 1].
+        token_mask: optional `(batch_size, num_tokens)` bool, False on padding; padding is never kept and k
+            is computed from each row's own number of valid tokens.
+
+    Returns:
+        kept_indices `(batch_size, k_max)` long, ascending within the valid part of each row;
+        kept_mask `(batch_size, k_max)` bool, False on the slots of rows that keep fewer than k_max tokens
+        (those slots hold index 0).
+    """
+    batch, n = scores.shape
+    if token_mask is None:
+        k = num_kept_tokens(n, retention_ratio)
+        top = scores.topk(k, dim=1).indices  # (batch, k)
+        kept, _ = top.sort(dim=1)
+        return kept, torch.ones_like(kept, dtype=torch.bool)
+    counts = kept_counts(token_mask.sum(1), retention_ratio)  # (batch,)
+    k_max = int(counts.max().item()) if batch else 0
+    masked = scores.float().masked_fill(~token_mask, float("-inf"))
+    top = masked.topk(max(k_max, 1), dim=1).indices  # (batch, k_max), best first
+    rank = torch.arange(top.shape[1], device=scores.device).unsqueeze(0)  # (1, k_max)
+    kept_mask = rank < counts.unsqueeze(1)  # (batch, k_max)
+    # push unused slots past every real index, sort, then point them at index 0
+    kept, order = top.masked_fill(~kept_mask, n).sort(dim=1)
+    kept_mask = torch.gather(kept_mask, 1, order)
+    return kept.masked_fill(~kept_mask, 0), kept_mask
+
+
+def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """`(batch, N, D)` tokens at `(batch, k)` indices -> `(batch, k, D)`."""
+    return torch.gather(tokens, 1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
