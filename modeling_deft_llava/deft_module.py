@@ -303,7 +303,7 @@ class DeFTModule(nn.Module):
             retained = tokens  # keep-all: the input itself, untouched
         elif torch.is_grad_enabled() and scores.requires_grad:
             kept_scores = torch.gather(scores, 1, kept_indices).masked_fill(~kept_mask, 0.0)
-            gate = 1.0 + kept_scores - kept_scores.detach()  # value 1, gradient d/ds
+            gate = 1.0 + (kept_scores - kept_scores.detach())  # exactly 1, gradient d/ds
             retained = retained * gate.unsqueeze(-1).to(retained.dtype)
         if not bool(kept_mask.all()):
             retained = retained * kept_mask.unsqueeze(-1).to(retained.dtype)
