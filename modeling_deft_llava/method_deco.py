@@ -1,0 +1,79 @@
+"""DeCo: parameter-free 2D adaptive average pooling of the patch grid (https://arxiv.org/abs/2405.20985)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .token_compressor import CompressionContext, CompressionResult, NoSettings, TokenCompressor
+
+
+def pooled_cell_bounds(size: int, out: int, i: int) -> tuple[int, int]:
+    """Rows (or cols) `[start, end)` of cell i when `size` is pooled to `out`, as `adaptive_avg_pool2d`."""
+    return (i * size) // out, -((-(i + 1) * size) // out)  # floor(i*size/out), ceil((i+1)*size/out)
+
+
+def cell_centres(size: int, out: int) -> torch.Tensor:
+    """`(out,)` centre row of each pooled cell: `floor((start + end - 1) / 2)`, the first of the two
+    middle rows when the cell has an even size."""
+    centres = []
+    for i in range(out):
+        start, end = pooled_cell_bounds(size, out, i)
+        centres.append((start + end - 1) // 2)
+    return torch.tensor(centres, dtype=torch.long)
+
+
+def valid_square_counts(rows: int, cols: int) -> list[int]:
+    """Every K DeCo accepts for a `rows x cols` grid: m*m for m = 1 .. min(rows, cols)."""
+    return [m * m for m in range(1, min(rows, cols) + 1)]
+
+
+class DeftLlavaDecoCompressor(TokenCompressor):
+    """DeCo: average-pool the `(rows, cols)` patch grid down to an `m x m` grid, K = m * m.
+
+    DeCo (Yao et al., https://arxiv.org/abs/2405.20985) replaces a compressive projector by
+    `nn.AdaptiveAvgPool2d((m, m))` over the patch grid, then the usual MLP projector. Pooled cell (i, j)
+    covers rows `floor(i*R/m) .. ceil((i+1)*R/m) - 1` and the same rule on columns (cells may overlap by one
+    patch when m does not divide R).
+
+    Output order is raster order of the pooled grid. The representative patch of cell (i, j) is its centre,
+    `(floor((r0 + r1 - 1) / 2), floor((c0 + c1 - 1) / 2))` for the cell's `[r0, r1) x [c0, c1)` (the first of
+    the two middle patches when a side is even), which is
+    strictly ascending in raster order because m <= min(R, C).
+
+    Differences from the paper: none in the pooling; the paper trains its projector with the pooling in place,
+    here the pooling can also run training-free in front of a projector trained on all patches.
+    """
+
+    name = "deco"
+    settings_class = NoSettings
+
+    def check_inputs(self, image_features: torch.Tensor, context: CompressionContext) -> None:
+        super().check_inputs(image_features, context)
+        rows, cols = context.spatial_shape
+        k = context.num_kept
+        if k == rows * cols:
+            return  # keep-all is always valid
+        m = math.isqrt(k)
+        if m * m != k or m > min(rows, cols):
+            valid = valid_square_counts(rows, cols)
+            nearest = sorted(valid, key=lambda v: (abs(v - k), v))[:2]
+            raise ValueError(
+                f"deco pools to a square m x m grid with m <= min(rows, cols) = {min(rows, cols)}: "
+                f"num_kept must be a perfect square in {valid}, got {k}; nearest valid: {sorted(nearest)}"
+            )
+
+    def compress(self, image_features: torch.Tensor, context: CompressionContext) -> CompressionResult:
+        batch, _, dim = image_features.shape
+        rows, cols = context.spatial_shape
+        m = math.isqrt(context.num_kept)
+        grid = image_features.transpose(1, 2).reshape(batch, dim, rows, cols)  # (batch, D, R, C)
+        pooled = F.adaptive_avg_pool2d(grid, (m, m))  # (batch, D, m, m)
+        tokens = pooled.flatten(2).transpose(1, 2)  # (batch, m*m, D), raster order
+        centre_rows = cell_centres(rows, m)  # (m,)
+        centre_cols = cell_centres(cols, m)  # (m,)
+        kept = (centre_rows[:, None] * cols + centre_cols[None, :]).flatten()  # (m*m,), ascending
+        kept = kept.to(image_features.device).unsqueeze(0).expand(batch, -1)  # (batch, m*m)
+        return CompressionResult(tokens=tokens, kept_indices=kept)
