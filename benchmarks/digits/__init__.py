@@ -1,0 +1,1 @@
+"""Real-data accuracy benchmark: two-digit VQA canvases from scikit-learn digits."""

@@ -1,0 +1,194 @@
+"""Shared pieces of the digits benchmark: processor, model recipe, collator, evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import torch
+from modeling_deft_llava.processing.word_tokenizer import build_word_tokenizer
+from tqdm.auto import tqdm
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from .data import CANVAS, PATCH, WORDS, chat_messages, wilson_interval
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+CHECKPOINT_DIR = os.path.join(REPO, "checkpoints", "digits-llava-base")
+WORK_DIR = os.path.join(HERE, "_work")  # git-ignored intermediates (stage-1 vision tower)
+STAGE1_PATH = os.path.join(WORK_DIR, "vision_stage1.safetensors")
+
+VISION_FEATURE_LAYER = -1  # the last of the 3 CLIP layers (the one stage 1 supervises)
+SELECT_STRATEGY = "default"  # drop CLS -> 64 visual tokens
+NUM_VISUAL_TOKENS = (CANVAS // PATCH) ** 2
+# canvases are mostly 0 with white ink; rough dataset statistics (pixel mean ~0.12, std ~0.3)
+IMAGE_MEAN = [0.1, 0.1, 0.1]
+IMAGE_STD = [0.3, 0.3, 0.3]
+TEST_SEED = 1234  # the held-out query set of the benchmark
+
+
+def build_processor() -> LlavaProcessor:
+    tokenizer = build_word_tokenizer(WORDS)
+    image_processor = CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": CANVAS},
+        do_center_crop=True,
+        crop_size={"height": CANVAS, "width": CANVAS},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=IMAGE_MEAN,
+        image_std=IMAGE_STD,
+        do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy=SELECT_STRATEGY,
+        chat_template=tokenizer.chat_template,
+        # CLIP prepends a CLS token; "default" drops it again: 64 + 1 - 1 = 64 placeholders per image
+        num_additional_image_tokens=1,
+    )
+
+
+def build_config(processor: LlavaProcessor) -> LlavaConfig:
+    tok = processor.tokenizer
+    vision = CLIPVisionConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=CANVAS,
+        patch_size=PATCH,
+        num_channels=3,
+        hidden_act="quick_gelu",
+        projection_dim=128,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=320,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=SELECT_STRATEGY,
+        vision_feature_layer=VISION_FEATURE_LAYER,
+        image_seq_length=NUM_VISUAL_TOKENS,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def build_model(processor: LlavaProcessor, seed: int) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(build_config(processor))
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.generation_config.bos_token_id = processor.tokenizer.bos_token_id
+    return model
+
+
+def pixel_values(processor: LlavaProcessor, samples) -> torch.Tensor:
+    out = processor.image_processor([s.image for s in samples], return_tensors="pt")
+    return out["pixel_values"]
+
+
+class DigitsCollator:
+    """Processor batch with labels on the answer token and `</s>` only (prompt, padding and image
+    placeholders are -100). With `train=False` the prompt ends at `ASSISTANT:` (generation prompt)."""
+
+    def __init__(self, processor: LlavaProcessor, train: bool = True):
+        self.processor = processor
+        self.train = train
+        tok = processor.tokenizer
+        self.pad_id = tok.pad_token_id
+        self.image_id = tok.convert_tokens_to_ids("<image>")
+
+    def __call__(self, samples):
+        proc = self.processor
+        prompts = [
+            proc.apply_chat_template(chat_messages(s.question), add_generation_prompt=True) for s in samples
+        ]
+        if not self.train:
+            return proc(images=[s.image for s in samples], text=prompts, padding=True, return_tensors="pt")
+        texts = [
+            proc.apply_chat_template(chat_messages(s.question, s.answer), add_generation_prompt=False)
+            for s in samples
+        ]
+        batch = proc(images=[s.image for s in samples], text=texts, padding=True, return_tensors="pt")
+        ids = batch["input_ids"]
+        labels = torch.full_like(ids, -100)
+        for i, (prompt, text) in enumerate(zip(prompts, texts)):
+            assert text.startswith(prompt), (prompt, text)
+            n_answer = len(proc.tokenizer(text[len(prompt) :], add_special_tokens=False)["input_ids"])
+            # left padding: the answer tokens are the last n_answer tokens of the row
+            labels[i, -n_answer:] = ids[i, -n_answer:]
+        labels[(ids == self.pad_id) | (ids == self.image_id)] = -100
+        batch["labels"] = labels
+        return batch
+
+
+@torch.no_grad()
+def evaluate_generate(model, processor, samples, batch_size: int = 100, desc: str = "eval") -> dict:
+    """Greedy `generate` exact-match accuracy (decoded answer, special tokens skipped, stripped)."""
+    model.eval()
+    collate = DigitsCollator(processor, train=False)
+    correct = 0
+    preds = []
+    for start in tqdm(range(0, len(samples), batch_size), desc=desc):
+        chunk = samples[start : start + batch_size]
+        batch = collate(chunk)
+        out = model.generate(**batch, max_new_tokens=2, do_sample=False)
+        new = out[:, batch["input_ids"].shape[1] :]
+        texts = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+        for s, t in zip(chunk, texts):
+            preds.append(t.strip())
+            correct += int(t.strip() == s.answer)
+    n = len(samples)
+    lo, hi = wilson_interval(correct, n)
+    return {"accuracy": correct / n, "correct": correct, "n": n, "wilson95": [lo, hi], "predictions": preds}
+
+
+def atomic_write_json(path: str, obj) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))

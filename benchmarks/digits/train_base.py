@@ -1,0 +1,149 @@
+"""Stage 2: end-to-end training of the all-token digits LLaVA, then held-out evaluation and saving.
+
+Loads the stage-1 vision tower (run `pretrain_vision` first, same --seed), trains the whole
+`LlavaForConditionalGeneration` with `transformers.Trainer` on the answer token (+ `</s>`), evaluates greedy
+`generate` exact match on held-out queries (test split: source images never seen in training) and saves
+model + processor + train_log.json to checkpoints/digits-llava-base/.
+
+    .venv/bin/python -m benchmarks.digits.train_base --steps 3000 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+from transformers import Trainer, TrainingArguments
+
+from .common import (
+    CHECKPOINT_DIR,
+    STAGE1_PATH,
+    TEST_SEED,
+    WORK_DIR,
+    DigitsCollator,
+    atomic_write_json,
+    build_model,
+    build_processor,
+    evaluate_generate,
+)
+from .data import INK_THRESHOLD, SCALE, make_split, source_indices
+
+
+def dir_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files if f)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup-steps", type=int, default=150)
+    ap.add_argument("--seed", type=int, default=0, help="model init + Trainer seed (same as stage 1)")
+    ap.add_argument("--data-seed", type=int, default=202, help="seed of the stage-2 training samples")
+    ap.add_argument("--eval-samples", type=int, default=2000)
+    ap.add_argument("--stage1", default=STAGE1_PATH)
+    ap.add_argument("--out", default=CHECKPOINT_DIR)
+    args = ap.parse_args(argv)
+    command = shlex.join(
+        [".venv/bin/python", "-m", "benchmarks.digits.train_base", *(sys.argv[1:] if argv is None else argv)]
+    )
+
+    torch.manual_seed(args.seed)
+    processor = build_processor()
+    model = build_model(processor, seed=args.seed)
+    missing, unexpected = model.model.vision_tower.load_state_dict(load_file(args.stage1), strict=True)
+    assert not missing and not unexpected
+    with open(os.path.splitext(args.stage1)[0] + ".json") as f:
+        stage1 = json.load(f)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"parameters: {n_params:,}; stage-1 tower from {args.stage1}")
+
+    train_data = make_split("train", args.steps * args.batch_size, seed=args.data_seed)
+    targs = TrainingArguments(
+        output_dir=os.path.join(WORK_DIR, "trainer"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=args.warmup_steps,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        seed=args.seed,
+        data_seed=args.seed,
+        logging_steps=100,
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=True,
+        disable_tqdm=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=targs,
+        train_dataset=train_data,
+        data_collator=DigitsCollator(processor, train=True),
+    )
+    t0 = time.time()
+    result = trainer.train()
+    train_time = time.time() - t0
+
+    test = make_split("test", args.eval_samples, seed=TEST_SEED)
+    t1 = time.time()
+    ev = evaluate_generate(model, processor, test, desc="held-out generate")
+    eval_time = time.time() - t1
+    print(
+        f"held-out exact match: {ev['correct']}/{ev['n']} = {ev['accuracy']:.4f}, Wilson95 {ev['wilson95']}"
+    )
+
+    os.makedirs(args.out, exist_ok=True)
+    model.save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    size = dir_size(args.out)
+    log = {
+        "heldout_accuracy": ev["accuracy"],
+        "heldout_correct": ev["correct"],
+        "heldout_samples": ev["n"],
+        "heldout_wilson95": ev["wilson95"],
+        "heldout_split": {"split": "test", "seed": TEST_SEED, "source_images": len(source_indices("test"))},
+        "train_source_images": len(source_indices("train")),
+        "eval": "greedy generate, max_new_tokens=2, decoded answer (special tokens skipped) == target digit",
+        "stage1": {k: v for k, v in stage1.items() if k != "log"},
+        "stage2": {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "train_samples": args.steps * args.batch_size,
+            "lr": args.lr,
+            "schedule": f"linear warmup {args.warmup_steps} steps + cosine decay",
+            "weight_decay": 0.01,
+            "max_grad_norm": 1.0,
+            "seed": args.seed,
+            "data_seed": args.data_seed,
+            "final_train_loss": result.training_loss,
+            "wall_time_s": round(train_time, 1),
+            "log_history": trainer.state.log_history,
+            "command": command,
+        },
+        "total_train_wall_time_s": round(train_time + stage1["wall_time_s"], 1),
+        "eval_wall_time_s": round(eval_time, 1),
+        "commands": [stage1["command"].replace("python -m", ".venv/bin/python -m", 1), command],
+        "parameters": n_params,
+        "checkpoint_bytes_before_log": size,
+        "data": {"canvas": 64, "digit_scale": SCALE, "ink_threshold": INK_THRESHOLD},
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    atomic_write_json(os.path.join(args.out, "train_log.json"), log)
+    print(f"saved to {args.out} ({size / 1e6:.2f} MB)")
+    return log
+
+
+if __name__ == "__main__":
+    main()
