@@ -139,3 +139,19 @@ def num_kept_tokens(num_tokens: int, retention_ratio: float) -> int:
 
 
 DEFAULTS = DeftSettings()
+
+
+def placeholder_count(
+    num_tokens: int,
+    use_deft: bool,
+    retention_ratio: float,
+    inference_mode: str = DEFAULTS.deft_inference_mode,
+    compression_method: str = "deft",
+) -> int:
+    """Placeholders the processor writes for one image (or video) of `num_tokens` encoder tokens.
+
+    The model and the processor both call this, so their counts cannot drift apart: N without compression
+    and for the content-dependent RTD modes (the model drops unused placeholders), K otherwise."""
+    if not use_deft or (compression_method == "deft" and inference_mode != "fast"):
+        return num_tokens
+    return num_kept_tokens(num_tokens, retention_ratio)

@@ -1,0 +1,95 @@
+"""`DeftLlavaConfig`: `LlavaConfig` plus the DeFT settings (defaults from `deft_settings.DeftSettings`)."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlavaConfig
+
+from .deft_settings import DEFAULTS, DeftSettings, placeholder_count, validate_deft_settings
+
+# methods the model can run; "deft" is the DeFT pipeline, the others are baselines (issue: baselines)
+DEFT_METHOD = "deft"
+
+
+@strict
+class DeftLlavaConfig(LlavaConfig):
+    r"""Configuration of `DeftLlavaForConditionalGeneration`.
+
+    Every field of `LlavaConfig`, plus the DeFT settings documented in `DeftSettings` (same names, same
+    defaults), plus:
+
+    video_token_index (`int`, *optional*): id of the `<video>` placeholder; None disables video input.
+    compression_method (`str`, defaults to `"deft"`): which token compressor runs when `use_deft=True`.
+    compression_settings (`dict`, *optional*): typed settings of a baseline method (see its settings class).
+
+    Example:
+
+    ```python
+    >>> from modeling_deft_llava import DeftLlavaConfig
+    >>> config = DeftLlavaConfig(use_deft=True, deft_retention_ratio=0.25)
+    >>> config.num_kept_tokens(576)
+    144
+    ```
+    """
+
+    model_type = "deft_llava"
+    attribute_map = {"image_token_id": "image_token_index", "video_token_id": "video_token_index"}
+
+    use_deft: bool = DEFAULTS.use_deft
+    deft_semantic_dim: int = DEFAULTS.deft_semantic_dim
+    deft_retention_ratio: float = DEFAULTS.deft_retention_ratio
+    deft_enable_rtd: bool = DEFAULTS.deft_enable_rtd
+    deft_alpha_var: float = DEFAULTS.deft_alpha_var
+    deft_rtd_bottleneck_ratio: int = DEFAULTS.deft_rtd_bottleneck_ratio
+    deft_inference_mode: str = DEFAULTS.deft_inference_mode
+    deft_rtd_entropy_threshold: float = DEFAULTS.deft_rtd_entropy_threshold
+    deft_rtd_confidence_threshold: float = DEFAULTS.deft_rtd_confidence_threshold
+    deft_saliency_hidden_dim: int = DEFAULTS.deft_saliency_hidden_dim
+    deft_group_image_neighbors: int = DEFAULTS.deft_group_image_neighbors
+    deft_group_video_window: int = DEFAULTS.deft_group_video_window
+    deft_group_text_neighbors: int = DEFAULTS.deft_group_text_neighbors
+    deft_keep_original_positions: bool = DEFAULTS.deft_keep_original_positions
+    deft_feedback_loss_weight: float = DEFAULTS.deft_feedback_loss_weight
+    deft_rtd_loss_weight: float = DEFAULTS.deft_rtd_loss_weight
+    video_token_index: int | None = None
+    compression_method: str = DEFT_METHOD
+    compression_settings: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        validate_deft_settings(**self.deft_settings_dict())
+        if not isinstance(self.compression_method, str) or not self.compression_method:
+            raise ValueError(f"compression_method must be a method name, got {self.compression_method!r}")
+        if self.compression_method != DEFT_METHOD:
+            from .method_validation import validate_method  # baselines register their settings there
+
+            validate_method(self.compression_method, self.compression_settings)
+        if self.use_deft and self.deft_inference_mode != "fast" and not self.deft_enable_rtd:
+            raise ValueError(
+                f"deft_inference_mode={self.deft_inference_mode!r} reconstructs pruned tokens and needs "
+                "deft_enable_rtd=True"
+            )
+
+    def deft_settings_dict(self) -> dict:
+        return {name: getattr(self, name) for name in DeftSettings.field_names()}
+
+    @property
+    def variable_token_count(self) -> bool:
+        """True when the number of kept tokens depends on the content (RTD `hybrid`/`adaptive`): the
+        processor then writes every placeholder and the model drops tokens and re-packs the batch."""
+        return bool(
+            self.use_deft and self.compression_method == DEFT_METHOD and self.deft_inference_mode != "fast"
+        )
+
+    def num_kept_tokens(self, num_tokens: int) -> int:
+        """Placeholders per image (or video) of `num_tokens` encoder tokens that this configuration produces."""
+        return placeholder_count(
+            num_tokens,
+            self.use_deft,
+            self.deft_retention_ratio,
+            self.deft_inference_mode,
+            self.compression_method,
+        )
+
+
+__all__ = ["DeftLlavaConfig"]

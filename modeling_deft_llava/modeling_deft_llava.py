@@ -1,0 +1,696 @@
+"""DeFT-LLaVA: `LlavaForConditionalGeneration` with token compression inside the forward pass.
+
+Where compression lives (transformers 5.23, see DESIGN-NOTES): `generate()` encodes images through the INNER
+model's `get_image_features` and hands the result to `forward` as `mm_encoder_outputs`. So:
+
+1. `DeftLlavaModel.get_image_features` / `get_video_features` run the vision tower, the projector and the
+   compressor, and return per image the rows that go into the placeholders, with the source patch index of
+   every row (`DeftVisualFeaturesOutput`).
+2. `DeftLlavaModel.forward` scatters the rows into the placeholders, gives every token its ORIGINAL position
+   id (kept patch j of an image starting at position S sits at S + j; the text after an image of N patches
+   resumes at S + N: the gaps stay), and, for content-dependent counts (RTD `hybrid`/`adaptive`), drops the
+   unused placeholders and re-packs the batch with left padding.
+3. `DeftLlavaForConditionalGeneration` adds the head, the `adaptive` second prefill, label re-packing and
+   hands the positions and the compacted mask back to `generate` (`_update_model_kwargs_for_generation`).
+
+Fixed budgets (`deft_inference_mode="fast"`): the processor writes K = `config.num_kept_tokens(N)`
+placeholders per image; nothing is re-packed. Variable budgets: the processor writes all N placeholders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import LlavaForConditionalGeneration, LlavaModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava.modeling_llava import (
+    LlavaCausalLMOutputWithPast,
+    LlavaModelOutputWithPast,
+    LlavaPreTrainedModel,
+)
+from transformers.utils.generic import can_return_tuple
+
+from .configuration.configuration_deft_llava import DEFT_METHOD, DeftLlavaConfig
+from .deft_module import DeFTModule
+from .token_dictionary import sample_is_uncertain
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+@dataclass
+class DeftVisualFeaturesOutput(BaseModelOutputWithPooling):
+    """`get_image_features`/`get_video_features` output.
+
+    pooler_output: list, per image (or video), of `(num_rows, hidden_size)` rows for its placeholders.
+    source_indices: list, per image, of `(num_rows,)` long: the patch each row comes from (ascending).
+    num_source_tokens: list, per image, of the encoder's token count N before compression.
+    row_keep: list, per image, of `(num_rows,)` bool rows the language model sees, or None (all rows).
+    row_fast: list, per image, of `(num_rows,)` bool rows kept by top-k (variable budgets only).
+    compression_scores: `(num_images, N)` DeFT scores. mixture_weights: component -> weight.
+    num_reconstructed: `(num_images,)` rows that RTD rebuilt. rtd_loss / feedback_loss: training losses.
+    """
+
+    source_indices: list | None = None
+    num_source_tokens: list | None = None
+    row_keep: list | None = None
+    row_fast: list | None = None
+    compression_scores: torch.Tensor | None = None
+    mixture_weights: dict | None = None
+    num_reconstructed: torch.Tensor | None = None
+    rtd_loss: torch.Tensor | None = None
+    feedback_loss: torch.Tensor | None = None
+
+
+@dataclass
+class DeftLlavaModelOutputWithPast(LlavaModelOutputWithPast):
+    """LLaVA inner output plus the compression bookkeeping.
+
+    deft_position_ids: `(batch, seq)` position ids the language model used (gaps kept), or None.
+    deft_attention_mask: `(batch, seq')` compacted mask after re-packing, or None when nothing was dropped.
+    deft_gather_index: `(batch, seq')` index into the input sequence of every kept token (-1 on new padding).
+    image_features_output / video_features_output: the `DeftVisualFeaturesOutput` used.
+    """
+
+    deft_position_ids: torch.LongTensor | None = None
+    deft_attention_mask: torch.LongTensor | None = None
+    deft_gather_index: torch.LongTensor | None = None
+    image_features_output: DeftVisualFeaturesOutput | None = None
+    video_features_output: DeftVisualFeaturesOutput | None = None
+    deft_kept_indices: list | None = None
+    deft_num_reconstructed: torch.Tensor | None = None
+
+
+@dataclass
+class DeftLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
+    """LLaVA output plus what a user needs to inspect compression.
+
+    kept_indices: list, per image (then per video), of `(num_rows,)` source patch indices of the visual
+        tokens the language model saw (after the adaptive decision).
+    compression_scores: `(num_images, N)`; mixture_weights: component -> weight.
+    num_reconstructed: `(batch,)` visual tokens rebuilt by RTD per sample.
+    lm_loss: next-token loss alone; `loss` adds `deft_rtd_loss_weight * rtd_loss` in training mode.
+    deft_position_ids / deft_attention_mask / deft_gather_index: see `DeftLlavaModelOutputWithPast`.
+    """
+
+    lm_loss: torch.Tensor | None = None
+    rtd_loss: torch.Tensor | None = None
+    feedback_loss: torch.Tensor | None = None
+    kept_indices: list | None = None
+    compression_scores: torch.Tensor | None = None
+    mixture_weights: dict | None = None
+    num_reconstructed: torch.Tensor | None = None
+    deft_position_ids: torch.LongTensor | None = None
+    deft_attention_mask: torch.LongTensor | None = None
+    deft_gather_index: torch.LongTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def scatter_rows(mask: torch.Tensor, values: torch.Tensor, fill=0) -> torch.Tensor:
+    """Place flat per-row `values` `(num_rows,)` at the True entries of `mask` `(batch, seq)` (row-major)."""
+    out = torch.full(mask.shape, fill, dtype=values.dtype, device=mask.device)
+    out[mask] = values.to(mask.device)
+    return out
+
+
+def original_position_ids(
+    valid: torch.Tensor, visual: torch.Tensor, source_index: torch.Tensor, advance: torch.Tensor
+) -> torch.Tensor:
+    """Position ids that keep the uncompressed layout, `(batch, seq)`.
+
+    Args:
+        valid: `(batch, seq)` bool, False on padding.
+        visual: `(batch, seq)` bool, True on placeholder rows.
+        source_index: `(batch, seq)` long, patch index of each visual row (0 elsewhere).
+        advance: `(batch, seq)` long, how far the position counter moves after this token: 1 for a text
+            token, N for the LAST row of an image of N patches, 0 for other rows and padding.
+
+    A text token sits at the counter; a visual row at the counter value where its image starts plus its patch
+    index. Padding gets 0.
+    """
+    before = torch.cumsum(advance, dim=1) - advance  # (batch, seq) counter before each token
+    positions = before + torch.where(visual, source_index, torch.zeros_like(source_index))
+    return positions.masked_fill(~valid, 0)
+
+
+def repack_left(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded compaction of the True entries of `keep` `(batch, seq)`.
+
+    Returns `gather_index` `(batch, seq')` (-1 on padding) and `attention_mask` `(batch, seq')`, with
+    seq' = max kept per row; kept tokens keep their order.
+    """
+    batch, seq = keep.shape
+    counts = keep.sum(1)  # (batch,)
+    width = int(counts.max()) if batch else 0
+    # order: padding slots first (key -1), kept tokens in original order after them
+    arange = torch.arange(seq, device=keep.device).expand(batch, seq)
+    key = torch.where(keep, arange, torch.full_like(arange, -1))
+    sorted_idx = key.sort(dim=1).values[:, seq - width :]  # (batch, width)
+    attention_mask = (sorted_idx >= 0).long()
+    return sorted_idx, attention_mask
+
+
+def gather_seq(tensor: torch.Tensor, index: torch.Tensor, fill) -> torch.Tensor:
+    """`tensor` `(batch, seq, ...)` at `index` `(batch, seq')` (-1 -> `fill`)."""
+    safe = index.clamp(min=0)
+    view = safe.view(*safe.shape, *([1] * (tensor.dim() - 2))).expand(*safe.shape, *tensor.shape[2:])
+    out = torch.gather(tensor, 1, view)
+    pad = (index < 0).view(*index.shape, *([1] * (tensor.dim() - 2)))
+    return out.masked_fill(pad, fill)
+
+
+# ----------------------------------------------------------------------------------------------- models
+class DeftLlavaPreTrainedModel(LlavaPreTrainedModel):
+    config: DeftLlavaConfig
+    config_class = DeftLlavaConfig
+    input_modalities = ("image", "video", "text")
+    _no_split_modules = [
+        "CLIPEncoderLayer",
+        "SiglipEncoderLayer",
+        "LlamaDecoderLayer",
+        "Qwen2DecoderLayer",
+        "MistralDecoderLayer",
+        "DeFTModule",
+    ]
+
+
+class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
+    """`LlavaModel` whose visual features are compressed and whose position ids keep the original layout."""
+
+    def __init__(self, config: DeftLlavaConfig):
+        DeftLlavaPreTrainedModel.__init__(self, config)
+        from transformers import AutoModel
+        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.deft = None
+        if config.use_deft and config.compression_method == DEFT_METHOD:
+            self.deft = DeFTModule(
+                token_dim=config.text_config.hidden_size,
+                semantic_dim=config.deft_semantic_dim,
+                retention_ratio=config.deft_retention_ratio,
+                enable_rtd=config.deft_enable_rtd,
+                alpha_var=config.deft_alpha_var,
+                rtd_bottleneck_ratio=config.deft_rtd_bottleneck_ratio,
+                saliency_hidden_dim=config.deft_saliency_hidden_dim,
+                image_neighbors=config.deft_group_image_neighbors,
+                video_window=config.deft_group_video_window,
+                text_neighbors=config.deft_group_text_neighbors,
+                entropy_threshold=config.deft_rtd_entropy_threshold,
+                confidence_threshold=config.deft_rtd_confidence_threshold,
+                feedback_loss_weight=config.deft_feedback_loss_weight,
+                rtd_loss_weight=config.deft_rtd_loss_weight,
+            )
+        self.post_init()
+
+    # ------------------------------------------------------------------ encoding + compression
+    @property
+    def compression_active(self) -> bool:
+        return bool(self.config.use_deft)
+
+    def _patch_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        patch = self.config.vision_config.patch_size
+        return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        token_gradients: list | None = None,
+        **kwargs,
+    ) -> DeftVisualFeaturesOutput:
+        """Vision tower -> projector -> compressor. Returns, per image, the rows for its placeholders.
+
+        `pixel_values`: `(num_images, channels, height, width)`; all images share one size."""
+        kwargs.pop("return_dict", None)  # always a DeftVisualFeaturesOutput
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            raise ValueError(
+                "pixel_values must be a (num_images, channels, height, width) tensor, got "
+                f"{getattr(pixel_values, 'shape', type(pixel_values).__name__)}"
+            )
+        if image_sizes is not None and self.compression_active:
+            raise ValueError(
+                "image_sizes (images of different sizes in one batch) is not supported with use_deft"
+            )
+        outputs = LlavaModel.get_image_features(
+            self,
+            pixel_values=pixel_values,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            image_sizes=image_sizes,
+            return_dict=True,
+            **kwargs,
+        )
+        return self._compress(
+            outputs, "image", self._patch_grid(pixel_values), frames=1, token_gradients=token_gradients
+        )
+
+    def get_video_features(
+        self,
+        pixel_values_videos: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        token_gradients: list | None = None,
+        **kwargs,
+    ) -> DeftVisualFeaturesOutput:
+        """Frames through the vision tower; `pixel_values_videos`: `(num_videos, frames, channels, height, width)`.
+
+        A video's tokens are its frames' patch tokens in frame order `(frames * patches, hidden_size)`."""
+        kwargs.pop("return_dict", None)
+        if not isinstance(pixel_values_videos, torch.Tensor) or pixel_values_videos.dim() != 5:
+            raise ValueError(
+                "pixel_values_videos must be a (num_videos, frames, channels, height, width) tensor, got "
+                f"{getattr(pixel_values_videos, 'shape', type(pixel_values_videos).__name__)}"
+            )
+        videos, frames = pixel_values_videos.shape[:2]
+        outputs = LlavaModel.get_image_features(
+            self,
+            pixel_values=pixel_values_videos.flatten(0, 1),  # (videos * frames, C, H, W)
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            return_dict=True,
+            **kwargs,
+        )
+        per_frame = torch.stack(list(outputs.pooler_output))  # (videos * frames, N, D)
+        outputs.pooler_output = list(per_frame.reshape(videos, -1, per_frame.shape[-1]))  # (videos, F * N, D)
+        grid = self._patch_grid(pixel_values_videos)
+        return self._compress(outputs, "video", grid, frames=frames, token_gradients=token_gradients)
+
+    def _compress(self, outputs, modality, grid, frames, token_gradients=None) -> DeftVisualFeaturesOutput:
+        features = list(outputs.pooler_output)
+        result = DeftVisualFeaturesOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            pooler_output=features,
+            source_indices=[torch.arange(f.shape[0], device=f.device) for f in features],
+            num_source_tokens=[f.shape[0] for f in features],
+        )
+        if not self.compression_active or not features:
+            return result
+        tokens = torch.stack(features)  # (num_items, N, D)
+        n = tokens.shape[1]
+        if grid[0] * grid[1] * frames != n:
+            raise ValueError(
+                f"use_deft needs one token per patch: {modality} features have {n} tokens but the patch grid is "
+                f"{grid[0]}x{grid[1]} x {frames} frame(s); use vision_feature_select_strategy='default' "
+                "(CLS dropped) with a CLS-bearing encoder"
+            )
+        grads = torch.stack(token_gradients) if token_gradients is not None else None
+        mode = self.config.deft_inference_mode
+        logits = None
+        if mode == "hybrid":
+            # the language model's own reading of each visual token through its vocabulary embedding
+            logits = tokens @ self.get_input_embeddings().weight.t()  # (num_items, N, vocab)
+        deft_mode = "hybrid" if mode in ("hybrid", "adaptive") else "fast"
+        out = self.deft(
+            tokens=tokens,
+            modality=modality,
+            spatial_shape=grid,
+            inference_mode=deft_mode,
+            logits=logits,
+            token_gradients=grads,
+        )
+        result.compression_scores = out.scores
+        result.mixture_weights = out.scoring_info["mixture_weights"]
+        result.rtd_loss = out.rtd_loss
+        result.feedback_loss = out.feedback_loss
+        result.num_reconstructed = out.scoring_info["num_reconstructed"]
+        if mode == "fast":
+            result.pooler_output = list(out.retained_tokens)  # K rows per item
+            result.source_indices = list(out.kept_indices)
+            return result
+        # variable budget: all N rows; kept rows are the originals, RTD rows are decoded, the rest unused
+        fast_keep = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # (items, N)
+        fast_keep.scatter_(1, out.kept_indices, True)
+        rows = torch.where(fast_keep.unsqueeze(-1), tokens, torch.zeros_like(tokens))  # (items, N, D)
+        usable = fast_keep.clone()
+        if out.reconstructed_tokens is not None:
+            # unused reconstruction slots point at a dump column n, dropped after the scatter
+            idx = out.reconstructed_indices.masked_fill(~out.reconstructed_mask, n)  # (items, r)
+            padded = torch.cat(
+                [rows, rows.new_zeros(rows.shape[0], 1, rows.shape[2])], dim=1
+            )  # (items, N+1, D)
+            padded.scatter_(
+                1, idx.unsqueeze(-1).expand(-1, -1, rows.shape[2]), out.reconstructed_tokens.to(rows.dtype)
+            )
+            rows = padded[:, :n]
+            flags = torch.cat([usable, usable.new_zeros(usable.shape[0], 1)], dim=1)  # (items, N+1)
+            flags.scatter_(1, idx, True)
+            usable = flags[:, :n]
+        result.pooler_output = list(rows)
+        result.row_fast = list(fast_keep)
+        # hybrid uses every usable row at once; adaptive starts from the fast rows and may add the rest
+        result.row_keep = list(usable) if mode == "hybrid" else list(fast_keep)
+        return result
+
+    # ------------------------------------------------------------------ placing the rows
+    def _placeholder_mask(self, input_ids, inputs_embeds, token_id):
+        if input_ids is not None:
+            return input_ids == token_id
+        token = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+        return (inputs_embeds == token).all(-1)
+
+    def _place(self, modality, features_output, input_ids, inputs_embeds, token_id, reconstruct):
+        """Scatter one modality's rows into its placeholders; returns embeds and per-token bookkeeping."""
+        mask = self._placeholder_mask(input_ids, inputs_embeds, token_id)  # (batch, seq)
+        rows = features_output.pooler_output
+        counts = [r.shape[0] for r in rows]
+        n_placeholders = int(mask.sum())
+        if n_placeholders != sum(counts):
+            raise ValueError(
+                f"{modality} features and {modality} tokens do not match: the text has {n_placeholders} "
+                f"<{modality}> placeholders but the {len(rows)} {modality}(s) produce {sum(counts)} rows "
+                f"({counts}); build inputs with DeftLlavaProcessor for this model's config "
+                f"(use_deft={self.config.use_deft}, retention={self.config.deft_retention_ratio}, "
+                f"mode={self.config.deft_inference_mode})"
+            )
+        device = inputs_embeds.device
+        flat = torch.cat(list(rows), dim=0).to(device, inputs_embeds.dtype)  # (total_rows, D)
+        inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1), flat)
+        source = torch.cat([s.to(device) for s in features_output.source_indices])  # (total_rows,)
+        last = torch.cat(
+            [torch.nn.functional.one_hot(torch.tensor(c - 1, device=device), c).bool() for c in counts]
+        )
+        n_src = torch.cat(
+            [torch.full((c,), n, device=device) for c, n in zip(counts, features_output.num_source_tokens)]
+        )
+        advance = scatter_rows(mask, torch.where(last, n_src, torch.zeros_like(n_src)).long())
+        source_index = scatter_rows(mask, source.long())
+        keep = from_rtd = None
+        if features_output.row_keep is not None:
+            keep = scatter_rows(mask, torch.cat([k.to(device) for k in features_output.row_keep]), fill=True)
+            if reconstruct is not None:  # adaptive second pass: uncertain samples use every RTD row
+                keep = keep | (mask & reconstruct.to(device).view(-1, 1))
+            fast = scatter_rows(mask, torch.cat([k.to(device) for k in features_output.row_fast]), fill=True)
+            from_rtd = keep & ~fast  # (batch, seq)
+        rows_seen = keep[mask] if keep is not None else torch.ones_like(source, dtype=torch.bool)
+        kept_indices = [src[k] for src, k in zip(source.split(counts), rows_seen.split(counts))]
+        return inputs_embeds, mask, advance, source_index, keep, from_rtd, kept_indices
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        deft_reconstruct: torch.Tensor | None = None,
+        **kwargs,
+    ) -> DeftLlavaModelOutputWithPast:
+        """LLaVA forward with compressed visual tokens.
+
+        Args (beyond `LlavaModel.forward`):
+            pixel_values_videos: `(num_videos, frames, channels, height, width)` for `<video>` placeholders.
+            deft_reconstruct: `(batch,)` bool, `adaptive` mode only: samples that get their RTD rows back.
+
+        When visual tokens are present and compression is on, `position_ids` is computed here from
+        `attention_mask` (original layout, gaps kept) unless `deft_keep_original_positions=False`.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if (
+            pixel_values is not None
+            and mm_encoder_outputs is not None
+            and mm_encoder_outputs.get("image") is not None
+        ):
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        mm_encoder_outputs = dict(mm_encoder_outputs) if mm_encoder_outputs is not None else {}
+        if mm_encoder_outputs.get("image") is None and pixel_values is not None:
+            mm_encoder_outputs["image"] = self.get_image_features(
+                pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes=image_sizes
+            )
+        if mm_encoder_outputs.get("video") is None and pixel_values_videos is not None:
+            if self.config.video_token_index is None:
+                raise ValueError("pixel_values_videos was given but config.video_token_index is None")
+            mm_encoder_outputs["video"] = self.get_video_features(
+                pixel_values_videos, vision_feature_layer, vision_feature_select_strategy
+            )
+        image_out, video_out = mm_encoder_outputs.get("image"), mm_encoder_outputs.get("video")
+        if image_out is None and video_out is None:
+            return self._language_model_forward(
+                inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids),
+                attention_mask,
+                position_ids,
+                past_key_values,
+                kwargs,
+            )
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        batch, seq = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        valid = (
+            attention_mask.bool()
+            if attention_mask is not None
+            else torch.ones(batch, seq, dtype=torch.bool, device=device)
+        )
+        visual = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+        advance = valid.long()  # text tokens move the counter by 1, padding by 0
+        source_index = torch.zeros(batch, seq, dtype=torch.long, device=device)
+        keep = None
+        num_reconstructed = None
+        kept_indices = []
+        for modality, out, token_id in (
+            ("image", image_out, self.config.image_token_index),
+            ("video", video_out, self.config.video_token_index),
+        ):
+            if out is None:
+                continue
+            inputs_embeds, mask, adv, src, kp, from_rtd, kept = self._place(
+                modality, out, input_ids, inputs_embeds, token_id, deft_reconstruct
+            )
+            kept_indices += kept
+            if from_rtd is not None:
+                count = from_rtd.sum(1)
+                num_reconstructed = count if num_reconstructed is None else num_reconstructed + count
+            visual |= mask
+            advance = torch.where(mask, adv, advance)
+            source_index = source_index + src
+            if kp is not None:
+                keep = kp if keep is None else keep & kp
+        if self.compression_active and self.config.deft_keep_original_positions:
+            position_ids = original_position_ids(valid, visual, source_index, advance)
+        elif self.compression_active and position_ids is None:
+            position_ids = (valid.long().cumsum(1) - 1).masked_fill(~valid, 0)
+        gather_index = compact_mask = None
+        if keep is not None and not bool(keep[valid].all()):
+            gather_index, compact_mask = repack_left(keep & valid)
+            inputs_embeds = gather_seq(inputs_embeds, gather_index, 0.0)
+            position_ids = gather_seq(position_ids, gather_index, 0)
+            attention_mask = compact_mask
+        outputs = self._language_model_forward(
+            inputs_embeds, attention_mask, position_ids, past_key_values, kwargs
+        )
+        outputs.image_hidden_states = (
+            torch.cat(list(image_out.pooler_output)) if image_out is not None else None
+        )
+        outputs.deft_position_ids = position_ids
+        outputs.deft_attention_mask = compact_mask
+        outputs.deft_gather_index = gather_index
+        outputs.image_features_output = image_out
+        outputs.video_features_output = video_out
+        outputs.deft_kept_indices = kept_indices
+        outputs.deft_num_reconstructed = num_reconstructed
+        return outputs
+
+    def _language_model_forward(self, inputs_embeds, attention_mask, position_ids, past_key_values, kwargs):
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        return DeftLlavaModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForConditionalGeneration):
+    """LLaVA with DeFT compression in its forward pass, for `generate`, `pipeline` and `Trainer`.
+
+    With `use_deft=False` it computes exactly what `LlavaForConditionalGeneration` computes.
+
+    `adaptive` mode (prefill with visual tokens): a fast prefill; the next-token distribution of each sample's
+    last position is checked with the RTD rule (normalised entropy > `deft_rtd_entropy_threshold` or max
+    probability < `deft_rtd_confidence_threshold`); if any sample is uncertain, the prefill runs again with
+    the RTD-reconstructed tokens added for those samples (the cache is reset first).
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: DeftLlavaConfig):
+        DeftLlavaPreTrainedModel.__init__(self, config)
+        self.model = DeftLlavaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor, **kwargs):
+        return self.model.get_video_features(pixel_values_videos=pixel_values_videos, **kwargs)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        image_sizes: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        **kwargs,
+    ) -> DeftLlavaCausalLMOutputWithPast:
+        mm_encoder_outputs = dict(mm_encoder_outputs) if mm_encoder_outputs is not None else {}
+        adaptive = (
+            self.config.use_deft
+            and self.config.compression_method == DEFT_METHOD
+            and self.config.deft_inference_mode == "adaptive"
+        )
+        if adaptive:  # encode once, use twice
+            if pixel_values is not None and mm_encoder_outputs.get("image") is None:
+                mm_encoder_outputs["image"] = self.model.get_image_features(
+                    pixel_values,
+                    vision_feature_layer,
+                    vision_feature_select_strategy,
+                    image_sizes=image_sizes,
+                )
+            if pixel_values_videos is not None and mm_encoder_outputs.get("video") is None:
+                mm_encoder_outputs["video"] = self.model.get_video_features(
+                    pixel_values_videos, vision_feature_layer, vision_feature_select_strategy
+                )
+            pixel_values = pixel_values_videos = None
+        model_kwargs = dict(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            image_sizes=image_sizes,
+            mm_encoder_outputs=mm_encoder_outputs,
+            pixel_values_videos=pixel_values_videos,
+        )
+        outputs = self.model(**model_kwargs, **kwargs)
+        has_visual = outputs.image_features_output is not None or outputs.video_features_output is not None
+        reconstructed = None
+        if adaptive and has_visual:
+            last_logits = self.lm_head(outputs.last_hidden_state[:, -1])  # (batch, vocab)
+            reconstructed = sample_is_uncertain(
+                last_logits, self.config.deft_rtd_entropy_threshold, self.config.deft_rtd_confidence_threshold
+            )
+            if bool(reconstructed.any()):
+                if past_key_values is not None:
+                    past_key_values.reset()
+                outputs = self.model(**model_kwargs, deft_reconstruct=reconstructed, **kwargs)
+
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        lm_loss = loss = None
+        if labels is not None:
+            if outputs.deft_gather_index is not None:
+                labels = gather_seq(labels, outputs.deft_gather_index.to(labels.device), -100)
+            lm_loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+            loss = lm_loss
+        feats = [o for o in (outputs.image_features_output, outputs.video_features_output) if o is not None]
+        rtd_loss = next((o.rtd_loss for o in feats if o.rtd_loss is not None), None)
+        feedback_loss = next((o.feedback_loss for o in feats if o.feedback_loss is not None), None)
+        if loss is not None and self.training and rtd_loss is not None:
+            loss = loss + self.config.deft_rtd_loss_weight * rtd_loss
+        return DeftLlavaCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+            lm_loss=lm_loss,
+            rtd_loss=rtd_loss,
+            feedback_loss=feedback_loss,
+            kept_indices=outputs.deft_kept_indices,
+            compression_scores=feats[0].compression_scores if feats else None,
+            mixture_weights=feats[0].mixture_weights if feats else None,
+            num_reconstructed=outputs.deft_num_reconstructed,
+            deft_position_ids=outputs.deft_position_ids,
+            deft_attention_mask=outputs.deft_attention_mask,
+            deft_gather_index=outputs.deft_gather_index,
+        )
+
+    def _update_model_kwargs_for_generation(
+        self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1
+    ):
+        """Hand the prefill's position ids (gaps kept) and compacted mask back to `generate`."""
+        positions = getattr(outputs, "deft_position_ids", None)
+        if positions is not None and getattr(outputs, "past_key_values", None) is not None:
+            model_kwargs["position_ids"] = positions
+            if outputs.deft_attention_mask is not None:
+                model_kwargs["attention_mask"] = outputs.deft_attention_mask
+        return super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+
+    def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
+        """Beam search / `num_return_sequences`: expand the compression bookkeeping with the features.
+
+        The parent method regroups `pooler_output` per sample; we tag every item with its index, let the
+        parent regroup the tags, and apply the same order to every per-item field."""
+        order = {}
+        originals = {}
+        for modality, out in mm_encoder_output.items():
+            if isinstance(out, DeftVisualFeaturesOutput):
+                originals[modality] = out
+                tags = [torch.full((len(r), 1), i, dtype=torch.long) for i, r in enumerate(out.pooler_output)]
+                mm_encoder_output[modality] = BaseModelOutputWithPooling(pooler_output=tags)
+        expanded = super()._expand_multimodal_outputs(
+            input_ids, mm_encoder_output, expand_size, inputs_embeds
+        )
+        for modality, out in originals.items():
+            order[modality] = [int(t[0, 0]) for t in expanded[modality].pooler_output]
+            idx = order[modality]
+            out.pooler_output = [out.pooler_output[i] for i in idx]
+            out.source_indices = [out.source_indices[i] for i in idx]
+            out.num_source_tokens = [out.num_source_tokens[i] for i in idx]
+            if out.row_keep is not None:
+                out.row_keep = [out.row_keep[i] for i in idx]
+                out.row_fast = [out.row_fast[i] for i in idx]
+            if out.compression_scores is not None:
+                out.compression_scores = out.compression_scores[idx]
+            if out.num_reconstructed is not None:
+                out.num_reconstructed = out.num_reconstructed[idx]
+            expanded[modality] = out
+        return expanded
+
+
+__all__ = [
+    "DeftLlavaForConditionalGeneration",
+    "DeftLlavaModel",
+    "DeftLlavaPreTrainedModel",
+    "DeftLlavaCausalLMOutputWithPast",
+    "DeftVisualFeaturesOutput",
+]

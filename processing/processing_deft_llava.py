@@ -1,0 +1,145 @@
+"""`DeftLlavaProcessor`: `LlavaProcessor` that writes as many placeholders as the DeFT model produces."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import LlavaProcessor
+from transformers.image_utils import get_image_size, to_numpy_array
+
+from ..configuration.deft_settings import DEFAULTS, placeholder_count, validate_deft_settings
+
+# the DeFT keys a processor needs (same names and defaults as the config)
+PROCESSOR_DEFT_KEYS = ("use_deft", "deft_retention_ratio", "deft_inference_mode", "compression_method")
+
+
+class DeftLlavaProcessor(LlavaProcessor):
+    r"""LLaVA processor for DeFT-LLaVA.
+
+    Writes `placeholder_count(N, ...)` `<image>` tokens per image (N = patches of the processed image): K kept
+    tokens for fixed budgets, N for the RTD `hybrid`/`adaptive` modes where the model drops tokens itself.
+    Videos (a list of frames per video) get `frames * patches` encoder tokens behind one `<video>`.
+
+    Args (beyond `LlavaProcessor`):
+        video_token: the video placeholder (default `<video>`).
+        use_deft, deft_retention_ratio, deft_inference_mode, compression_method: as in `DeftLlavaConfig`.
+
+    The full signature is repeated on purpose: `ProcessorMixin.to_dict` saves only named `__init__` arguments.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        patch_size=None,
+        vision_feature_select_strategy=None,
+        chat_template=None,
+        image_token="<image>",
+        num_additional_image_tokens=0,
+        video_token="<video>",
+        use_deft: bool = DEFAULTS.use_deft,
+        deft_retention_ratio: float = DEFAULTS.deft_retention_ratio,
+        deft_inference_mode: str = DEFAULTS.deft_inference_mode,
+        compression_method: str = "deft",
+        **kwargs,
+    ):
+        validate_deft_settings(
+            use_deft=use_deft,
+            deft_retention_ratio=deft_retention_ratio,
+            deft_inference_mode=deft_inference_mode,
+        )
+        self.use_deft = use_deft
+        self.deft_retention_ratio = deft_retention_ratio
+        self.deft_inference_mode = deft_inference_mode
+        self.compression_method = compression_method
+        self.video_token = tokenizer.video_token if hasattr(tokenizer, "video_token") else video_token
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            image_token=image_token,
+            num_additional_image_tokens=num_additional_image_tokens,
+            **kwargs,
+        )
+        self.video_token_id = (
+            self.tokenizer.convert_tokens_to_ids(self.video_token) if self.tokenizer else None
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Like `LlavaProcessor.from_pretrained`; DeFT keys given here override the saved ones, so a processor
+        for a converted model can be built from a stock llava-hf folder."""
+        overrides = {key: kwargs.pop(key) for key in PROCESSOR_DEFT_KEYS if key in kwargs}
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if overrides:
+            validate_deft_settings(**{k: v for k, v in overrides.items() if k != "compression_method"})
+            for key, value in overrides.items():
+                setattr(processor, key, value)
+        return processor
+
+    # ------------------------------------------------------------------ counts
+    def num_encoder_tokens(self, height: int, width: int) -> int:
+        """Tokens the vision tower gives for one image of this size (before compression)."""
+        num = (height // self.patch_size) * (width // self.patch_size) + self.num_additional_image_tokens
+        if self.vision_feature_select_strategy == "default":
+            num -= 1
+        return num
+
+    def num_placeholders(self, num_encoder_tokens: int) -> int:
+        return placeholder_count(
+            num_encoder_tokens,
+            self.use_deft,
+            self.deft_retention_ratio,
+            self.deft_inference_mode,
+            self.compression_method,
+        )
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        pixel_values = image_inputs["pixel_values"][image_idx]
+        height, width = get_image_size(to_numpy_array(pixel_values))
+        return self.image_token * self.num_placeholders(self.num_encoder_tokens(height, width))
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
+        data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, **kwargs)
+        if image_sizes is not None:
+            data["num_image_tokens"] = [self.num_placeholders(n) for n in data["num_image_tokens"]]
+        return data
+
+    # ------------------------------------------------------------------ videos
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """As `LlavaProcessor.__call__`, plus `videos`: a list of videos, each a list of frames (PIL images or
+        arrays); returns `pixel_values_videos` `(num_videos, frames, channels, height, width)`."""
+        if videos is None:
+            return super().__call__(images=images, text=text, audio=audio, **kwargs)
+        if text is None:
+            raise ValueError("videos need a text prompt with one <video> placeholder per video")
+        texts = [text] if isinstance(text, str) else list(text)
+        n_placeholders = sum(t.count(self.video_token) for t in texts)
+        if n_placeholders != len(videos):
+            raise ValueError(
+                f"the prompts hold {n_placeholders} {self.video_token} placeholder(s) but {len(videos)} video(s) were given"
+            )
+        frames_per_video = {len(v) for v in videos}
+        if len(frames_per_video) != 1 or 0 in frames_per_video:
+            raise ValueError(
+                f"every video must have the same, non-zero number of frames, got {sorted(frames_per_video)}"
+            )
+        frames = [frame for video in videos for frame in video]
+        pixel = self.image_processor(frames, return_tensors="pt")[
+            "pixel_values"
+        ]  # (videos * frames, C, H, W)
+        pixel = pixel.view(len(videos), -1, *pixel.shape[1:])  # (videos, frames, C, H, W)
+        per_frame = self.num_encoder_tokens(pixel.shape[-2], pixel.shape[-1])
+        count = self.num_placeholders(per_frame * pixel.shape[1])
+        texts = [t.replace(self.video_token, self.video_token * count) for t in texts]
+        out = super().__call__(images=images, text=texts, audio=audio, **kwargs)
+        return_tensors = kwargs.get("return_tensors")
+        out["pixel_values_videos"] = pixel if return_tensors == "pt" else np.asarray(pixel)
+        if return_tensors == "pt" and not isinstance(out["pixel_values_videos"], torch.Tensor):
+            out["pixel_values_videos"] = torch.as_tensor(out["pixel_values_videos"])
+        return out
+
+
+__all__ = ["DeftLlavaProcessor"]
