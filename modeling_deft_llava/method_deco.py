@@ -59,10 +59,11 @@ class DeftLlavaDecoCompressor(TokenCompressor):
         m = math.isqrt(k)
         if m * m != k or m > min(rows, cols):
             valid = valid_square_counts(rows, cols)
-            nearest = sorted(valid, key=lambda v: (abs(v - k), v))[:2]
+            below, above = [v for v in valid if v < k][-1:], [v for v in valid if v > k][:1]
+            nearest = below + above  # the valid K just below and just above
             raise ValueError(
                 f"deco pools to a square m x m grid with m <= min(rows, cols) = {min(rows, cols)}: "
-                f"num_kept must be a perfect square in {valid}, got {k}; nearest valid: {sorted(nearest)}"
+                f"num_kept must be a perfect square in {valid}, got {k}; nearest valid: {nearest}"
             )
 
     def compress(self, image_features: torch.Tensor, context: CompressionContext) -> CompressionResult:
