@@ -22,6 +22,7 @@ from modeling_deft_llava.token_compressor import CompressionContext
 
 DIM = 8
 METHODS = sorted(COMPRESSION_METHODS)
+TENSORS = ("cls_attention", "vision_keys", "cls_embedding", "text_embeds", "text_mask")
 
 
 def make_inputs(batch=3, rows=6, cols=6, num_kept=9, dim=DIM, seed=0, key_dim=None, dtype=torch.float32):
@@ -49,9 +50,6 @@ def row_context(context: CompressionContext, b: int) -> CompressionContext:
     """The context of batch row b alone."""
     pick = {k: (getattr(context, k)[b : b + 1] if getattr(context, k) is not None else None) for k in TENSORS}
     return CompressionContext(context.spatial_shape, context.num_kept, seed=context.seed, **pick)
-
-
-TENSORS = ("cls_attention", "vision_keys", "cls_embedding", "text_embeds", "text_mask")
 
 
 # ----------------------------------------------------------------------------------------------- generic
