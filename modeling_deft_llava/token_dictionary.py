@@ -53,7 +53,7 @@ def uncertainty(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised entropy and max probability over the last (vocabulary) axis."""
     logp = F.log_softmax(logits.float(), dim=-1)
     vocab = logits.shape[-1]
-    entropy = -(logp.exp() * logp).sum(-1) / (math.log(vocab) if vocab > 1 else 1.0)
+    entropy = (-(logp.exp() * logp).sum(-1) / (math.log(vocab) if vocab > 1 else 1.0)).clamp(0.0, 1.0)
     return entropy, logp.max(-1).values.exp()
 
 

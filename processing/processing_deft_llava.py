@@ -108,6 +108,12 @@ class DeftLlavaProcessor(LlavaProcessor):
         return data
 
     # ------------------------------------------------------------------ videos
+    def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """Videos are checked in `__call__` (frames go through the image processor); validate the rest."""
+        if text is not None and self.video_token:
+            text = [t.replace(self.video_token, "") for t in ([text] if isinstance(text, str) else text)]
+        return super().validate_inputs(images=images, text=text, videos=None, audio=audio, **kwargs)
+
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """As `LlavaProcessor.__call__`, plus `videos`: a list of videos, each a list of frames (PIL images or
         arrays); returns `pixel_values_videos` `(num_videos, frames, channels, height, width)`."""
