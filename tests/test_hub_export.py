@@ -1,0 +1,328 @@
+"""The flat Hub export: layout, code audit, atomic writes, and the isolated `trust_remote_code` round trip."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+from modeling_deft_llava.hub_card import isolated_check
+from modeling_deft_llava.hub_card.code_audit import ALLOWED_PACKAGES, audit_published_code
+from modeling_deft_llava.hub_card.export import (
+    MODEL_AUTO_MAP,
+    PROCESSOR_AUTO_MAP,
+    collect_code_files,
+    export_for_hub,
+    flatten_imports,
+)
+from PIL import Image
+from transformers import pipeline
+
+MAX_NEW_TOKENS = 4
+PROMPT = tiny.prompt()
+# special tokens (<pad> <unk> <s> </s> <image> <video>) suppressed, so the greedy text is real words: this
+# also proves that generation_config.json travels with the export
+SUPPRESS = [0, 1, 2, 3, 4, 5]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny `use_deft=True` model and processor, exported; the in-repo outputs for one fixed input."""
+    root = tmp_path_factory.mktemp("hub")
+    model = tiny.model(use_deft=True)
+    model.generation_config.suppress_tokens = SUPPRESS
+    processor = tiny.processor(use_deft=True)
+    image_path = root / "image.png"
+    tiny.images(1, seed=3)[0].save(image_path)  # PNG: lossless, so both sides see the same pixels
+    image = Image.open(image_path).convert("RGB")
+
+    config_before = model.config.to_dict()
+    folder = export_for_hub(model, processor, root / "tiny-deft-llava")
+
+    inputs = processor(images=[image], text=[PROMPT], return_tensors="pt")
+    with torch.no_grad():
+        reference = {
+            "input_ids": inputs["input_ids"],
+            "logits": model(**inputs).logits,
+            "generated": model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False),
+            "base_last_hidden_state": model.model(**inputs).last_hidden_state,
+        }
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    out = pipe(
+        images=image,
+        text=PROMPT,
+        generate_kwargs=dict(max_new_tokens=MAX_NEW_TOKENS, do_sample=False),
+        return_full_text=False,
+    )
+    reference["pipeline_text"] = out[0]["generated_text"]
+    return dict(
+        folder=folder,
+        root=root,
+        model=model,
+        processor=processor,
+        image_path=image_path,
+        reference=reference,
+        config_before=config_before,
+    )
+
+
+@pytest.fixture(scope="module")
+def isolated(exported):
+    """Load the exported folder in `python -I` without the project; its outputs for the same input."""
+    out = exported["root"] / "isolated.pt"
+    summary = isolated_check.run_isolated_check(
+        exported["folder"],
+        out,
+        image=exported["image_path"],
+        prompt=PROMPT.replace("<image>", "{image}"),
+        max_new_tokens=MAX_NEW_TOKENS,
+    )
+    return summary, torch.load(out, weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------ layout
+def test_export_is_flat_safetensors_with_auto_maps(exported):
+    folder = exported["folder"]
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "generation_config.json", "processor_config.json", "model.safetensors"} <= names
+    assert {"modeling_deft_llava.py", "configuration_deft_llava.py", "processing_deft_llava.py"} <= names
+    assert "deft_settings.py" in names and "deft_module.py" in names  # followed through relative imports
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    assert "__init__.py" not in names  # the Auto-class registration is replaced by auto_map
+    assert not [p for p in folder.iterdir() if p.is_dir()]  # flat
+
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == MODEL_AUTO_MAP
+    assert config["model_type"] == "deft_llava" and config["use_deft"] is True
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    assert processor_config["auto_map"] == PROCESSOR_AUTO_MAP
+    assert processor_config["use_deft"] is True
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["suppress_tokens"] == SUPPRESS
+
+
+def test_every_auto_map_target_exists_in_the_folder(exported):
+    folder = exported["folder"]
+    for target in [*MODEL_AUTO_MAP.values(), *PROCESSOR_AUTO_MAP.values()]:
+        module, cls = target.split(".")
+        tree = ast.parse((folder / f"{module}.py").read_text())
+        assert cls in {n.name for n in tree.body if isinstance(n, ast.ClassDef)}, target
+
+
+def test_relative_imports_are_flat_and_resolve_in_the_folder(exported):
+    folder = exported["folder"]
+    local = {p.stem for p in folder.glob("*.py")}
+    for path in folder.glob("*.py"):
+        text = path.read_text()
+        # the form the transformers dynamic-module loader follows, and nothing else
+        assert not re.search(r"^\s*from\s+\.\.", text, re.M), path.name
+        assert not re.search(r"^\s*from\s+\.\s+import", text, re.M), path.name
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and node.module in local, (path.name, node.module)
+
+
+def test_export_leaves_the_callers_config_alone(exported):
+    model = exported["model"]
+    assert getattr(model.config, "auto_map", None) is None
+    after = model.config.to_dict()
+    before = exported["config_before"]
+    # save_pretrained itself records dtype and architectures; nothing else may change
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    assert changed <= {"dtype", "architectures"}, changed
+
+
+# ------------------------------------------------------------------------------------------ code audit
+def test_published_code_imports_only_the_allow_list(exported):
+    """Parse every exported file: imports from the allow-list or the standard library, no eval/exec/pickle,
+    no network modules."""
+    allowed = set(ALLOWED_PACKAGES) | set(sys.stdlib_module_names) | {"__future__"}
+    network_or_pickle = {
+        "socket",
+        "ssl",
+        "http",
+        "urllib",
+        "requests",
+        "httpx",
+        "pickle",
+        "marshal",
+        "shelve",
+    }
+    for path in exported["folder"].glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                tops = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                tops = [node.module.split(".")[0]]
+            else:
+                tops = []
+            for top in tops:
+                assert top in allowed and top not in network_or_pickle, (path.name, node.lineno, top)
+            if isinstance(node, ast.Name):
+                assert node.id not in {"eval", "exec", "compile", "__import__"}, (path.name, node.lineno)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                assert (node.value.id, node.attr) != ("torch", "load"), (path.name, node.lineno)
+    assert audit_published_code(exported["folder"]) == []
+
+
+@pytest.mark.parametrize(
+    "source, fragment",
+    [
+        ("import requests\n", "outside the allow-list"),
+        ("import urllib.request\n", "forbidden module"),
+        ("from pickle import loads\n", "forbidden module"),
+        ("x = eval('1')\n", "eval"),
+        ("import builtins\nbuiltins.exec('1')\n", ".exec"),
+        ("import torch\nstate = torch.load('w.bin')\n", "torch.load"),
+        ("from huggingface_hub import hf_hub_download\n", "network"),
+        ("from ..configuration.deft_settings import X\n", "relative import"),
+        ("from .missing_module import X\n", "not in the folder"),
+    ],
+)
+def test_audit_catches_unsafe_code(tmp_path, source, fragment):
+    (tmp_path / "bad.py").write_text(source)
+    problems = audit_published_code(tmp_path)
+    assert problems and any(fragment in p for p in problems), problems
+
+
+# ------------------------------------------------------------------------------------------ flattening
+def test_collect_code_files_follows_lazy_imports():
+    found = collect_code_files()
+    stems = {stem for stem, _ in found.values()}
+    # method_validation is imported inside DeftLlavaConfig.__post_init__ only
+    assert {"modeling_deft_llava", "configuration_deft_llava", "processing_deft_llava"} <= stems
+    assert {"deft_settings", "method_validation", "deft_module", "topk_selector"} <= stems
+    assert "__init__" not in stems and "demo" not in stems
+
+
+def test_flatten_imports_rewrites_every_relative_form():
+    source = textwrap.dedent(
+        """\
+        from __future__ import annotations
+        from ..configuration.deft_settings import A, B
+        from .deft_module import (
+            C,
+        )
+
+
+        def f():
+            from ..configuration.method_validation import validate_method  # lazy
+
+            return validate_method
+        """
+    )
+    flat = {
+        "modeling_deft_llava.configuration.deft_settings": "deft_settings",
+        "modeling_deft_llava.processing.deft_module": "deft_module",
+        "modeling_deft_llava.configuration.method_validation": "method_validation",
+    }
+    out = flatten_imports(source, "modeling_deft_llava.processing.x", flat)
+    assert "from .deft_settings import A, B" in out
+    assert "from .deft_module import (\n    C,\n)" in out
+    assert "    from .method_validation import validate_method  # lazy" in out
+    assert "from __future__ import annotations" in out
+    ast.parse(out)
+
+
+def test_flatten_refuses_unexported_modules():
+    with pytest.raises(ValueError, match="not exported"):
+        flatten_imports("from .elsewhere import X\n", "modeling_deft_llava.modeling_deft_llava", {})
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
+def test_export_refuses_a_non_empty_folder_and_overwrites_on_request(exported, tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_for_hub(exported["model"], exported["processor"], target)
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+
+    export_for_hub(exported["model"], exported["processor"], target, overwrite=True)
+    names = {p.name for p in target.iterdir()}
+    assert "keep.txt" not in names and "model.safetensors" in names
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or backup folder left behind
+
+
+class _FailingProcessor:
+    def save_pretrained(self, folder):
+        (Path(folder) / "half-written.json").write_text("{")
+        raise RuntimeError("disk full")
+
+
+def test_failed_export_leaves_nothing_behind(exported, tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_for_hub(exported["model"], _FailingProcessor(), target)
+    assert list(tmp_path.iterdir()) == []
+
+    target.mkdir()
+    (target / "old.txt").write_text("previous export")
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_for_hub(exported["model"], _FailingProcessor(), target, overwrite=True)
+    assert [p.name for p in target.iterdir()] == ["old.txt"]  # the old folder survives a failed overwrite
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+# ------------------------------------------------------------------------------------------ isolation
+def _find_spec_in_child(strip: bool) -> str:
+    code = "import importlib.util\n"
+    if strip:
+        code += (
+            "import sys\nsys.path.insert(0, sys.argv[1])\nimport isolated_check as c\nsys.path.pop(0)\n"
+            "c._strip_project(sys.argv[2:])\n"
+        )
+    code += "print(importlib.util.find_spec('modeling_deft_llava') is not None)"
+    script_dir = str(Path(isolated_check.__file__).parent)
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", code, script_dir, *isolated_check.project_roots()],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return proc.stdout.strip()
+
+
+def test_plain_python_I_still_sees_the_editable_install_but_the_stripped_child_does_not():
+    """`-I` alone is not isolation here (the editable finder lives in site-packages); the strip is."""
+    assert _find_spec_in_child(strip=False) == "True"
+    assert _find_spec_in_child(strip=True) == "False"
+
+
+def test_isolated_load_uses_remote_code_for_every_auto_class(isolated):
+    summary, _ = isolated
+    assert summary["project_importable"] is False
+    expected = {
+        "config_class": "configuration_deft_llava.DeftLlavaConfig",
+        "processor_class": "processing_deft_llava.DeftLlavaProcessor",
+        "causal_lm_class": "modeling_deft_llava.DeftLlavaForConditionalGeneration",
+        "image_text_to_text_class": "modeling_deft_llava.DeftLlavaForConditionalGeneration",
+        "base_class": "modeling_deft_llava.DeftLlavaModel",
+        "pipeline_model_class": "modeling_deft_llava.DeftLlavaForConditionalGeneration",
+    }
+    for key, suffix in expected.items():
+        assert summary[key].startswith("transformers_modules."), (key, summary[key])
+        assert summary[key].endswith(suffix), (key, summary[key])
+
+
+def test_isolated_outputs_equal_the_in_repo_model(exported, isolated):
+    _, remote = isolated
+    reference = exported["reference"]
+    assert torch.equal(remote["input_ids"], reference["input_ids"])  # the remote processor: same placeholders
+    # K = 8 of 16 patches: the compressed prompt is shorter than the uncompressed one
+    assert int((reference["input_ids"] == 4).sum()) == tiny.config(use_deft=True).num_kept_tokens(16) == 8
+    for name in ("causal_lm", "image_text_to_text"):
+        assert torch.equal(remote[f"{name}_logits"], reference["logits"]), name
+        assert torch.equal(remote[f"{name}_generated"], reference["generated"]), name
+    assert reference["generated"].shape[1] == reference["input_ids"].shape[1] + MAX_NEW_TOKENS
+    assert torch.equal(remote["base_last_hidden_state"], reference["base_last_hidden_state"])
+    assert reference["pipeline_text"].strip()  # real words, not an empty string
+    assert remote["pipeline_text"] == reference["pipeline_text"]
