@@ -63,12 +63,26 @@ class DeftLlavaConfig(LlavaConfig):
         if self.compression_method != DEFT_METHOD:
             from .method_validation import validate_method  # baselines register their settings there
 
-            validate_method(self.compression_method, self.compression_settings)
+            n = self.patch_tokens_per_image()
+            validate_method(
+                self.compression_method,
+                self.compression_settings,
+                n,
+                self.num_kept_tokens(n) if n is not None and self.use_deft else None,
+            )
         if self.use_deft and self.deft_inference_mode != "fast" and not self.deft_enable_rtd:
             raise ValueError(
                 f"deft_inference_mode={self.deft_inference_mode!r} reconstructs pruned tokens and needs "
                 "deft_enable_rtd=True"
             )
+
+    def patch_tokens_per_image(self) -> int | None:
+        """Encoder tokens per image from the vision config (CLS dropped by the "default" strategy)."""
+        vision = self.vision_config
+        size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+        if not isinstance(size, int) or not isinstance(patch, int) or patch < 1:
+            return None
+        return (size // patch) ** 2
 
     def deft_settings_dict(self) -> dict:
         return {name: getattr(self, name) for name in DeftSettings.field_names()}

@@ -33,9 +33,12 @@ from transformers.models.llava.modeling_llava import (
 )
 from transformers.utils.generic import can_return_tuple
 
+from .compression_registry import build_compressor
 from .configuration.configuration_deft_llava import DEFT_METHOD, DeftLlavaConfig
 from .deft_module import DeFTModule
+from .token_compressor import CompressionContext
 from .token_dictionary import sample_is_uncertain
+from .vision_attention import cls_attention
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -187,6 +190,11 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         self.multi_modal_projector = LlavaMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.deft = None
+        self.compressor = None  # a baseline method (compression_method != "deft")
+        if config.use_deft and config.compression_method != DEFT_METHOD:
+            self.compressor = build_compressor(
+                config.compression_method, config.text_config.hidden_size, config.compression_settings
+            )
         if config.use_deft and config.compression_method == DEFT_METHOD:
             self.deft = DeFTModule(
                 token_dim=config.text_config.hidden_size,
@@ -237,17 +245,34 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             raise ValueError(
                 "image_sizes (images of different sizes in one batch) is not supported with use_deft"
             )
-        outputs = LlavaModel.get_image_features(
-            self,
-            pixel_values=pixel_values,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            image_sizes=image_sizes,
-            return_dict=True,
-            **kwargs,
-        )
+        captured = {}
+        hook = None
+        if self.compressor is not None and getattr(self.compressor, "needs_cls_attention", False):
+            # keep the input of the feature layer: the method's attention slice is recomputed from it (SDPA-safe)
+            def keep_input(module, args, kwargs):
+                captured["x"] = args[0] if args else kwargs["hidden_states"]
+
+            hook = self._feature_layer_module().register_forward_pre_hook(keep_input, with_kwargs=True)
+        try:
+            outputs = LlavaModel.get_image_features(
+                self,
+                pixel_values=pixel_values,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                image_sizes=image_sizes,
+                return_dict=True,
+                **kwargs,
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
         return self._compress(
-            outputs, "image", self._patch_grid(pixel_values), frames=1, token_gradients=token_gradients
+            outputs,
+            "image",
+            self._patch_grid(pixel_values),
+            1,
+            token_gradients,
+            layer_input=captured.get("x"),
         )
 
     def get_video_features(
@@ -281,7 +306,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         grid = self._patch_grid(pixel_values_videos)
         return self._compress(outputs, "video", grid, frames=frames, token_gradients=token_gradients)
 
-    def _compress(self, outputs, modality, grid, frames, token_gradients=None) -> DeftVisualFeaturesOutput:
+    def _compress(self, outputs, modality, grid, frames, token_gradients=None, layer_input=None):
         features = list(outputs.pooler_output)
         result = DeftVisualFeaturesOutput(
             last_hidden_state=outputs.last_hidden_state,
@@ -301,6 +326,8 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 f"{grid[0]}x{grid[1]} x {frames} frame(s); use vision_feature_select_strategy='default' "
                 "(CLS dropped) with a CLS-bearing encoder"
             )
+        if self.compressor is not None:
+            return self._compress_baseline(result, tokens, layer_input, modality, grid)
         grads = torch.stack(token_gradients) if token_gradients is not None else None
         mode = self.config.deft_inference_mode
         logits = None
@@ -348,6 +375,33 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         # hybrid uses every usable row at once; adaptive starts from the fast rows and may add the rest
         result.row_keep = list(usable) if mode == "hybrid" else list(fast_keep)
         return result
+
+    def _compress_baseline(self, result, tokens, layer_input, modality, grid):
+        """A baseline method from the registry at the same budget K as DeFT."""
+        if modality != "image":
+            raise ValueError(
+                f"compression_method={self.config.compression_method!r} supports images only, not {modality}"
+            )
+        attention = None
+        if getattr(self.compressor, "needs_cls_attention", False):
+            attention = cls_attention(self._feature_layer_module(), layer_input)
+        context = CompressionContext(
+            spatial_shape=grid, num_kept=self.config.num_kept_tokens(tokens.shape[1]), cls_attention=attention
+        )
+        out = self.compressor(tokens, context)
+        result.pooler_output = list(out.tokens)
+        result.source_indices = list(out.kept_indices)
+        result.compression_scores = out.scores
+        return result
+
+    def _feature_layer_module(self) -> nn.Module:
+        """The vision encoder layer whose output is the feature layer (`vision_feature_layer`)."""
+        layer = self.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ValueError("methods that need CLS attention require a single int vision_feature_layer")
+        encoder = getattr(self.vision_tower, "vision_model", self.vision_tower).encoder
+        # hidden_states[0] is the embedding output, hidden_states[i] the output of encoder layer i - 1
+        return encoder.layers[layer] if layer < 0 else encoder.layers[layer - 1]
 
     # ------------------------------------------------------------------ placing the rows
     def _placeholder_mask(self, input_ids, inputs_embeds, token_id):
