@@ -64,15 +64,9 @@ def run_isolated_check(
     Raises:
         IsolatedCheckError: the child failed (the message holds its stderr tail).
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))}
+    env = _child_env()
     with tempfile.TemporaryDirectory(prefix="deft-isolated-") as home:
-        env.update(
-            HF_HUB_OFFLINE="1",
-            TRANSFORMERS_OFFLINE="1",
-            HF_HOME=home,  # fresh module cache: the remote code is copied and imported from scratch
-            HF_HUB_DISABLE_TELEMETRY="1",
-            TOKENIZERS_PARALLELISM="false",
-        )
+        env["HF_HOME"] = home  # fresh module cache: the remote code is copied and imported from scratch
         # the child runs a copy of this file from outside the project, so nothing it imports is the project's
         script = Path(home) / "deft_isolated_check.py"
         shutil.copyfile(Path(__file__).resolve(), script)
@@ -101,6 +95,31 @@ def run_isolated_check(
     if not lines:
         raise IsolatedCheckError(f"the isolated load of {folder} printed no summary:\n{proc.stdout[-2000:]}")
     return json.loads(lines[-1][len("ISOLATED_SUMMARY ") :])
+
+
+def run_isolated_script(script, cwd, forbidden_roots=None, timeout: float = 600, python: str | None = None):
+    """Run the Python file `script` (from `cwd`) in `python -I` with the project made unimportable and
+    `HF_HUB_OFFLINE=1`; returns the `subprocess.CompletedProcess` (check `returncode` yourself)."""
+    env = _child_env()
+    with tempfile.TemporaryDirectory(prefix="deft-isolated-") as home:
+        env["HF_HOME"] = home
+        runner = Path(home) / "deft_isolated_check.py"
+        shutil.copyfile(Path(__file__).resolve(), runner)
+        cmd = [python or sys.executable, "-I", str(runner), "--run-script", str(Path(script).resolve())]
+        for root in forbidden_roots if forbidden_roots is not None else project_roots():
+            cmd += ["--forbid-root", str(root)]
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _child_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
 
 
 # ------------------------------------------------------------------------------------------ the child
@@ -161,6 +180,10 @@ def _imported_from(roots: list[str]) -> list[str]:
 
 
 def _child(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--run-script":
+        _run_script_child(argv[1:])
+        return
     parser = argparse.ArgumentParser(
         description="isolated trust_remote_code load (run by run_isolated_check)"
     )
@@ -235,6 +258,21 @@ def _child(argv=None) -> None:
     summary["pipeline_text"] = results["pipeline_text"]
     torch.save(results, args.out)
     print("ISOLATED_SUMMARY " + json.dumps(summary), flush=True)
+
+
+def _run_script_child(argv) -> None:
+    parser = argparse.ArgumentParser(description="run a script without the project (run_isolated_script)")
+    parser.add_argument("script")
+    parser.add_argument("--forbid-root", action="append", default=[])
+    args = parser.parse_args(argv)
+    _strip_project(args.forbid_root)
+    _assert_project_unimportable()
+    import runpy
+
+    runpy.run_path(args.script, run_name="__main__")
+    leaked = _imported_from(args.forbid_root)
+    if leaked:
+        raise SystemExit("isolation failed: modules imported from the project: " + ", ".join(leaked))
 
 
 if __name__ == "__main__":
