@@ -57,6 +57,9 @@ class DeftLlavaConfig(LlavaConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        # a stock llava config.json loaded into this class must be saved back as deft_llava, never as llava
+        # (a "llava" folder would silently load as the stock class and drop the DeFT weights)
+        self.model_type = "deft_llava"
         validate_deft_settings(**self.deft_settings_dict())
         if not isinstance(self.compression_method, str) or not self.compression_method:
             raise ValueError(f"compression_method must be a method name, got {self.compression_method!r}")

@@ -587,6 +587,22 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # the older llava-hf key layout (public llava-hf repos; stock `save_pretrained` still writes it): the
+    # library converts it only for its own classes, so remote code maps it explicitly
+    LEGACY_KEY_MAPPING = {
+        r"^language_model\.model": "model.language_model",
+        r"^language_model\.lm_head": "lm_head",
+        r"^vision_tower": "model.vision_tower",
+        r"^multi_modal_projector": "model.multi_modal_projector",
+    }
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`from_pretrained` that also reads stock llava-hf folders (either key layout). DeFT config keys can
+        be passed as overrides (`use_deft=True, deft_retention_ratio=0.25`); DeFT weights absent from the
+        folder are initialised fresh and reported by transformers as newly initialised."""
+        kwargs.setdefault("key_mapping", dict(cls.LEGACY_KEY_MAPPING))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def __init__(self, config: DeftLlavaConfig):
         DeftLlavaPreTrainedModel.__init__(self, config)

@@ -313,3 +313,33 @@ def test_bad_pixel_values_and_config():
         tiny.config(use_deft=True, deft_retention_ratio=0.0)
     with pytest.raises(ValueError, match="deft_enable_rtd=True"):
         tiny.config(use_deft=True, deft_inference_mode="hybrid", deft_enable_rtd=False)
+
+
+# ----------------------------------------------------------------------------- from stock llava-hf folders
+def test_stock_llava_folder_loads_with_deft_overrides(tmp_path):
+    base = tiny.model(use_deft=False)
+    stock = tiny.stock_twin(base)
+    stock.save_pretrained(tmp_path / "stock")  # stock LLaVA writes the older llava-hf key layout
+    model, info = DeftLlavaForConditionalGeneration.from_pretrained(
+        tmp_path / "stock", use_deft=True, deft_retention_ratio=0.25, output_loading_info=True
+    )
+    assert all(
+        key.startswith("model.deft.") for key in info["missing_keys"]
+    )  # only the new weights, reported
+    assert info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.equal(model.lm_head.weight, stock.lm_head.weight)
+    model.save_pretrained(tmp_path / "deft")
+    assert AutoConfig.from_pretrained(tmp_path / "deft").model_type == "deft_llava"
+    reloaded = DeftLlavaForConditionalGeneration.from_pretrained(tmp_path / "deft")
+    torch.testing.assert_close(
+        reloaded.model.deft.score_mixer.mixture_logits, model.model.deft.score_mixer.mixture_logits
+    )
+
+
+def test_truncated_weights_file_fails_loudly(tmp_path, fast):
+    model, _ = fast
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(Exception):  # noqa: B017 - safetensors raises its own error type
+        DeftLlavaForConditionalGeneration.from_pretrained(tmp_path)
