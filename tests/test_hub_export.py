@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import ast
+import base64
+import http.server
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -326,3 +331,193 @@ def test_isolated_outputs_equal_the_in_repo_model(exported, isolated):
     assert torch.equal(remote["base_last_hidden_state"], reference["base_last_hidden_state"])
     assert reference["pipeline_text"].strip()  # real words, not an empty string
     assert remote["pipeline_text"] == reference["pipeline_text"]
+
+
+# ------------------------------------------------------------------------------------------ publishing
+class _HubStandIn(http.server.BaseHTTPRequestHandler):
+    """The few Hub endpoints `create_repo`, `create_branch` and `create_commit` use, recorded per request.
+
+    preupload answers "regular" for every file, so the commit carries the files inline (base64 in the
+    NDJSON body); the LFS/xet upload protocol is not exercised."""
+
+    requests: list  # set per server
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        record = {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
+        self.server.requests.append(record)
+        path = self.path.split("?")[0]
+        if path == "/api/repos/create":
+            payload = json.loads(body)
+            repo_id = f"{payload['organization']}/{payload['name']}"
+            return self._json({"url": f"http://{self.headers['Host']}/{repo_id}", "name": repo_id})
+        if path == "/api/validate-yaml":
+            return self._json({"errors": [], "warnings": []})
+        if "/preupload/" in path:
+            files = json.loads(body)["files"]
+            return self._json(
+                {
+                    "files": [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
+                    ]
+                }
+            )
+        if "/branch/" in path:
+            return self._json({})
+        if "/commit/" in path:
+            lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+            record["files"] = {
+                line["value"]["path"]: base64.b64decode(line["value"]["content"])
+                for line in lines
+                if line["key"] == "file"
+            }
+            record["header"] = next(line["value"] for line in lines if line["key"] == "header")
+            repo_id = path.split("/api/models/")[1].split("/commit/")[0]
+            url = f"http://{self.headers['Host']}/{repo_id}/commit/{'a' * 40}"
+            return self._json({"commitUrl": url, "commitOid": "a" * 40})
+        self.send_response(404)
+        self.end_headers()
+
+    def _json(self, data):
+        raw = json.dumps(data).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+
+@pytest.fixture
+def hub_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubStandIn)
+    server.requests = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def saved_source(exported):
+    """An ordinary in-repo save of the tiny model and processor: what a user would publish."""
+    source = exported["root"] / "source"
+    exported["model"].save_pretrained(source)
+    exported["processor"].save_pretrained(source)
+    return source
+
+
+def _publish_cli(args, env_extra, cwd):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(env_extra)
+    return subprocess.run(
+        [sys.executable, "-m", "modeling_deft_llava.hub_card.publish", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def test_publish_command_uploads_the_validated_folder_in_one_commit(saved_source, hub_server, tmp_path):
+    """The real huggingface_hub client, through HF_ENDPOINT, against a local stand-in of the Hub."""
+    server, endpoint = hub_server
+    proc = _publish_cli(
+        [saved_source, "someone/tiny-deft", "--private", "--revision", "v1", "--commit-message", "first"],
+        {"HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_standin", "HF_HOME": str(tmp_path / "home")},
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    paths = [r["path"].split("?")[0] for r in server.requests]
+    assert paths[0] == "/api/repos/create"
+    assert json.loads(server.requests[0]["body"]) == {
+        "name": "tiny-deft",
+        "organization": "someone",
+        "visibility": "private",
+        "type": "model",
+    }
+    assert "/api/models/someone/tiny-deft/branch/v1" in paths
+    commits = [r for r in server.requests if "/commit/" in r["path"]]
+    assert len(commits) == 1 and commits[0]["path"].startswith("/api/models/someone/tiny-deft/commit/v1")
+    assert all(r["auth"] == "Bearer hf_standin" for r in server.requests)
+    commit = commits[0]
+    assert commit["header"]["summary"] == "first"
+    uploaded = commit["files"]
+    assert {"README.md", "config.json", "model.safetensors", "modeling_deft_llava.py"} <= set(uploaded)
+    assert json.loads(uploaded["config.json"])["auto_map"] == MODEL_AUTO_MAP
+    assert "trust_remote_code=True" in uploaded["README.md"].decode()
+    assert 'repo_id = "someone/tiny-deft"' in uploaded["README.md"].decode()
+
+
+def test_publish_without_a_token_uploads_nothing(saved_source, hub_server, tmp_path):
+    server, endpoint = hub_server
+    proc = _publish_cli(
+        [saved_source, "someone/tiny-deft"],
+        {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "empty-home")},  # no HF_TOKEN, no token file
+        tmp_path,
+    )
+    assert proc.returncode == 1
+    assert "no Hugging Face token" in proc.stderr
+    assert server.requests == []
+
+
+def test_publish_with_a_failed_validation_uploads_nothing(saved_source, hub_server, tmp_path):
+    from huggingface_hub import HfApi
+    from modeling_deft_llava.hub_card.publish import PublishError, publish
+
+    server, endpoint = hub_server
+
+    def failing_validator(folder, out):
+        raise isolated_check.IsolatedCheckError("AutoModel could not load the folder")
+
+    with pytest.raises(PublishError, match="failed validation; nothing was uploaded"):
+        publish(
+            saved_source,
+            "someone/tiny-deft",
+            token="hf_standin",
+            api=HfApi(endpoint=endpoint),
+            validator=failing_validator,
+        )
+    assert server.requests == []
+    assert [p for p in tmp_path.iterdir()] == []
+
+
+def test_the_validator_rejects_a_broken_export(exported, tmp_path):
+    """The real isolated check fails on a folder whose code does not import without the project."""
+    broken = tmp_path / "broken"
+    shutil.copytree(exported["folder"], broken)
+    (broken / "deft_settings.py").unlink()  # a file the config imports
+    with pytest.raises(isolated_check.IsolatedCheckError, match="deft_settings"):
+        isolated_check.run_isolated_check(broken, tmp_path / "out.pt", timeout=120)
+
+
+def test_publish_refuses_incomplete_folders(tmp_path):
+    from modeling_deft_llava.hub_card.publish import PublishError, publish
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deft_llava"}))
+    with pytest.raises(PublishError, match=r"model weights \(\*\.safetensors\)"):
+        publish(tmp_path, "someone/x", dry_run=tmp_path / "out")
+    with pytest.raises(PublishError, match="namespace/name"):
+        publish(tmp_path, "no-namespace", dry_run=tmp_path / "out")
+
+
+def test_dry_run_writes_exactly_the_upload_and_contacts_nothing(saved_source, hub_server, tmp_path):
+    from modeling_deft_llava.hub_card.publish import publish
+
+    server, _ = hub_server
+    out = publish(
+        saved_source,
+        "someone/tiny-deft",
+        dry_run=tmp_path / "out",
+        results={"digits accuracy": 0.5},
+        validator=lambda folder, out: None,  # the real validation runs in the command test above
+    )
+    names = {p.name for p in out.iterdir()}
+    assert {"README.md", "config.json", "model.safetensors", "processor_config.json"} <= names
+    assert "| digits accuracy | 0.5 |" in (out / "README.md").read_text()
+    assert server.requests == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
