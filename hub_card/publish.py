@@ -75,14 +75,15 @@ def build_hub_folder(
     results: dict | None = None,
     base_model: str | None = None,
     license: str = "apache-2.0",
-    validator=run_isolated_check,
+    validator=None,
 ) -> Path:
     """Build and validate the Hub folder of the model saved in `folder`; write it atomically to `out`.
 
     `validator(hub_folder, out_file)` must raise if the folder does not load without the project
-    (default: `run_isolated_check`). Raises `PublishError` for a bad source folder or a failed validation."""
+    (None: `run_isolated_check`). Raises `PublishError` for a bad source folder or a failed validation."""
     from .. import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
 
+    validator = validator or run_isolated_check
     source, target = Path(folder), Path(out).absolute()
     check_source_folder(source)
     if not _folder_is_empty(target):
@@ -150,7 +151,7 @@ def publish(
     license: str = "apache-2.0",
     token: str | None = None,
     api: HfApi | None = None,
-    validator=run_isolated_check,
+    validator=None,
 ):
     """Build, validate and upload (or, with `dry_run=OUT`, only write to OUT) the Hub folder of `folder`.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import contextlib
 import http.server
 import json
 import os
@@ -390,15 +391,23 @@ class _HubStandIn(http.server.BaseHTTPRequestHandler):
         self.wfile.write(raw)
 
 
-@pytest.fixture
-def hub_server():
+@contextlib.contextmanager
+def _running_stand_in():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubStandIn)
     server.requests = []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield server, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    try:
+        yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def hub_server():
+    with _running_stand_in() as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -423,15 +432,23 @@ def _publish_cli(args, env_extra, cwd):
     )
 
 
-def test_publish_command_uploads_the_validated_folder_in_one_commit(saved_source, hub_server, tmp_path):
-    """The real huggingface_hub client, through HF_ENDPOINT, against a local stand-in of the Hub."""
-    server, endpoint = hub_server
-    proc = _publish_cli(
-        [saved_source, "someone/tiny-deft", "--private", "--revision", "v1", "--commit-message", "first"],
-        {"HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_standin", "HF_HOME": str(tmp_path / "home")},
-        tmp_path,
-    )
+@pytest.fixture(scope="module")
+def cli_upload(saved_source, tmp_path_factory):
+    """`python -m ...publish` (real validation) against the stand-in; the requests the Hub received."""
+    tmp = tmp_path_factory.mktemp("cli")
+    with _running_stand_in() as (server, endpoint):
+        proc = _publish_cli(
+            [saved_source, "someone/tiny-deft", "--private", "--revision", "v1", "--commit-message", "first"],
+            {"HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_standin", "HF_HOME": str(tmp / "home")},
+            tmp,
+        )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return server
+
+
+def test_publish_command_uploads_the_validated_folder_in_one_commit(cli_upload):
+    """The real huggingface_hub client, through HF_ENDPOINT, against a local stand-in of the Hub."""
+    server = cli_upload
     paths = [r["path"].split("?")[0] for r in server.requests]
     assert paths[0] == "/api/repos/create"
     assert json.loads(server.requests[0]["body"]) == {
@@ -505,7 +522,9 @@ def test_publish_refuses_incomplete_folders(tmp_path):
         publish(tmp_path, "no-namespace", dry_run=tmp_path / "out")
 
 
-def test_dry_run_writes_exactly_the_upload_and_contacts_nothing(saved_source, hub_server, tmp_path):
+def test_dry_run_writes_exactly_the_upload_and_contacts_nothing(
+    saved_source, cli_upload, hub_server, tmp_path
+):
     from modeling_deft_llava.hub_card.publish import publish
 
     server, _ = hub_server
@@ -513,11 +532,24 @@ def test_dry_run_writes_exactly_the_upload_and_contacts_nothing(saved_source, hu
         saved_source,
         "someone/tiny-deft",
         dry_run=tmp_path / "out",
-        results={"digits accuracy": 0.5},
-        validator=lambda folder, out: None,  # the real validation runs in the command test above
+        validator=lambda folder, out: None,  # the real validation runs in the command test
     )
-    names = {p.name for p in out.iterdir()}
-    assert {"README.md", "config.json", "model.safetensors", "processor_config.json"} <= names
-    assert "| digits accuracy | 0.5 |" in (out / "README.md").read_text()
     assert server.requests == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # byte for byte what the command uploaded from the same source folder
+    (commit,) = [r for r in cli_upload.requests if "/commit/" in r["path"]]
+    written = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert written.keys() == commit["files"].keys()
+    for name, data in written.items():
+        assert data == commit["files"][name], name
+
+
+def test_dry_run_command_validates_and_carries_given_results(saved_source, tmp_path):
+    from modeling_deft_llava.hub_card.publish import main
+
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"digits accuracy": 0.5}))
+    out = tmp_path / "out"
+    assert main([str(saved_source), "a/b", "--dry-run", str(out), "--results", str(results)]) == 0
+    assert "| digits accuracy | 0.5 |" in (out / "README.md").read_text()
+    assert main([str(saved_source), "a/b", "--dry-run", str(out)]) == 1  # never overwrites OUT
