@@ -3,7 +3,8 @@
 `run_isolated_check(folder, out)` starts `python -I` on a copy of this file in a temporary folder. The child:
 
 1. removes every editable-install finder (`__editable__...`) from `sys.meta_path`/`sys.path_hooks` and every
-   `sys.path` entry under the project roots it is given, then checks that `import modeling_deft_llava` fails;
+   `sys.path` entry under the project roots it is given, puts a finder that refuses the name first (for a
+   non-editable install), then checks that `import modeling_deft_llava` fails;
 2. with `HF_HUB_OFFLINE=1`, loads the folder through `AutoConfig`, `AutoProcessor`, `AutoModel`,
    `AutoModelForCausalLM`, `AutoModelForImageTextToText` and `pipeline("image-text-to-text")`, all with
    `trust_remote_code=True`;
@@ -132,7 +133,7 @@ def _under(path: Path, roots: list[Path]) -> bool:
     return any(path == root or root in path.parents for root in roots)
 
 
-def _strip_project(roots: list[str]) -> None:
+def _strip_project(roots: list[str], block: bool = True) -> None:
     """Make the project unimportable: drop editable finders and path entries under `roots`."""
 
     def from_editable(obj) -> bool:
@@ -157,10 +158,26 @@ def _strip_project(roots: list[str]) -> None:
     for name in list(sys.modules):
         if name == PROJECT_PACKAGE or name.startswith(PROJECT_PACKAGE + "."):
             del sys.modules[name]
+    if block:  # last layer, for a non-editable install in the environment's site-packages: refuse the name
+        sys.meta_path.insert(0, _ProjectBlocker)
+
+
+class _ProjectBlocker:
+    """Meta-path finder that makes `import modeling_deft_llava` fail as if the package were not installed."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == PROJECT_PACKAGE or name.startswith(PROJECT_PACKAGE + "."):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by isolated_check)", name=name)
+        return None
 
 
 def _assert_project_unimportable() -> None:
-    if importlib.util.find_spec(PROJECT_PACKAGE) is not None:
+    try:
+        spec = importlib.util.find_spec(PROJECT_PACKAGE)
+    except ModuleNotFoundError:
+        spec = None
+    if spec is not None:
         raise SystemExit(f"isolation failed: {PROJECT_PACKAGE} is still importable")
     try:
         importlib.import_module(PROJECT_PACKAGE)
@@ -254,7 +271,10 @@ def _child(argv=None) -> None:
     leaked = _imported_from(args.forbid_root)
     if leaked:
         raise SystemExit("isolation failed: modules imported from the project: " + ", ".join(leaked))
-    summary["project_importable"] = importlib.util.find_spec(PROJECT_PACKAGE) is not None
+    try:
+        summary["project_importable"] = importlib.util.find_spec(PROJECT_PACKAGE) is not None
+    except ModuleNotFoundError:
+        summary["project_importable"] = False
     summary["pipeline_text"] = results["pipeline_text"]
     torch.save(results, args.out)
     print("ISOLATED_SUMMARY " + json.dumps(summary), flush=True)

@@ -284,7 +284,7 @@ def _find_spec_in_child(strip: bool) -> str:
     if strip:
         code += (
             "import sys\nsys.path.insert(0, sys.argv[1])\nimport isolated_check as c\nsys.path.pop(0)\n"
-            "c._strip_project(sys.argv[2:])\n"
+            "c._strip_project(sys.argv[2:], block=False)\n"
         )
     code += "print(importlib.util.find_spec('modeling_deft_llava') is not None)"
     script_dir = str(Path(isolated_check.__file__).parent)
