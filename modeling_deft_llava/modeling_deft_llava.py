@@ -19,6 +19,7 @@ placeholders per image; nothing is re-packed. Variable budgets: the processor wr
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -93,7 +94,8 @@ class DeftLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
         tokens the language model saw (after the adaptive decision).
     compression_scores: `(num_images, N)`; mixture_weights: component -> weight.
     num_reconstructed: `(batch,)` visual tokens rebuilt by RTD per sample.
-    lm_loss: next-token loss alone; `loss` adds `deft_rtd_loss_weight * rtd_loss` in training mode.
+    lm_loss: next-token loss alone. In training mode `loss = lm_loss + deft_rtd_loss_weight * rtd_loss +
+        deft_feedback_loss_weight * feedback_loss` (each term present only when computed).
     deft_position_ids / deft_attention_mask / deft_gather_index: see `DeftLlavaModelOutputWithPast`.
     """
 
@@ -217,7 +219,18 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
     # ------------------------------------------------------------------ encoding + compression
     @property
     def compression_active(self) -> bool:
-        return bool(self.config.use_deft)
+        return bool(self.config.use_deft) and not getattr(self, "_compression_disabled", False)
+
+    @contextmanager
+    def compression_disabled(self):
+        """Run the full-token model (every visual token, placeholders = N) inside this block, e.g. the
+        full-token pass whose task-loss gradient gives DeFT its feedback score in training."""
+        previous = getattr(self, "_compression_disabled", False)
+        self._compression_disabled = True
+        try:
+            yield self
+        finally:
+            self._compression_disabled = previous
 
     def _patch_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         patch = self.config.vision_config.patch_size
@@ -462,6 +475,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         mm_encoder_outputs: dict | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         deft_reconstruct: torch.Tensor | None = None,
+        deft_token_gradients: list | None = None,
         **kwargs,
     ) -> DeftLlavaModelOutputWithPast:
         """LLaVA forward with compressed visual tokens.
@@ -469,6 +483,8 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         Args (beyond `LlavaModel.forward`):
             pixel_values_videos: `(num_videos, frames, channels, height, width)` for `<video>` placeholders.
             deft_reconstruct: `(batch,)` bool, `adaptive` mode only: samples that get their RTD rows back.
+            deft_token_gradients: list, per image, of `(N, hidden_size)` gradients of a full-token task loss
+                with respect to that image's projected features: enables DeFT's feedback score `s_fb`.
 
         When visual tokens are present and compression is on, `position_ids` is computed here from
         `attention_mask` (original layout, gaps kept) unless `deft_keep_original_positions=False`.
@@ -484,7 +500,11 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         mm_encoder_outputs = dict(mm_encoder_outputs) if mm_encoder_outputs is not None else {}
         if mm_encoder_outputs.get("image") is None and pixel_values is not None:
             mm_encoder_outputs["image"] = self.get_image_features(
-                pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes=image_sizes
+                pixel_values,
+                vision_feature_layer,
+                vision_feature_select_strategy,
+                image_sizes=image_sizes,
+                token_gradients=deft_token_gradients,
             )
         if mm_encoder_outputs.get("video") is None and pixel_values_videos is not None:
             if self.config.video_token_index is None:
@@ -629,8 +649,10 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
         image_sizes: torch.Tensor | None = None,
         mm_encoder_outputs: dict | None = None,
         pixel_values_videos: torch.Tensor | None = None,
+        deft_token_gradients: list | None = None,
         **kwargs,
     ) -> DeftLlavaCausalLMOutputWithPast:
+        r"""LLaVA forward with compression. `deft_token_gradients`: see `DeftLlavaModel.forward`."""
         mm_encoder_outputs = dict(mm_encoder_outputs) if mm_encoder_outputs is not None else {}
         adaptive = (
             self.config.use_deft
@@ -662,6 +684,7 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
             image_sizes=image_sizes,
             mm_encoder_outputs=mm_encoder_outputs,
             pixel_values_videos=pixel_values_videos,
+            deft_token_gradients=deft_token_gradients,
         )
         outputs = self.model(**model_kwargs, **kwargs)
         has_visual = outputs.image_features_output is not None or outputs.video_features_output is not None
@@ -691,8 +714,12 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
         feats = [o for o in (outputs.image_features_output, outputs.video_features_output) if o is not None]
         rtd_loss = next((o.rtd_loss for o in feats if o.rtd_loss is not None), None)
         feedback_loss = next((o.feedback_loss for o in feats if o.feedback_loss is not None), None)
-        if loss is not None and self.training and rtd_loss is not None:
-            loss = loss + self.config.deft_rtd_loss_weight * rtd_loss
+        # total training loss: lm + deft_rtd_loss_weight * rtd + deft_feedback_loss_weight * feedback
+        if loss is not None and self.training:
+            if rtd_loss is not None:
+                loss = loss + self.config.deft_rtd_loss_weight * rtd_loss
+            if feedback_loss is not None:
+                loss = loss + self.config.deft_feedback_loss_weight * feedback_loss
         return DeftLlavaCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
