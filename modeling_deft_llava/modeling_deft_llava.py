@@ -556,6 +556,10 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 keep = kp if keep is None else keep & kp
         if self.compression_active and self.config.deft_keep_original_positions:
             position_ids = original_position_ids(valid, visual, source_index, advance)
+            if attention_mask is None:
+                # without a mask (and without a cache) transformers reads every position gap as the start of a
+                # new packed sequence and blocks attention across it: hand the language model an explicit mask
+                attention_mask = valid.long()
         elif self.compression_active and position_ids is None:
             position_ids = (valid.long().cumsum(1) - 1).masked_fill(~valid, 0)
         gather_index = compact_mask = None

@@ -262,7 +262,22 @@ def test_video_forward_and_generate():
     assert int((inputs["input_ids"] == 5).sum()) == num_kept_tokens(48, 0.25)
     out = model(**inputs)
     assert out.kept_indices[0].max() < 48
-    assert torch.equal(model.generate(**inputs, **GEN), greedy_full_recompute(model, inputs, 4))
+    cached = model.generate(**inputs, **GEN)
+    assert torch.equal(cached, greedy_full_recompute(model, inputs, 4))
+    assert torch.equal(cached, model.generate(**inputs, **GEN, use_cache=False))
+
+
+def test_position_gaps_are_not_read_as_packed_sequences(fast):
+    # regression: with no attention_mask and no cache, transformers treats a jump in position_ids as the
+    # start of a new packed sequence; the model must pass an explicit mask so attention still crosses gaps
+    model, processor = fast
+    inputs = processor(images=tiny.images(1), text=[tiny.prompt(1)], return_tensors="pt")
+    with torch.no_grad():
+        with_mask = model(**inputs, use_cache=False).logits
+        without = model(
+            input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], use_cache=False
+        ).logits
+    torch.testing.assert_close(with_mask, without)
 
 
 # ----------------------------------------------------------------------------- save / load / Auto
