@@ -1,0 +1,152 @@
+"""Fine-tune DeFT-LLaVA with PEFT LoRA and `transformers.Trainer`: `python -m modeling_deft_llava.training.train`.
+
+    python -m modeling_deft_llava.training.train --model_name_or_path base/ --data_path data.json \
+        --output_dir run/ --max_steps 1000 --per_device_train_batch_size 8 --learning_rate 2e-4
+
+Arguments: `DeftLlavaFinetuneArguments` plus every `transformers.TrainingArguments` flag (`--help`). The same
+command runs under `torchrun --nproc_per_node 2 -m modeling_deft_llava.training.train ...` and
+`accelerate launch --num_processes 2 -m modeling_deft_llava.training.train ...` (training/README.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import datasets
+import torch
+import transformers
+from modeling_deft_llava.configuration.configuration_deft_llava import DEFT_METHOD
+from transformers import HfArgumentParser, TrainingArguments, set_seed
+
+from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
+
+from .arguments import DeftLlavaFinetuneArguments
+from .collator import DeftLlavaDataCollator
+from .data import ConversationDataset
+from .lora import prepare_model_for_finetuning
+from .saving import merge_and_export
+from .trainer import DeftLlavaTrainer, last_complete_checkpoint, remove_stale_staging
+
+logger = logging.getLogger("modeling_deft_llava.training")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[DeftLlavaFinetuneArguments, TrainingArguments]:
+    """Parse command-line flags (or `argv`) into the two dataclasses."""
+    parser = HfArgumentParser((DeftLlavaFinetuneArguments, TrainingArguments))
+    finetune_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return finetune_args, training_args
+
+
+def feedback_enabled(model, args: DeftLlavaFinetuneArguments) -> bool:
+    """Feedback-guided scoring needs the DeFT compressor (not a baseline method) and a non-zero interval."""
+    config = model.config
+    return bool(
+        args.feedback_every_n_steps > 0 and config.use_deft and config.compression_method == DEFT_METHOD
+    )
+
+
+def _setup_logging(training_args: TrainingArguments) -> None:
+    level = training_args.get_process_log_level()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    logger.setLevel(level)
+    logging.getLogger("modeling_deft_llava").setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def build_trainer(
+    args: DeftLlavaFinetuneArguments, training_args: TrainingArguments, callbacks=None
+) -> DeftLlavaTrainer:
+    """Model, processor(s), dataset, collator and `DeftLlavaTrainer` for one run (nothing trained yet)."""
+    training_args.remove_unused_columns = False  # the collator needs the records as they are
+    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
+        # the feedback pass takes torch.autograd.grad, which reentrant checkpointing does not support
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    set_seed(training_args.seed)  # LoRA initialisation is part of the run: same seed, same weights
+
+    processor = DeftLlavaProcessor.from_pretrained(args.model_name_or_path)
+    model = DeftLlavaForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=torch.float32)
+    feedback = feedback_enabled(model, args)
+    full_processor = None
+    if feedback:
+        full_processor = DeftLlavaProcessor.from_pretrained(args.model_name_or_path, use_deft=False)
+    elif args.feedback_every_n_steps > 0:
+        logger.warning(
+            "feedback-guided scoring is off: the model has use_deft=%s, compression_method=%r (needs the DeFT "
+            "compressor)",
+            model.config.use_deft,
+            model.config.compression_method,
+        )
+    collator = DeftLlavaDataCollator(processor, full_processor, max_length=args.max_length)
+    with training_args.main_process_first(desc="loading the training data"):
+        dataset = ConversationDataset(
+            args.data_path,
+            data_format=args.data_format,
+            image_folder=args.image_folder,
+            length_fn=collator.required_length,
+            max_length=args.max_length,
+            skip_bad_rows=args.skip_bad_rows,
+        )
+    logger.info("training data: %s, %d rows, layout %s", args.data_path, len(dataset), dataset.layout)
+
+    model = prepare_model_for_finetuning(
+        model,
+        use_lora=args.use_lora,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        lora_target_modules=args.lora_target_list,
+        train_deft_modules=args.train_deft_modules,
+        train_projector=args.train_projector,
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
+    return DeftLlavaTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=callbacks,
+        feedback_every_n_steps=args.feedback_every_n_steps if feedback else 0,
+    )
+
+
+def train(
+    args: DeftLlavaFinetuneArguments, training_args: TrainingArguments, callbacks=None
+) -> DeftLlavaTrainer:
+    """Run one fine-tuning: train, save the adapter, DeFT modules and processor to `output_dir`, optionally
+    merge into `merge_output_dir`. Returns the trainer (its `state.log_history` holds the logged losses)."""
+    _setup_logging(training_args)
+    resume_from = training_args.resume_from_checkpoint
+    if args.resume:
+        if training_args.process_index == 0:
+            remove_stale_staging(training_args.output_dir)
+        resume_from = last_complete_checkpoint(training_args.output_dir)
+        if resume_from is None:
+            logger.warning(
+                "--resume: no complete checkpoint in %s; starting from scratch", training_args.output_dir
+            )
+        else:
+            logger.info("resuming from %s", resume_from)
+    trainer = build_trainer(args, training_args, callbacks)
+    trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_model()  # adapter (LoRA + modules_to_save) and processor in output_dir
+    trainer.accelerator.wait_for_everyone()
+    if args.merge_output_dir and trainer.is_world_process_zero():
+        folder = merge_and_export(
+            training_args.output_dir, args.merge_output_dir, base_model=args.model_name_or_path
+        )
+        logger.info("merged model written to %s", folder)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    finetune_args, training_args = parse_args(argv)
+    train(finetune_args, training_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""`DeftLlavaTrainer`: `transformers.Trainer` with DeFT's feedback-guided scoring and atomic checkpoints.
+
+Feedback-guided scoring (DeFT FGCS, `s_fb`) on a feedback step:
+
+1. full-token pass: the image rows `(N, hidden_size)` per image come from `get_image_features` inside
+   `model.model.compression_disabled()`, are detached with `requires_grad`, and go back into the model through
+   `mm_encoder_outputs={"image": ...}` with the full-token ids (N placeholders per image);
+2. `g = torch.autograd.grad(lm_loss_full, rows)`: the task-loss gradient per visual token (no parameter
+   gradient is taken: this pass only measures what the task needs);
+3. compressed pass: `model(..., deft_token_gradients=list(g))`. DeFT turns `g` into
+   `s_fb = ||g|| * exp(-alpha_var * Var(g))`, mixes it into the scores, and returns `feedback_loss`, the MSE
+   that pulls the learned saliency `s_sem` towards `s_fb`.
+
+Total loss (computed by the model in training mode, `DeftLlavaCausalLMOutputWithPast`):
+`loss = lm_loss + deft_rtd_loss_weight * rtd_loss + deft_feedback_loss_weight * feedback_loss`, where
+`lm_loss` is the next-token loss of the compressed pass (mean over answer tokens of the micro-batch),
+`rtd_loss` the RTD reconstruction MSE of the pruned tokens (present with `deft_enable_rtd`) and
+`feedback_loss` is present on feedback steps only. With gradient accumulation the loss of each
+micro-batch is divided by the number of accumulation steps (`model_accepts_loss_kwargs = False`).
+`lm_loss`, `rtd_loss` and `feedback_loss` are logged next to `loss` (means over the logging window and over
+processes).
+
+Checkpoints are written to `<output_dir>/.tmp-checkpoint-<step>/` and renamed to `checkpoint-<step>` only
+once every process has finished writing, so a killed run never leaves a half-written `checkpoint-*` folder;
+`resume` picks the newest complete one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+
+from modeling_deft_llava.modeling_deft_llava import DeftVisualFeaturesOutput
+
+logger = logging.getLogger(__name__)
+
+LOSS_COMPONENTS = ("lm_loss", "rtd_loss", "feedback_loss")
+STAGING_PREFIX = ".tmp-checkpoint-"
+
+
+def unwrap_deft_model(model):
+    """The `DeftLlavaForConditionalGeneration` inside a `PeftModel` (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def last_complete_checkpoint(output_dir) -> str | None:
+    """Newest `checkpoint-<step>` folder of `output_dir` (staging folders of killed saves are not named so)."""
+    if not os.path.isdir(output_dir):
+        return None
+    return get_last_checkpoint(output_dir)
+
+
+def remove_stale_staging(output_dir) -> list[str]:
+    """Delete staging folders left by a save that was killed; returns their names."""
+    if not os.path.isdir(output_dir):
+        return []
+    stale = sorted(n for n in os.listdir(output_dir) if n.startswith(STAGING_PREFIX))
+    for name in stale:
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    if stale:
+        logger.warning("removed %d half-written checkpoint(s) of a killed run: %s", len(stale), stale)
+    return stale
+
+
+class DeftLlavaTrainer(Trainer):
+    """`Trainer` for DeFT-LLaVA (module docstring).
+
+    Args (beyond `Trainer`):
+        feedback_every_n_steps: run the full-token feedback pass on optimizer steps where
+            `global_step % n == 0` (1 = every step, 0 = never). Needs a collator that writes the `full_*`
+            inputs (`DeftLlavaDataCollator` with `full_processor`).
+    """
+
+    def __init__(self, *args, feedback_every_n_steps: int = 1, **kwargs):
+        if not isinstance(feedback_every_n_steps, int) or feedback_every_n_steps < 0:
+            raise ValueError(f"feedback_every_n_steps must be an int >= 0, got {feedback_every_n_steps!r}")
+        super().__init__(*args, **kwargs)
+        self.feedback_every_n_steps = feedback_every_n_steps
+        # the DeFT terms are per-micro-batch means: let Trainer divide by the accumulation steps
+        self.model_accepts_loss_kwargs = False
+        self._component_sums = torch.zeros(len(LOSS_COMPONENTS), dtype=torch.float64)
+        self._component_counts = torch.zeros(len(LOSS_COMPONENTS), dtype=torch.float64)
+        self._staging_dir = None
+
+    # ------------------------------------------------------------------ loss
+    def feedback_step(self) -> bool:
+        n = self.feedback_every_n_steps
+        return n > 0 and self.state.global_step % n == 0
+
+    def feedback_gradients(self, model, pixel_values: torch.Tensor, full_inputs: dict) -> list[torch.Tensor]:
+        """Per image, `(N, hidden_size)` gradients of the full-token task loss w.r.t. its projected rows."""
+        module = self.accelerator.unwrap_model(model)  # no DDP hooks: only the rows get a gradient
+        inner = unwrap_deft_model(module).model
+        with inner.compression_disabled():
+            with torch.no_grad():
+                features = inner.get_image_features(pixel_values)
+            rows = [r.detach().requires_grad_(True) for r in features.pooler_output]  # each (N, D)
+            image = DeftVisualFeaturesOutput(
+                pooler_output=rows,
+                source_indices=features.source_indices,
+                num_source_tokens=features.num_source_tokens,
+            )
+            full = module(
+                input_ids=full_inputs["input_ids"],
+                attention_mask=full_inputs["attention_mask"],
+                labels=full_inputs["labels"],
+                mm_encoder_outputs={"image": image},
+                use_cache=False,
+            )
+            grads = torch.autograd.grad(full.lm_loss, rows, allow_unused=True)
+        return [g.detach() if g is not None else torch.zeros_like(r) for g, r in zip(grads, rows)]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        full_inputs = {k[len("full_") :]: inputs.pop(k) for k in list(inputs) if k.startswith("full_")}
+        if model.training and full_inputs and self.feedback_step() and inputs.get("pixel_values") is not None:
+            inputs["deft_token_gradients"] = self.feedback_gradients(
+                model, inputs["pixel_values"], full_inputs
+            )
+        outputs = model(**inputs, use_cache=False)
+        if model.training:
+            for i, name in enumerate(LOSS_COMPONENTS):
+                value = getattr(outputs, name, None)
+                if value is not None:
+                    self._component_sums[i] += float(value.detach().float())
+                    self._component_counts[i] += 1
+        loss = outputs.loss
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the loss components of the window
+            sums, counts = self._component_sums.clone(), self._component_counts.clone()
+            if self.args.world_size > 1 and dist.is_available() and dist.is_initialized():
+                packed = torch.cat([sums, counts]).to(self.args.device)
+                dist.all_reduce(packed)
+                sums, counts = packed.cpu().split(len(LOSS_COMPONENTS))
+            for i, name in enumerate(LOSS_COMPONENTS):
+                if counts[i] > 0:
+                    logs[name] = round(float(sums[i] / counts[i]), 6)
+            self._component_sums.zero_()
+            self._component_counts.zero_()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ atomic checkpoints
+    def _get_output_dir(self, trial):
+        return self._staging_dir if self._staging_dir is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, f"{STAGING_PREFIX}{self.state.global_step}")
+        self._staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        self._barrier()  # every process has written its part (RNG states are per process)
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):  # the same step saved again (a resumed run): replace it
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            _fsync_dir(run_dir)
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
+                self.state.best_model_checkpoint = final
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self._barrier()
+
+    def _barrier(self):
+        if self.args.world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+
+def _fsync_dir(path) -> None:
+    try:
+        handle = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+__all__ = [
+    "DeftLlavaTrainer",
+    "LOSS_COMPONENTS",
+    "last_complete_checkpoint",
+    "remove_stale_staging",
+    "unwrap_deft_model",
+]
