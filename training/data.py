@@ -87,10 +87,13 @@ def load_raw_dataset(data_path: str | os.PathLike, data_format: str = "auto", ca
         files = sorted(str(p) for p in path.glob(f"*.{fmt}")) if path.is_dir() else [str(path)]
         if not files:
             raise ValueError(f"{str(path)!r} holds no .{fmt} file")
+        empty = [f for f in files if fmt == "json" and not Path(f).read_text(encoding="utf-8").strip()]
+        if empty:
+            raise ValueError(f"{empty[0]}: the dataset is empty (0 rows)")
         try:
             raw = datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=cache_dir)
-        except datasets.exceptions.DatasetGenerationError as error:
-            raise ValueError(f"{str(path)!r} cannot be read as {fmt}: {error.__cause__ or error}") from error
+        except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError) as error:
+            raise ValueError(f"{str(path)!r} cannot be read as {fmt}: {error.__cause__ or error!r}") from error
     for column in ("image", "images"):
         if column in raw.column_names and isinstance(raw.features[column], datasets.Image):
             raw = raw.cast_column(column, datasets.Image(decode=False))
