@@ -1,0 +1,354 @@
+"""Speed and memory of every compression method at several budgets, on real-size architectures.
+
+    python benchmarks/speed_memory.py                       # ~0.5B SigLIP + Qwen2 shape (default)
+    python benchmarks/speed_memory.py --shape llava_1.5_7b  # LLaVA-1.5-7B shape, bf16 (opt-in, ~14 GB)
+
+Random weights at the real shapes (`benchmarks/shapes/*.json`, nothing is downloaded): cost does not depend on
+weight values. One process, one model; the compression method and budget are switched between runs and the
+runs are interleaved (every repeat visits every configuration), so slow drift hits all of them alike.
+
+Per configuration: prefill latency (median over repeats after a warm-up, `logits_to_keep=1` as in
+`generate`), decode latency per token (a cached `generate` of `--decode-tokens` tokens minus its prefill),
+KV-cache bytes after prefill, peak memory (CUDA only: `torch.cuda.max_memory_allocated`; on CPU it is not
+measured and reported as null), the analytic prefill FLOPs (vision tower + language model), each as a ratio
+to the uncompressed model next to the ideal ratio from the FLOPs, and the compressor's own time as a share of
+prefill. Writes JSON (atomically) and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from modeling_deft_llava.configuration.method_validation import MODEL_METHODS
+from tqdm import tqdm
+
+from modeling_deft_llava import DeftLlavaConfig, DeftLlavaForConditionalGeneration
+from modeling_deft_llava.compression_registry import build_compressor
+from modeling_deft_llava.deft_module import DeFTModule
+
+SHAPES = Path(__file__).parent / "shapes"
+TEXT_TOKENS = 48  # prompt text around the image
+
+
+def load_config(shape: str) -> DeftLlavaConfig:
+    path = SHAPES / f"{shape}.json"
+    if not path.exists():
+        raise SystemExit(f"unknown --shape {shape!r}; valid: {sorted(p.stem for p in SHAPES.glob('*.json'))}")
+    values = json.loads(path.read_text())
+    values.pop("_comment", None)
+    return DeftLlavaConfig(**values)
+
+
+def reconfigure(model: DeftLlavaForConditionalGeneration, method: str | None, ratio: float) -> None:
+    """Switch the compression method and budget of a loaded model in place (benchmark only)."""
+    config, inner = model.config, model.model
+    config.use_deft = method is not None
+    config.deft_retention_ratio = ratio
+    config.compression_method = method or "deft"
+    inner.compressor = None
+    if method == "deft":
+        inner.deft.retention_ratio = ratio
+    elif method is not None:
+        inner.compressor = build_compressor(method, config.text_config.hidden_size).to(
+            model.device, model.dtype
+        )
+
+
+def lm_flops(text_config, tokens: int) -> float:
+    """Forward FLOPs of a decoder over `tokens` positions (matmuls + attention scores; last-token head)."""
+    d, ff, layers = text_config.hidden_size, text_config.intermediate_size, text_config.num_hidden_layers
+    heads = text_config.num_attention_heads
+    kv = getattr(text_config, "num_key_value_heads", heads) * (d // heads)
+    per_token = 2 * (d * d + 2 * d * kv + d * d) + 2 * 3 * d * ff  # q, k, v, o projections + gated MLP
+    attention = 2 * 2 * tokens * tokens * d  # QK^T and AV, causal masking ignored (upper bound)
+    return layers * (tokens * per_token + attention) + 2 * d * text_config.vocab_size
+
+
+def vision_flops(vision_config, projector_out: int, tokens: int) -> float:
+    d, ff, layers = (
+        vision_config.hidden_size,
+        vision_config.intermediate_size,
+        vision_config.num_hidden_layers,
+    )
+    per_token = 2 * 4 * d * d + 2 * 2 * d * ff
+    return (
+        layers * (tokens * per_token + 2 * 2 * tokens * tokens * d)
+        + tokens * 2 * (d + projector_out) * projector_out
+    )
+
+
+def build_inputs(config, num_placeholders: int, batch: int, dtype, device):
+    vocab = config.text_config.vocab_size
+    ids = torch.randint(100, min(vocab, 30000), (batch, TEXT_TOKENS + num_placeholders), device=device)
+    ids[ids == config.image_token_index] = 100  # random text must not contain the placeholder id
+    ids[:, 5 : 5 + num_placeholders] = config.image_token_index
+    size = config.vision_config.image_size
+    pixels = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
+class Timer:
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+
+def kv_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if tensor is not None:
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def decode_steps(model, out, inputs, steps: int) -> None:
+    """Greedy cached decoding after a prefill, with the bookkeeping `generate` does (positions keep gaps)."""
+    cache = out.past_key_values
+    mask = out.deft_attention_mask if out.deft_attention_mask is not None else inputs["attention_mask"]
+    if out.deft_position_ids is not None:
+        position = out.deft_position_ids[:, -1:]
+    else:
+        position = (mask.long().cumsum(-1) - 1)[:, -1:]
+    image_token = model.config.image_token_index
+
+    def next_token(logits):
+        logits = logits[:, -1:].clone()
+        logits[..., image_token] = float("-inf")  # a random model may pick the placeholder id
+        return logits.argmax(-1)
+
+    token = next_token(out.logits)
+    for _ in range(steps):
+        position = position + 1
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        step = model(
+            input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
+        )
+        token = next_token(step.logits)
+
+
+def decode_growth(out, steps: int) -> int:
+    """Bytes the decode steps appended to the cache (the cache object is shared), to report prefill KV."""
+    cache = out.past_key_values
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (layer.keys, layer.values):
+            total += tensor.numel() * tensor.element_size() // tensor.shape[-2] * steps
+    return total
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    rows = [r for r in results["runs"] if r["method"] != "none"]
+    for method in sorted({r["method"] for r in rows}):
+        pts = sorted(
+            (r["kept_share"], r["prefill_speedup"], r["kv_ratio"]) for r in rows if r["method"] == method
+        )
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=method)
+    ideal = sorted((r["kept_share"], r["ideal_speedup"]) for r in rows if r["method"] == rows[0]["method"])
+    axes[0].plot([p[0] for p in ideal], [p[1] for p in ideal], "k--", label="ideal (FLOPs)")
+    axes[1].plot([0, 1], [0, 1], "k--", label="proportional")
+    axes[0].set(xlabel="visual tokens kept (share)", ylabel="prefill speedup (x)", title=results["shape"])
+    axes[1].set(xlabel="visual tokens kept (share)", ylabel="KV cache / uncompressed", title="KV cache")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="siglip_qwen2_0.5b")
+    parser.add_argument(
+        "--methods", default="deft,random,uniform,divprune", help=f"comma list of deft, {MODEL_METHODS}"
+    )
+    parser.add_argument("--ratios", default="0.5,0.482,0.25,0.125")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--decode-tokens", type=int, default=8)
+    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 for the 7B shape)")
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/speed_<shape>.json)"
+    )
+    args = parser.parse_args(argv)
+
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m != "deft" and m not in MODEL_METHODS:
+            parser.error(f"unknown method {m!r}; valid: deft, {', '.join(MODEL_METHODS)}")
+    try:
+        ratios = [float(r) for r in args.ratios.split(",")]
+    except ValueError:
+        parser.error(f"--ratios must be numbers, got {args.ratios!r}")
+    if any(not 0 < r <= 1 for r in ratios):
+        parser.error(f"every ratio must be in (0, 1], got {ratios}")
+    config = load_config(args.shape)
+    if "visionzip" in methods and config.vision_feature_select_strategy == "full":
+        parser.error("visionzip needs a CLS token; this shape's encoder has none")
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.bfloat16 if "7b" in args.shape else torch.float32)
+    )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out_path = Path(args.out or f"benchmarks/results/speed_{args.shape}.json")
+
+    torch.manual_seed(0)
+    config.use_deft = False
+    with torch.device(device):
+        model = DeftLlavaForConditionalGeneration(config).to(dtype).eval()
+    n = config.patch_tokens_per_image()
+    model.model.deft = DeFTModule(
+        token_dim=config.text_config.hidden_size, retention_ratio=ratios[0], enable_rtd=False
+    ).to(device, dtype)
+    timer = Timer(device)
+    configs = [(None, 1.0)]
+    for m in methods:
+        for r in ratios:
+            k = max(1, int(r * n + 0.5))
+            if m == "deco" and int(k**0.5) ** 2 != k:
+                print(f"skipping deco at ratio {r}: K={k} is not a perfect square (DeCo pools to m x m)")
+                continue
+            configs.append((m, r))
+    samples = {c: {"prefill": [], "decode": []} for c in configs}
+    extras = {}
+    with torch.no_grad():
+        for repeat in tqdm(range(args.repeats + 1), desc="repeats (first is warm-up)"):
+            for method, ratio in tqdm(configs, desc="configs", leave=False):
+                reconfigure(model, method, ratio)
+                k = model.config.num_kept_tokens(n)
+                inputs = build_inputs(config, k, args.batch, dtype, device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                out = None
+
+                def run_prefill(inputs=inputs):
+                    nonlocal out
+                    out = model(**inputs, use_cache=True, logits_to_keep=1)
+
+                prefill = timer(run_prefill)
+                decode = timer(
+                    lambda out=out, inputs=inputs: decode_steps(model, out, inputs, args.decode_tokens)
+                )
+                kv_bytes_after_prefill = kv_bytes(out.past_key_values) - decode_growth(
+                    out, args.decode_tokens
+                )
+                if repeat == 0:
+                    extras[(method, ratio)] = {
+                        "kept_tokens": k,
+                        "kv_bytes": kv_bytes_after_prefill,
+                        "peak_memory_bytes": torch.cuda.max_memory_allocated()
+                        if device.type == "cuda"
+                        else None,
+                    }
+                    continue
+                samples[(method, ratio)]["prefill"].append(prefill)
+                samples[(method, ratio)]["decode"].append(decode / args.decode_tokens)
+        # the compressor's own cost on the projected features
+        features = torch.randn(args.batch, n, config.text_config.hidden_size, device=device, dtype=dtype)
+        side = int(n**0.5)
+        scoring = statistics.median(
+            timer(lambda: model.model.deft(tokens=features, modality="image", spatial_shape=(side, side)))
+            for _ in range(args.repeats + 1)
+        )
+
+    proj_out = config.text_config.hidden_size
+    vision = vision_flops(
+        config.vision_config, proj_out, n + (1 if config.vision_feature_select_strategy == "default" else 0)
+    )
+    base = (None, 1.0)
+    base_prefill = statistics.median(samples[base]["prefill"])
+    base_decode = statistics.median(samples[base]["decode"])
+    base_flops = vision + lm_flops(config.text_config, TEXT_TOKENS + n)
+    runs = []
+    for method, ratio in configs:
+        k = extras[(method, ratio)]["kept_tokens"]
+        flops = vision + lm_flops(config.text_config, TEXT_TOKENS + k)
+        prefill = statistics.median(samples[(method, ratio)]["prefill"])
+        decode = statistics.median(samples[(method, ratio)]["decode"])
+        ideal = base_flops / flops
+        row = {
+            "method": method or "none",
+            "retention_ratio": ratio,
+            "kept_tokens": k,
+            "kept_share": k / n,
+            "prefill_s": prefill,
+            "prefill_speedup": base_prefill / prefill,
+            "ideal_speedup": ideal,
+            "share_of_ideal_speedup": (base_prefill / prefill) / ideal,
+            "decode_s_per_token": decode,
+            "decode_ratio": decode / base_decode,
+            "kv_bytes": extras[(method, ratio)]["kv_bytes"],
+            "kv_ratio": extras[(method, ratio)]["kv_bytes"] / extras[base]["kv_bytes"],
+            "ideal_kv_ratio": (TEXT_TOKENS + k) / (TEXT_TOKENS + n),
+            "peak_memory_bytes": extras[(method, ratio)]["peak_memory_bytes"],
+            "prefill_flops": flops,
+            "flops_ratio": flops / base_flops,
+        }
+        runs.append(row)
+    results = {
+        "shape": args.shape,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
+        "threads": torch.get_num_threads(),
+        "dtype": str(dtype),
+        "batch": args.batch,
+        "text_tokens": TEXT_TOKENS,
+        "visual_tokens_full": n,
+        "repeats": args.repeats,
+        "deft_scoring_s": scoring,
+        "deft_scoring_share_of_uncompressed_prefill": scoring / base_prefill,
+        "command": "python benchmarks/speed_memory.py "
+        + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "runs": runs,
+    }
+    write_json_atomic(out_path, results)
+    plot(results, out_path.with_suffix(".png"))
+    header = f"{'method':10} {'ratio':>6} {'K':>4} {'prefill s':>9} {'speedup':>8} {'ideal':>6} {'of ideal':>8} {'decode ms':>9} {'KV':>6}"
+    print(header)
+    for r in runs:
+        print(
+            f"{r['method']:10} {r['retention_ratio']:6.3f} {r['kept_tokens']:4d} {r['prefill_s']:9.3f} "
+            f"{r['prefill_speedup']:8.2f} {r['ideal_speedup']:6.2f} {r['share_of_ideal_speedup']:8.1%} "
+            f"{1000 * r['decode_s_per_token']:9.1f} {r['kv_ratio']:6.3f}"
+        )
+    print(
+        f"DeFT scoring: {scoring * 1000:.1f} ms = {results['deft_scoring_share_of_uncompressed_prefill']:.2%} of uncompressed prefill"
+    )
+    print(f"wrote {out_path} and {out_path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
