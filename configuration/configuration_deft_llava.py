@@ -72,6 +72,7 @@ class DeftLlavaConfig(LlavaConfig):
                 self.compression_settings,
                 n,
                 self.num_kept_tokens(n) if n is not None and self.use_deft else None,
+                config=self,
             )
         if self.use_deft and self.deft_inference_mode != "fast" and not self.deft_enable_rtd:
             raise ValueError(

@@ -140,6 +140,10 @@ def num_kept_tokens(num_tokens: int, retention_ratio: float) -> int:
 
 DEFAULTS = DeftSettings()
 
+# methods whose processor writes every placeholder (their `stage` is "language_model" or "features_with_text";
+# `method_validation` checks the two lists agree)
+FULL_PLACEHOLDER_METHODS = ("fastv", "recoverable")
+
 
 def placeholder_count(
     num_tokens: int,
@@ -150,8 +154,14 @@ def placeholder_count(
 ) -> int:
     """Placeholders the processor writes for one image (or video) of `num_tokens` encoder tokens.
 
-    The model and the processor both call this, so their counts cannot drift apart: N without compression
-    and for the content-dependent RTD modes (the model drops unused placeholders), K otherwise."""
-    if not use_deft or (compression_method == "deft" and inference_mode != "fast"):
+    The model and the processor both call this, so their counts cannot drift apart: N without compression,
+    for the content-dependent RTD modes (the model drops unused placeholders) and for the methods that decide
+    inside the model's forward pass (`FULL_PLACEHOLDER_METHODS`: `fastv` prunes inside the language model,
+    `recoverable` needs the prompt's text; both keep K per image there), K otherwise."""
+    if (
+        not use_deft
+        or (compression_method == "deft" and inference_mode != "fast")
+        or compression_method in FULL_PLACEHOLDER_METHODS
+    ):
         return num_tokens
     return num_kept_tokens(num_tokens, retention_ratio)

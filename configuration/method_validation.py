@@ -4,19 +4,34 @@ from __future__ import annotations
 
 import math
 
-# baselines that run inside DeftLlavaForConditionalGeneration (the others exist as standalone compressors)
-MODEL_METHODS = ("random", "uniform", "deco", "divprune", "visionzip")
+from .deft_settings import FULL_PLACEHOLDER_METHODS, num_kept_tokens
+
+# baselines that run inside DeftLlavaForConditionalGeneration; where each runs is its compressor's `stage`
+MODEL_METHODS = ("random", "uniform", "deco", "divprune", "visionzip", "recoverable", "tome", "fastv")
+# stages whose processor writes all N placeholders (the model keeps K per image itself)
+FULL_PLACEHOLDER_STAGES = ("features_with_text", "language_model")
 
 
-def validate_method(name: str, settings: dict | None, num_tokens: int | None, num_kept: int | None) -> None:
-    """Raise ValueError for an unknown method, invalid settings, or a budget the method cannot produce."""
-    from ..compression_registry import build_compressor
+def validate_method(
+    name: str, settings: dict | None, num_tokens: int | None, num_kept: int | None, config=None
+) -> None:
+    """Raise ValueError for an unknown method, invalid settings, or a budget the method cannot produce.
+
+    Args:
+        num_tokens: N patch tokens per image (None when the vision config does not say).
+        num_kept: placeholders per image under this config (None without compression).
+        config: the `DeftLlavaConfig` being built, for checks that need layer counts (tome, fastv).
+    """
+    from ..compression_registry import ALL_METHODS, build_compressor
 
     if name not in MODEL_METHODS:
         raise ValueError(
             f"compression_method {name!r} cannot run inside the model; valid: 'deft' or one of {MODEL_METHODS}"
         )
-    build_compressor(name, 8, settings)  # unknown keys and out-of-range values raise here
+    compressor = build_compressor(name, 8, settings)  # unknown keys and out-of-range values raise here
+    full = ALL_METHODS[name].stage in FULL_PLACEHOLDER_STAGES
+    if full != (name in FULL_PLACEHOLDER_METHODS):  # a developer error: the two lists drifted apart
+        raise ValueError(f"{name}: stage {ALL_METHODS[name].stage!r} disagrees with FULL_PLACEHOLDER_METHODS")
     if name == "deco" and num_kept is not None:
         side = math.isqrt(num_kept)
         if side * side != num_kept:
@@ -25,3 +40,31 @@ def validate_method(name: str, settings: dict | None, num_tokens: int | None, nu
                 f"deco pools to a square grid: the retention ratio gives {num_kept} of {num_tokens} tokens, "
                 f"which is not a perfect square; choose a ratio giving {lower} or {upper} tokens"
             )
+    if config is None:
+        return
+    if name == "tome":
+        _validate_tome(config, num_tokens)
+    if name == "fastv":
+        layers = config.text_config.num_hidden_layers
+        cut = compressor.settings.fastv_layer
+        if not 1 <= cut <= layers - 1:
+            raise ValueError(
+                f"fastv_layer must be in [1, {layers - 1}] for a {layers}-layer language model "
+                f"(layers before it see every token, the rest the kept ones), got {cut}"
+            )
+
+
+def _validate_tome(config, num_tokens: int | None) -> None:
+    from ..method_tome import tome_layers_run, tome_schedule
+
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise ValueError(f"tome needs a single int vision_feature_layer, got {layer!r}")
+    if config.vision_feature_select_strategy != "default":
+        raise ValueError(
+            "tome needs vision_feature_select_strategy='default' (CLS dropped, protected while merging), got "
+            f"{config.vision_feature_select_strategy!r}"
+        )
+    run = tome_layers_run(config.vision_config.num_hidden_layers, layer)
+    if num_tokens is not None and config.use_deft:
+        tome_schedule(num_tokens, num_kept_tokens(num_tokens, config.deft_retention_ratio), run)

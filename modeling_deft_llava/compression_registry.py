@@ -1,4 +1,9 @@
-"""Every visual-token compression baseline by name, and `build_compressor` to make one from plain settings."""
+"""Every visual-token compression baseline by name, and `build_compressor` to make one from plain settings.
+
+`COMPRESSION_METHODS`: methods that compress a `(batch, N, D)` feature tensor (`TokenCompressor.forward`).
+`MODEL_STAGE_METHODS`: methods that only run inside the model's vision encoder or language model (their
+`stage` names the hook; they have no feature-tensor `forward`).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,10 @@ from dataclasses import fields
 
 from .method_deco import DeftLlavaDecoCompressor
 from .method_divprune import DeftLlavaDivPruneCompressor
+from .method_fastv import DeftLlavaFastVCompressor
 from .method_random import DeftLlavaRandomCompressor
 from .method_recoverable import DeftLlavaRecoverableCompressor
+from .method_tome import DeftLlavaToMeCompressor
 from .method_uniform import DeftLlavaUniformCompressor
 from .method_visionzip import DeftLlavaVisionZipCompressor
 from .token_compressor import TokenCompressor
@@ -23,22 +30,26 @@ COMPRESSION_METHODS: dict[str, type[TokenCompressor]] = {
         DeftLlavaRecoverableCompressor,
     )
 }
+MODEL_STAGE_METHODS: dict[str, type[TokenCompressor]] = {
+    cls.name: cls for cls in (DeftLlavaToMeCompressor, DeftLlavaFastVCompressor)
+}
+ALL_METHODS = {**COMPRESSION_METHODS, **MODEL_STAGE_METHODS}
 
 
 def build_compressor(name: str, token_dim: int, settings: dict | None = None) -> TokenCompressor:
     """Make the compressor registered as `name` for features of width `token_dim`.
 
     Args:
-        name: a key of `COMPRESSION_METHODS`.
+        name: a key of `COMPRESSION_METHODS` or `MODEL_STAGE_METHODS`.
         token_dim: hidden_size of the image features it will compress.
         settings: keyword values for the method's `settings_class` (None or {} for its defaults).
 
     Raises:
         ValueError: unknown name, unknown settings key, or a settings value out of range.
     """
-    if name not in COMPRESSION_METHODS:
-        raise ValueError(f"unknown compression method {name!r}; valid methods: {sorted(COMPRESSION_METHODS)}")
-    cls = COMPRESSION_METHODS[name]
+    if name not in ALL_METHODS:
+        raise ValueError(f"unknown compression method {name!r}; valid methods: {sorted(ALL_METHODS)}")
+    cls = ALL_METHODS[name]
     settings = dict(settings or {})
     valid = [f.name for f in fields(cls.settings_class)]
     unknown = sorted(set(settings) - set(valid))

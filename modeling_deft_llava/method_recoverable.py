@@ -92,6 +92,7 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
 
     name = "recoverable"
     needs_text = True
+    stage = "features_with_text"  # inside the model: after the prompt's text embeddings are known
     settings_class = RecoverableSettings
 
     def __init__(self, token_dim: int, settings: RecoverableSettings | None = None):

@@ -19,6 +19,8 @@ placeholders per image; nothing is re-packed. Variable budgets: the processor wr
 
 from __future__ import annotations
 
+import copy
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -36,7 +38,9 @@ from transformers.utils.generic import can_return_tuple
 
 from .compression_registry import build_compressor
 from .configuration.configuration_deft_llava import DEFT_METHOD, DeftLlavaConfig
+from .configuration.deft_settings import num_kept_tokens
 from .deft_module import DeFTModule
+from .sequence_packing import gather_seq, repack_left
 from .token_compressor import CompressionContext
 from .token_dictionary import sample_is_uncertain
 from .vision_attention import cls_attention
@@ -54,6 +58,8 @@ class DeftVisualFeaturesOutput(BaseModelOutputWithPooling):
     row_fast: list, per image, of `(num_rows,)` bool rows kept by top-k (variable budgets only).
     compression_scores: `(num_images, N)` DeFT scores. mixture_weights: component -> weight.
     num_reconstructed: `(num_images,)` rows that RTD rebuilt. rtd_loss / feedback_loss: training losses.
+    cls_embeddings: `(num_images, hidden_size)` the projected CLS token of the feature layer, and
+    cls_attention: `(num_images, N)`, kept for a `"features_with_text"` method that runs in the forward.
     """
 
     source_indices: list | None = None
@@ -65,6 +71,8 @@ class DeftVisualFeaturesOutput(BaseModelOutputWithPooling):
     num_reconstructed: torch.Tensor | None = None
     rtd_loss: torch.Tensor | None = None
     feedback_loss: torch.Tensor | None = None
+    cls_embeddings: torch.Tensor | None = None
+    cls_attention: torch.Tensor | None = None
 
 
 @dataclass
@@ -75,6 +83,8 @@ class DeftLlavaModelOutputWithPast(LlavaModelOutputWithPast):
     deft_attention_mask: `(batch, seq')` compacted mask after re-packing, or None when nothing was dropped.
     deft_gather_index: `(batch, seq')` index into the input sequence of every kept token (-1 on new padding).
     image_features_output / video_features_output: the `DeftVisualFeaturesOutput` used.
+    deft_generation_state: forward keyword arguments that later decoding steps need (the prompt length a
+        prompt-dependent method decided on, FastV's `deft_layer_gather_index`); `generate` passes them on.
     """
 
     deft_position_ids: torch.LongTensor | None = None
@@ -84,6 +94,8 @@ class DeftLlavaModelOutputWithPast(LlavaModelOutputWithPast):
     video_features_output: DeftVisualFeaturesOutput | None = None
     deft_kept_indices: list | None = None
     deft_num_reconstructed: torch.Tensor | None = None
+    deft_compression_scores: torch.Tensor | None = None
+    deft_generation_state: dict | None = None
 
 
 @dataclass
@@ -96,7 +108,8 @@ class DeftLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
     num_reconstructed: `(batch,)` visual tokens rebuilt by RTD per sample.
     lm_loss: next-token loss alone. In training mode `loss = lm_loss + deft_rtd_loss_weight * rtd_loss +
         deft_feedback_loss_weight * feedback_loss` (each term present only when computed).
-    deft_position_ids / deft_attention_mask / deft_gather_index: see `DeftLlavaModelOutputWithPast`.
+    deft_position_ids / deft_attention_mask / deft_gather_index / deft_generation_state: see
+        `DeftLlavaModelOutputWithPast`.
     """
 
     lm_loss: torch.Tensor | None = None
@@ -109,6 +122,7 @@ class DeftLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
     deft_position_ids: torch.LongTensor | None = None
     deft_attention_mask: torch.LongTensor | None = None
     deft_gather_index: torch.LongTensor | None = None
+    deft_generation_state: dict | None = None
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -137,32 +151,6 @@ def original_position_ids(
     before = torch.cumsum(advance, dim=1) - advance  # (batch, seq) counter before each token
     positions = before + torch.where(visual, source_index, torch.zeros_like(source_index))
     return positions.masked_fill(~valid, 0)
-
-
-def repack_left(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded compaction of the True entries of `keep` `(batch, seq)`.
-
-    Returns `gather_index` `(batch, seq')` (-1 on padding) and `attention_mask` `(batch, seq')`, with
-    seq' = max kept per row; kept tokens keep their order.
-    """
-    batch, seq = keep.shape
-    counts = keep.sum(1)  # (batch,)
-    width = int(counts.max()) if batch else 0
-    # order: padding slots first (key -1), kept tokens in original order after them
-    arange = torch.arange(seq, device=keep.device).expand(batch, seq)
-    key = torch.where(keep, arange, torch.full_like(arange, -1))
-    sorted_idx = key.sort(dim=1).values[:, seq - width :]  # (batch, width)
-    attention_mask = (sorted_idx >= 0).long()
-    return sorted_idx, attention_mask
-
-
-def gather_seq(tensor: torch.Tensor, index: torch.Tensor, fill) -> torch.Tensor:
-    """`tensor` `(batch, seq, ...)` at `index` `(batch, seq')` (-1 -> `fill`)."""
-    safe = index.clamp(min=0)
-    view = safe.view(*safe.shape, *([1] * (tensor.dim() - 2))).expand(*safe.shape, *tensor.shape[2:])
-    out = torch.gather(tensor, 1, view)
-    pad = (index < 0).view(*index.shape, *([1] * (tensor.dim() - 2)))
-    return out.masked_fill(pad, fill)
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -258,6 +246,10 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             raise ValueError(
                 "image_sizes (images of different sizes in one batch) is not supported with use_deft"
             )
+        if self.compression_stage == "vision_encoder":
+            return self._encode_in_vision_encoder(
+                pixel_values, vision_feature_layer, vision_feature_select_strategy
+            )
         captured = {}
         hook = None
         if self.compressor is not None and getattr(self.compressor, "needs_cls_attention", False):
@@ -286,6 +278,44 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             1,
             token_gradients,
             layer_input=captured.get("x"),
+            feature_layer=vision_feature_layer,
+        )
+
+    @property
+    def compression_stage(self) -> str | None:
+        """Where the active baseline runs (its compressor's `stage`), or None (DeFT, or compression off)."""
+        if self.compressor is None or not self.compression_active:
+            return None
+        return self.compressor.stage
+
+    def _encode_in_vision_encoder(
+        self, pixel_values, vision_feature_layer, strategy
+    ) -> DeftVisualFeaturesOutput:
+        """`"vision_encoder"` methods (ToMe): the method runs the encoder layers itself and merges inside them."""
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = self.config.vision_feature_select_strategy if strategy is None else strategy
+        if not isinstance(layer, int) or strategy != "default":
+            raise ValueError(
+                f"{self.compressor.name} needs one int vision_feature_layer and the 'default' strategy, got "
+                f"{layer!r} and {strategy!r}"
+            )
+        from .method_tome import tome_layers_run  # the layer-count rule of encoder-stage methods
+
+        vision_model = getattr(self.vision_tower, "vision_model", self.vision_tower)
+        rows, cols = self._patch_grid(pixel_values)
+        n = rows * cols
+        encoded = self.compressor.encode(
+            vision_model,
+            pixel_values.to(self.vision_tower.dtype),
+            tome_layers_run(len(vision_model.encoder.layers), layer),
+            self.config.num_kept_tokens(n),
+        )
+        features = self.multi_modal_projector(encoded.hidden_states[:, 1:])  # (images, K, D), CLS dropped
+        return DeftVisualFeaturesOutput(
+            last_hidden_state=encoded.hidden_states,
+            pooler_output=list(features),
+            source_indices=list(encoded.kept_indices),
+            num_source_tokens=[n] * features.shape[0],
         )
 
     def get_video_features(
@@ -319,7 +349,9 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         grid = self._patch_grid(pixel_values_videos)
         return self._compress(outputs, "video", grid, frames=frames, token_gradients=token_gradients)
 
-    def _compress(self, outputs, modality, grid, frames, token_gradients=None, layer_input=None):
+    def _compress(
+        self, outputs, modality, grid, frames, token_gradients=None, layer_input=None, feature_layer=None
+    ):
         features = list(outputs.pooler_output)
         result = DeftVisualFeaturesOutput(
             last_hidden_state=outputs.last_hidden_state,
@@ -340,7 +372,9 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 "(CLS dropped) with a CLS-bearing encoder"
             )
         if self.compressor is not None:
-            return self._compress_baseline(result, tokens, layer_input, modality, grid)
+            return self._compress_baseline(
+                result, tokens, layer_input, modality, grid, outputs, feature_layer
+            )
         grads = torch.stack(token_gradients) if token_gradients is not None else None
         mode = self.config.deft_inference_mode
         logits = None
@@ -389,15 +423,29 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         result.row_keep = list(usable) if mode == "hybrid" else list(fast_keep)
         return result
 
-    def _compress_baseline(self, result, tokens, layer_input, modality, grid):
-        """A baseline method from the registry at the same budget K as DeFT."""
+    def _compress_baseline(
+        self, result, tokens, layer_input, modality, grid, outputs=None, feature_layer=None
+    ):
+        """A baseline method from the registry at the same budget K as DeFT.
+
+        `"features"` methods compress here; `"features_with_text"` methods get every row plus their visual
+        context (compressed in `forward`, `_compress_with_text`); `"language_model"` methods every row."""
         if modality != "image":
             raise ValueError(
                 f"compression_method={self.config.compression_method!r} supports images only, not {modality}"
             )
+        stage = self.compression_stage
+        if stage == "language_model":
+            return result
         attention = None
         if getattr(self.compressor, "needs_cls_attention", False):
             attention = cls_attention(self._feature_layer_module(), layer_input)
+        if stage == "features_with_text":
+            layer = self.config.vision_feature_layer if feature_layer is None else feature_layer
+            cls_state = outputs.hidden_states[layer][:, :1]  # (images, 1, width) CLS of the feature layer
+            result.cls_embeddings = self.multi_modal_projector(cls_state)[:, 0]  # (images, D)
+            result.cls_attention = attention
+            return result
         context = CompressionContext(
             spatial_shape=grid, num_kept=self.config.num_kept_tokens(tokens.shape[1]), cls_attention=attention
         )
@@ -460,6 +508,52 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         kept_indices = [src[k] for src, k in zip(source.split(counts), rows_seen.split(counts))]
         return inputs_embeds, mask, advance, source_index, keep, from_rtd, kept_indices
 
+    def _compress_with_text(self, image_out, image_mask, text_mask, inputs_embeds, prompt_length):
+        """`"features_with_text"` methods (Recoverable Compression): compress each image with its question.
+
+        The question of an image is the text that follows it in its row, up to `prompt_length`: the model's
+        own input embeddings of those tokens (padding and other images' placeholders excluded). The method
+        keeps K rows per image; a merged token is written into the row of its representative patch, the other
+        rows are marked unused (`row_keep`), and the forward re-packs the batch. Returns a new output object.
+
+        Args:
+            image_mask: `(batch, seq)` bool, the image placeholders (N per image, images in row-major order).
+            text_mask: `(batch, seq)` bool, real text tokens (not padding, not a placeholder).
+            inputs_embeds: `(batch, seq, D)`; prompt_length: tokens of the prompt (later ones are generated).
+        """
+        tokens = torch.stack(list(image_out.pooler_output))  # (images, N, D)
+        images, n, _ = tokens.shape
+        where = image_mask.nonzero()  # (images * N, 2) row-major: image j holds entries j*N .. j*N + N-1
+        row = where[::n, 0]  # (images,) batch row of each image
+        last = where[n - 1 :: n, 1]  # (images,) column of each image's last placeholder
+        columns = torch.arange(image_mask.shape[1], device=image_mask.device)
+        question = text_mask[row] & (columns > last.unsqueeze(1)) & (columns < prompt_length)  # (images, seq)
+        rows, cols = self._patch_grid_from_count(n)
+        context = CompressionContext(
+            spatial_shape=(rows, cols),
+            num_kept=num_kept_tokens(n, self.config.deft_retention_ratio),
+            cls_attention=image_out.cls_attention,
+            cls_embedding=image_out.cls_embeddings,
+            text_embeds=inputs_embeds[row].to(tokens.dtype),  # (images, seq, D)
+            text_mask=question,
+        )
+        out = self.compressor(tokens, context)  # K tokens per image, with their representative patch
+        index = out.kept_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])  # (images, K, D)
+        placed = tokens.scatter(1, index, out.tokens.to(tokens.dtype))  # (images, N, D)
+        keep = torch.zeros(images, n, dtype=torch.bool, device=tokens.device).scatter_(
+            1, out.kept_indices, True
+        )
+        result = copy.copy(image_out)
+        result.pooler_output = list(placed)
+        result.row_keep = list(keep)
+        result.row_fast = list(keep)
+        result.compression_scores = out.scores
+        return result
+
+    def _patch_grid_from_count(self, n: int) -> tuple[int, int]:
+        side = math.isqrt(n)
+        return (side, side) if side * side == n else (1, n)
+
     @can_return_tuple
     def forward(
         self,
@@ -476,6 +570,8 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         pixel_values_videos: torch.Tensor | None = None,
         deft_reconstruct: torch.Tensor | None = None,
         deft_token_gradients: list | None = None,
+        deft_prompt_length: int | None = None,
+        deft_layer_gather_index: torch.LongTensor | None = None,
         **kwargs,
     ) -> DeftLlavaModelOutputWithPast:
         """LLaVA forward with compressed visual tokens.
@@ -485,6 +581,11 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             deft_reconstruct: `(batch,)` bool, `adaptive` mode only: samples that get their RTD rows back.
             deft_token_gradients: list, per image, of `(N, hidden_size)` gradients of a full-token task loss
                 with respect to that image's projected features: enables DeFT's feedback score `s_fb`.
+            deft_prompt_length: the first `deft_prompt_length` tokens are the prompt, later ones were generated.
+                Methods that decide from the prompt (FastV's last query, Recoverable's question) use only
+                the prompt, so a full-recompute forward over prompt + generated tokens decides as the prefill
+                did. Default: the whole input. `generate` passes it on (`deft_generation_state`).
+            deft_layer_gather_index: FastV decoding steps: the prefill's `deft_generation_state` entry.
 
         When visual tokens are present and compression is on, `position_ids` is computed here from
         `attention_mask` (original layout, gaps kept) unless `deft_keep_original_positions=False`.
@@ -513,23 +614,35 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 pixel_values_videos, vision_feature_layer, vision_feature_select_strategy
             )
         image_out, video_out = mm_encoder_outputs.get("image"), mm_encoder_outputs.get("video")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
         if image_out is None and video_out is None:
             return self._language_model_forward(
-                inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids),
+                inputs_embeds,
                 attention_mask,
                 position_ids,
                 past_key_values,
                 kwargs,
+                prompt_length=deft_prompt_length,
+                layer_gather_index=deft_layer_gather_index,
             )
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
         batch, seq = inputs_embeds.shape[:2]
         device = inputs_embeds.device
+        prompt_length = seq if deft_prompt_length is None else int(deft_prompt_length)
         valid = (
             attention_mask.bool()
             if attention_mask is not None
             else torch.ones(batch, seq, dtype=torch.bool, device=device)
         )
+        stage = self.compression_stage
+        image_mask = None
+        if image_out is not None:
+            image_mask = self._placeholder_mask(input_ids, inputs_embeds, self.config.image_token_index)
+        if image_out is not None and stage == "features_with_text" and image_out.pooler_output:
+            text = valid & ~image_mask
+            if self.config.video_token_index is not None:
+                text &= ~self._placeholder_mask(input_ids, inputs_embeds, self.config.video_token_index)
+            image_out = self._compress_with_text(image_out, image_mask, text, inputs_embeds, prompt_length)
         visual = torch.zeros(batch, seq, dtype=torch.bool, device=device)
         advance = valid.long()  # text tokens move the counter by 1, padding by 0
         source_index = torch.zeros(batch, seq, dtype=torch.long, device=device)
@@ -568,9 +681,33 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             inputs_embeds = gather_seq(inputs_embeds, gather_index, 0.0)
             position_ids = gather_seq(position_ids, gather_index, 0)
             attention_mask = compact_mask
+        visual_items = None
+        if stage == "language_model" and image_mask is not None and image_out.pooler_output:
+            n = image_out.pooler_output[0].shape[0]
+            visual_items = scatter_rows(
+                image_mask, torch.arange(int(image_mask.sum()), device=device) // n, fill=-1
+            )
         outputs = self._language_model_forward(
-            inputs_embeds, attention_mask, position_ids, past_key_values, kwargs
+            inputs_embeds,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            kwargs,
+            visual_items=visual_items,
+            prompt_length=prompt_length,
+            layer_gather_index=deft_layer_gather_index,
         )
+        if visual_items is not None and outputs.deft_kept_indices is not None:
+            # FastV: the language model decided which visual tokens the later layers keep
+            layer_keep = outputs.deft_kept_indices  # (batch, seq) bool, see _language_model_forward
+            per_image = layer_keep[image_mask].view(-1, n)  # (images, N)
+            sources = source_index[image_mask].view(-1, n)  # (images, N)
+            kept_indices = [src[k] for src, k in zip(sources, per_image)]
+            outputs.deft_compression_scores = outputs.deft_compression_scores[image_mask].view(-1, n)
+        state = dict(outputs.deft_generation_state or {})
+        if stage in ("features_with_text", "language_model"):
+            state["deft_prompt_length"] = prompt_length  # later steps decide on the same prompt
+        outputs.deft_generation_state = state or None
         outputs.image_hidden_states = (
             torch.cat(list(image_out.pooler_output)) if image_out is not None else None
         )
@@ -583,7 +720,54 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         outputs.deft_num_reconstructed = num_reconstructed
         return outputs
 
-    def _language_model_forward(self, inputs_embeds, attention_mask, position_ids, past_key_values, kwargs):
+    def _language_model_forward(
+        self,
+        inputs_embeds,
+        attention_mask,
+        position_ids,
+        past_key_values,
+        kwargs,
+        visual_items=None,
+        prompt_length=None,
+        layer_gather_index=None,
+    ):
+        """The language model; a `"language_model"` method (FastV) runs its layers itself.
+
+        For such a method the output's `deft_kept_indices` is temporarily the `(batch, seq)` bool of tokens
+        the later layers kept and `deft_compression_scores` its `(batch, seq)` ranking (`forward` splits
+        them per image)."""
+        if self.compression_stage == "language_model":
+            if position_ids is None:
+                past = past_key_values.get_seq_length() if past_key_values is not None else 0
+                position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past
+                position_ids = position_ids.unsqueeze(0).expand(inputs_embeds.shape[0], -1)
+            n = None
+            if visual_items is not None:
+                n = int((visual_items == 0).sum())  # tokens per image
+            run = self.compressor.run_language_model(
+                self.language_model,
+                inputs_embeds,
+                attention_mask,
+                position_ids,
+                past_key_values=past_key_values,
+                use_cache=kwargs.get("use_cache")
+                if kwargs.get("use_cache") is not None
+                else past_key_values is not None,
+                visual_items=visual_items,
+                num_kept=num_kept_tokens(n, self.config.deft_retention_ratio) if n else 1,
+                prompt_length=prompt_length,
+                layer_gather_index=layer_gather_index,
+            )
+            state = None
+            if run.layer_gather_index is not None and run.past_key_values is not None:
+                state = {"deft_layer_gather_index": run.layer_gather_index}
+            return DeftLlavaModelOutputWithPast(
+                last_hidden_state=run.last_hidden_state,
+                past_key_values=run.past_key_values,
+                deft_kept_indices=run.keep,
+                deft_compression_scores=run.scores,
+                deft_generation_state=state,
+            )
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -654,9 +838,12 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
         mm_encoder_outputs: dict | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         deft_token_gradients: list | None = None,
+        deft_prompt_length: int | None = None,
+        deft_layer_gather_index: torch.LongTensor | None = None,
         **kwargs,
     ) -> DeftLlavaCausalLMOutputWithPast:
-        r"""LLaVA forward with compression. `deft_token_gradients`: see `DeftLlavaModel.forward`."""
+        r"""LLaVA forward with compression. `deft_token_gradients`, `deft_prompt_length`,
+        `deft_layer_gather_index`: see `DeftLlavaModel.forward`."""
         mm_encoder_outputs = dict(mm_encoder_outputs) if mm_encoder_outputs is not None else {}
         adaptive = (
             self.config.use_deft
@@ -689,6 +876,8 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
             mm_encoder_outputs=mm_encoder_outputs,
             pixel_values_videos=pixel_values_videos,
             deft_token_gradients=deft_token_gradients,
+            deft_prompt_length=deft_prompt_length,
+            deft_layer_gather_index=deft_layer_gather_index,
         )
         outputs = self.model(**model_kwargs, **kwargs)
         has_visual = outputs.image_features_output is not None or outputs.video_features_output is not None
@@ -735,18 +924,27 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
             rtd_loss=rtd_loss,
             feedback_loss=feedback_loss,
             kept_indices=outputs.deft_kept_indices,
-            compression_scores=feats[0].compression_scores if feats else None,
+            compression_scores=(
+                outputs.deft_compression_scores
+                if outputs.deft_compression_scores is not None
+                else (feats[0].compression_scores if feats else None)
+            ),
             mixture_weights=feats[0].mixture_weights if feats else None,
             num_reconstructed=outputs.deft_num_reconstructed,
             deft_position_ids=outputs.deft_position_ids,
             deft_attention_mask=outputs.deft_attention_mask,
             deft_gather_index=outputs.deft_gather_index,
+            deft_generation_state=outputs.deft_generation_state,
         )
 
     def _update_model_kwargs_for_generation(
         self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1
     ):
-        """Hand the prefill's position ids (gaps kept) and compacted mask back to `generate`."""
+        """Hand the prefill's position ids (gaps kept), compacted mask and `deft_generation_state` (the prompt
+        length a prompt-dependent method decided on, FastV's layer gather index) back to `generate`."""
+        for key, value in (getattr(outputs, "deft_generation_state", None) or {}).items():
+            if model_kwargs.get(key) is None:  # the prefill's value holds for the whole generation
+                model_kwargs[key] = value
         positions = getattr(outputs, "deft_position_ids", None)
         if positions is not None and getattr(outputs, "past_key_values", None) is not None:
             model_kwargs["position_ids"] = positions
@@ -784,6 +982,10 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
                 out.compression_scores = out.compression_scores[idx]
             if out.num_reconstructed is not None:
                 out.num_reconstructed = out.num_reconstructed[idx]
+            if out.cls_embeddings is not None:
+                out.cls_embeddings = out.cls_embeddings[idx]
+            if out.cls_attention is not None:
+                out.cls_attention = out.cls_attention[idx]
             expanded[modality] = out
         return expanded
 

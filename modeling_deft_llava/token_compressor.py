@@ -74,6 +74,13 @@ class TokenCompressor(nn.Module):
     Subclasses set `name`, `settings_class`, the `needs_*` flags, and implement `compress`, which may return
     its tokens in any order: `forward` sorts them by `kept_indices`.
 
+    `stage` says where the model runs the method (the model dispatches on it, never on the name):
+    `"features"`: on the projected features in `get_image_features` (K placeholders);
+    `"features_with_text"`: on the projected features in the inner forward, once the prompt's text
+    embeddings are known (N placeholders, the model keeps K rows and re-packs);
+    `"vision_encoder"`: inside the vision encoder (the method's `encode`, K placeholders);
+    `"language_model"`: inside the language model (the method's `run_language_model`, N placeholders).
+
     Args:
         token_dim: hidden_size of the image features this compressor will see.
         settings: an instance of `settings_class` (defaults when None).
@@ -82,6 +89,7 @@ class TokenCompressor(nn.Module):
     name: ClassVar[str] = ""
     needs_cls_attention: ClassVar[bool] = False
     needs_text: ClassVar[bool] = False
+    stage: ClassVar[str] = "features"
     settings_class: ClassVar[type] = NoSettings
 
     def __init__(self, token_dim: int, settings=None):

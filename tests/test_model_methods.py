@@ -5,24 +5,41 @@ from __future__ import annotations
 import pytest
 import tiny
 import torch
+from modeling_deft_llava.configuration import num_kept_tokens
 from modeling_deft_llava.configuration.method_validation import MODEL_METHODS
 from test_model import GEN, batch_inputs, greedy_full_recompute
 
 METHODS = ("deft",) + MODEL_METHODS
+# per-method settings the tiny model needs (2 language-model layers: FastV drops after layer 0)
+SETTINGS = {"fastv": {"fastv_layer": 1}}
+
+
+def method_settings(method: str) -> dict:
+    return dict(
+        use_deft=True,
+        deft_retention_ratio=0.25,
+        compression_method=method,
+        compression_settings=SETTINGS.get(method),
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_method_in_forward_and_generate(method):
-    settings = dict(use_deft=True, deft_retention_ratio=0.25, compression_method=method)
+    settings = method_settings(method)
     model, processor = tiny.model(**settings), tiny.processor(**settings)
     inputs = batch_inputs(processor, questions=("what is in the picture ?", "a ?"))
-    k = model.config.num_kept_tokens(tiny.NUM_PATCHES)
-    assert k == 4 and ((inputs["input_ids"] == 4).sum(1) == k).all()  # budget respected, processor agrees
+    k = num_kept_tokens(tiny.NUM_PATCHES, 0.25)  # the budget: visual tokens the language model keeps
+    placeholders = model.config.num_kept_tokens(tiny.NUM_PATCHES)  # K, or N where the model decides
+    assert k == 4 and placeholders in (k, tiny.NUM_PATCHES)
+    assert ((inputs["input_ids"] == 4).sum(1) == placeholders).all()  # the processor agrees with the model
     out = model(**inputs)
     for kept in out.kept_indices:
         assert len(kept) == k and bool((kept.diff() > 0).all()) and int(kept.max()) < tiny.NUM_PATCHES
     generated = model.generate(**inputs, **GEN)
-    assert torch.equal(generated, greedy_full_recompute(model, inputs, 4))
+    # reference: every step re-runs the whole forward without a cache, deciding on the prompt only
+    prompt = dict(inputs, deft_prompt_length=inputs["input_ids"].shape[1])
+    assert torch.equal(generated, greedy_full_recompute(model, prompt, 4))
+    assert torch.equal(generated, model.generate(**inputs, **GEN, use_cache=False))
     for b, question in enumerate(("what is in the picture ?", "a ?")):  # batch rows = single runs
         single = processor(
             images=tiny.images(2)[b : b + 1], text=[tiny.prompt(1, question)], return_tensors="pt"
@@ -34,6 +51,10 @@ def test_bad_method_settings_fail_at_config_time():
     with pytest.raises(ValueError, match="not a perfect square"):
         tiny.config(use_deft=True, deft_retention_ratio=0.3, compression_method="deco")
     with pytest.raises(ValueError, match="cannot run inside the model"):
-        tiny.config(use_deft=True, compression_method="fastv")
+        tiny.config(use_deft=True, compression_method="ficoco_v")
     with pytest.raises(ValueError, match="unknown settings"):
         tiny.config(use_deft=True, compression_method="visionzip", compression_settings={"bogus": 1})
+    with pytest.raises(ValueError, match=r"fastv_layer must be in \[1, 1\]"):
+        tiny.config(use_deft=True, compression_method="fastv")  # default 2 needs 3+ layers
+    with pytest.raises(ValueError, match="smallest reachable count is 4"):
+        tiny.config(use_deft=True, deft_retention_ratio=0.0625, compression_method="tome")

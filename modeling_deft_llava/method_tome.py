@@ -1,0 +1,161 @@
+"""ToMe inside the CLIP vision encoder: merge r tokens per layer (https://arxiv.org/abs/2210.09461).
+
+Runs the encoder layer by layer itself (embeddings -> `pre_layrnorm` -> layers up to the feature layer) and
+merges tokens between each layer's attention and its MLP with `tome_merge.tome_bipartite_merge`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .token_compressor import CompressionContext, CompressionResult, TokenCompressor
+from .tome_merge import tome_bipartite_merge
+
+
+@dataclass(frozen=True)
+class ToMeSettings:
+    """Settings of ToMe.
+
+    Args:
+        proportional_attention: add `log(size)` of every key to the attention logits once tokens are merged,
+            so a token standing for s patches weighs as s copies (the paper's proportional attention, on by
+            default in the released code for off-the-shelf models). Passed to the layer as an additive
+            attention mask, so SDPA stays on.
+    """
+
+    proportional_attention: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.proportional_attention, bool):
+            raise ValueError(
+                f"proportional_attention must be True or False, got {self.proportional_attention!r}"
+            )
+
+
+def tome_layers_run(num_layers: int, vision_feature_layer: int) -> int:
+    """How many encoder layers produce the feature layer: `hidden_states[l]` is the output of layer l - 1.
+
+    >>> tome_layers_run(24, -2), tome_layers_run(2, -1), tome_layers_run(3, 2)
+    (23, 2, 2)
+    """
+    run = num_layers + 1 + vision_feature_layer if vision_feature_layer < 0 else vision_feature_layer
+    if not 0 <= run <= num_layers:
+        raise ValueError(
+            f"vision_feature_layer={vision_feature_layer} does not name a layer of a {num_layers}-layer encoder"
+        )
+    return run
+
+
+def tome_schedule(num_patches: int, num_kept: int, num_layers: int) -> list[int]:
+    """Tokens merged in each of `num_layers` layers so that exactly `num_kept` patch tokens remain.
+
+    Rule: ToMe's constant schedule r, made exact. A layer with p patch tokens can merge at most `p // 2`
+    (set A is every other token and CLS is protected). Layer i merges `min(c, p_i // 2, still_to_remove)`
+    with the smallest cap `c >= ceil((N - K) / layers)` for which the total reaches `N - K`; the cap only
+    rises above the even split when the halving bound of later layers requires it (for N=576, K=144 and
+    23 layers: c = 19, 22 layers merge 19 and the last 14).
+
+    Raises:
+        ValueError: when even merging the most every layer allows cannot reach K (names the smallest K).
+    """
+    remove = num_patches - num_kept
+    if remove < 0 or num_kept < 1:
+        raise ValueError(f"num_kept must be in [1, {num_patches}], got {num_kept}")
+
+    def greedy(cap: int) -> list[int]:
+        patches, out = num_patches, []
+        for _ in range(num_layers):
+            r = min(cap, patches // 2, remove - sum(out))
+            out.append(r)
+            patches -= r
+        return out
+
+    if sum(greedy(num_patches)) < remove:
+        smallest = num_patches - sum(greedy(num_patches))
+        raise ValueError(
+            f"tome cannot reach {num_kept} of {num_patches} tokens in {num_layers} encoder layer(s): each layer "
+            f"merges at most half its patch tokens, so the smallest reachable count is {smallest}; "
+            "raise deft_retention_ratio"
+        )
+    cap = math.ceil(remove / num_layers) if num_layers else 0
+    while sum(greedy(cap)) < remove:
+        cap += 1
+    return greedy(cap)
+
+
+@dataclass
+class ToMeEncoding:
+    """Output of `DeftLlavaToMeCompressor.encode`.
+
+    Args:
+        hidden_states: `(batch_size, 1 + K, width)` the feature layer's tokens, CLS first.
+        kept_indices: `(batch_size, K)` long, ascending: the representative patch of every merged token.
+        sizes: `(batch_size, K)` float32, patches each token stands for (they sum to N per row).
+    """
+
+    hidden_states: torch.Tensor
+    kept_indices: torch.Tensor
+    sizes: torch.Tensor
+
+
+class DeftLlavaToMeCompressor(TokenCompressor):
+    """ToMe (Bolya et al., ICLR 2023, https://arxiv.org/abs/2210.09461) run inside the CLIP vision encoder.
+
+    In every encoder layer up to the feature layer, after the attention block and before the MLP (where the
+    paper merges), the r_i most similar token pairs are merged by bipartite soft matching on the layer's keys
+    averaged over heads (size-weighted average; CLS is never merged away). The schedule r_i is
+    `tome_schedule`, so the feature layer holds exactly K = `config.num_kept_tokens(N)` patch tokens.
+
+    Representative index: a merged token takes the place of its destination token (`kept_positions`), so
+    following destinations back through the layers gives the original patch it stands at; the model gives
+    the token that patch's position id. The output is in raster order of those patches.
+
+    Differences from the paper/official code: the official code keeps [unmerged A, B] order (here tokens keep
+    their place, for position ids); the schedule is exact rather than a constant r; the merge metric is
+    recomputed from the layer's input (`k_proj(layer_norm1(x))`, the same keys the layer uses) so that the
+    encoder keeps SDPA attention.
+    """
+
+    name = "tome"
+    stage = "vision_encoder"
+    settings_class = ToMeSettings
+
+    def compress(self, image_features, context: CompressionContext) -> CompressionResult:
+        raise TypeError("tome merges inside the vision encoder: the model calls `encode`, not the compressor")
+
+    def encode(
+        self, vision_model: nn.Module, pixel_values: torch.Tensor, layers_run: int, num_kept: int
+    ) -> ToMeEncoding:
+        """Embed `pixel_values` `(batch, C, H, W)` and run `layers_run` CLIP layers with merging.
+
+        Args:
+            vision_model: a `CLIPVisionTransformer` (`embeddings`, `pre_layrnorm`, `encoder.layers`).
+            layers_run: encoder layers up to the feature layer (`tome_layers_run`).
+            num_kept: K, patch tokens left at the feature layer.
+        """
+        x = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values))  # (batch, 1 + N, width)
+        batch, length, _ = x.shape
+        schedule = tome_schedule(length - 1, num_kept, layers_run)
+        index = torch.arange(length, device=x.device).expand(batch, -1)  # (batch, T) original token of each
+        size = torch.ones(batch, length, device=x.device)  # (batch, T)
+        merged_yet = False
+        for layer, r in zip(vision_model.encoder.layers[:layers_run], schedule):
+            mask = None
+            if self.settings.proportional_attention and merged_yet:
+                mask = size.log().to(x.dtype)[:, None, None, :]  # (batch, 1, 1, T) additive, every query
+            normed = layer.layer_norm1(x)
+            x = x + layer.self_attn(hidden_states=normed, attention_mask=mask)[0]
+            if r > 0:
+                attn = layer.self_attn
+                keys = attn.k_proj(normed).view(batch, x.shape[1], attn.num_heads, attn.head_dim)
+                merged = tome_bipartite_merge(x, size, r, metric=keys.mean(dim=2), protect_first=True)
+                x, size = merged.tokens, merged.sizes  # (batch, T - r, width), (batch, T - r)
+                index = index.gather(1, merged.kept_positions)  # (batch, T - r)
+                merged_yet = True
+            x = x + layer.mlp(layer.layer_norm2(x))
+        # index 0 is CLS (protected, stays first); patch j is token j + 1
+        return ToMeEncoding(hidden_states=x, kept_indices=index[:, 1:] - 1, sizes=size[:, 1:])
