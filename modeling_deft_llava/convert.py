@@ -1,0 +1,93 @@
+"""Convert a stock llava-hf checkpoint folder into a complete DeFT-LLaVA folder (model, config, processor).
+
+    python -m modeling_deft_llava.convert STOCK_FOLDER OUT_FOLDER [--deft-retention-ratio 0.25] [--use-deft] ...
+
+Reads both key layouts (transformers 5 `model.language_model.*` and the older `language_model.model.*` that
+the public llava-hf repos and stock `save_pretrained` write). The DeFT modules are new: they are initialised
+fresh, listed in the log, and should be trained (see `training/`). The output folder is written atomically
+(built next to it, then renamed) and an existing non-empty folder is never overwritten without `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+
+from .configuration.deft_settings import DeftSettings
+from .modeling_deft_llava import DeftLlavaForConditionalGeneration
+from .processing.processing_deft_llava import PROCESSOR_DEFT_KEYS, DeftLlavaProcessor
+
+logger = logging.getLogger(__name__)
+
+
+def convert(stock_folder: str, out_folder: str, overwrite: bool = False, **deft_settings) -> list[str]:
+    """Write a DeFT-LLaVA folder from `stock_folder`; returns the names of the freshly initialised weights."""
+    if not os.path.isfile(os.path.join(stock_folder, "config.json")):
+        raise ValueError(f"{stock_folder!r} is not a checkpoint folder: it has no config.json")
+    unknown = sorted(set(deft_settings) - set(DeftSettings.field_names()) - {"compression_method"})
+    if unknown:
+        raise ValueError(f"unknown DeFT settings {unknown}; valid: {sorted(DeftSettings.field_names())}")
+    if os.path.isdir(out_folder) and os.listdir(out_folder) and not overwrite:
+        raise ValueError(
+            f"{out_folder!r} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
+        )
+    model, info = DeftLlavaForConditionalGeneration.from_pretrained(
+        stock_folder, output_loading_info=True, **deft_settings
+    )
+    unexpected = sorted(info["unexpected_keys"])
+    if unexpected:
+        raise ValueError(
+            f"{len(unexpected)} weights of {stock_folder!r} were not recognised, e.g. {unexpected[:3]}"
+        )
+    new = sorted(info["missing_keys"])
+    not_deft = [k for k in new if not k.startswith("model.deft.") and k != "lm_head.weight"]
+    if not_deft:
+        raise ValueError(f"{stock_folder!r} lacks backbone weights, e.g. {not_deft[:3]}: refusing to convert")
+    processor = DeftLlavaProcessor.from_pretrained(
+        stock_folder, **{k: v for k, v in deft_settings.items() if k in PROCESSOR_DEFT_KEYS}
+    )
+    parent = os.path.dirname(os.path.abspath(out_folder)) or "."
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=".convert-")
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        if os.path.isdir(out_folder):
+            shutil.rmtree(out_folder)
+        os.replace(staging, out_folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.warning("initialised %d new DeFT weights (train them): %s", len(new), new)
+    return new
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stock_folder")
+    parser.add_argument("out_folder")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--use-deft", dest="use_deft", action="store_true", default=True)
+    parser.add_argument("--no-deft", dest="use_deft", action="store_false")
+    parser.add_argument("--deft-retention-ratio", type=float)
+    parser.add_argument("--deft-inference-mode", choices=["fast", "hybrid", "adaptive"])
+    parser.add_argument("--deft-semantic-dim", type=int)
+    parser.add_argument("--compression-method")
+    args = parser.parse_args(argv)
+    settings = {
+        key: value
+        for key, value in vars(args).items()
+        if key not in ("stock_folder", "out_folder", "overwrite") and value is not None
+    }
+    try:
+        new = convert(args.stock_folder, args.out_folder, overwrite=args.overwrite, **settings)
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
+    print(f"wrote {args.out_folder}; {len(new)} new DeFT weights were initialised (train them before use)")
+
+
+if __name__ == "__main__":
+    main()
