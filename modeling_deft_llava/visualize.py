@@ -1,0 +1,159 @@
+"""Answer questions about images with a DeFT-LLaVA folder and draw which visual tokens were kept.
+
+    python -m modeling_deft_llava.visualize FOLDER IMAGE [IMAGE ...] --question "What is shown?" --out kept.png
+
+For each image: the answer with compression on, the tokens kept out of N, and the prefill time with
+compression on and off (same weights; off = every placeholder, `compression_disabled()`), median of
+`--repeats` runs. The PNG shows each image (as the processor resized it) with pruned patches dimmed and kept
+patches outlined; it works for any patch grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .modeling_deft_llava import DeftLlavaForConditionalGeneration
+from .processing.processing_deft_llava import DeftLlavaProcessor
+
+
+def overlay_kept_tokens(
+    image: Image.Image, kept_indices, grid: tuple[int, int], scale: int = 4
+) -> Image.Image:
+    """`image` with the patches not in `kept_indices` (row-major over `grid` = (rows, cols)) dimmed and
+    the kept ones outlined in red; enlarged `scale` times (nearest) so small images stay readable."""
+    rows, cols = grid
+    kept = {int(i) for i in kept_indices}
+    bad = [i for i in kept if not 0 <= i < rows * cols]
+    if bad:
+        raise ValueError(f"kept indices {bad[:5]} are outside the {rows}x{cols} patch grid")
+    base = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
+    pixels = np.asarray(base).astype(np.float32)
+    ph, pw = base.height / rows, base.width / cols
+    for index in range(rows * cols):
+        if index not in kept:
+            r, c = divmod(index, cols)
+            y0, y1, x0, x1 = round(r * ph), round((r + 1) * ph), round(c * pw), round((c + 1) * pw)
+            pixels[y0:y1, x0:x1] = pixels[y0:y1, x0:x1] * 0.25 + 40
+    out = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    for index in kept:
+        r, c = divmod(index, cols)
+        draw.rectangle(
+            [c * pw, r * ph, (c + 1) * pw - 1, (r + 1) * ph - 1],
+            outline=(230, 40, 40),
+            width=max(1, scale // 2),
+        )
+    return out
+
+
+def processed_image(processor, image: Image.Image) -> Image.Image:
+    """The image as the model sees it (resized / cropped by the image processor), for the overlay."""
+    pixel = processor.image_processor(image, return_tensors="pt", do_normalize=False, do_rescale=False)[
+        "pixel_values"
+    ][0]
+    array = pixel.permute(1, 2, 0).numpy()
+    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+
+
+def prefill_seconds(model, inputs, repeats: int) -> float:
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            model(**inputs, use_cache=True, logits_to_keep=1)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]) if repeats else times[0]
+
+
+def answer_images(
+    folder: str, images, question: str, max_new_tokens: int = 16, repeats: int = 3
+) -> list[dict]:
+    """Run the model of `folder` on each image; returns answers, kept indices, grid and timings."""
+    model = DeftLlavaForConditionalGeneration.from_pretrained(folder).eval()
+    processor = DeftLlavaProcessor.from_pretrained(folder)
+    if not model.config.use_deft:
+        raise ValueError(
+            f"{folder!r} has use_deft=False: nothing is compressed (convert it or pass a DeFT folder)"
+        )
+    full_processor = DeftLlavaProcessor.from_pretrained(folder, use_deft=False)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    results = []
+    for image in images:
+        inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+        with torch.no_grad():
+            out = model(**inputs)
+            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        answer = processor.tokenizer.decode(
+            generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        full_inputs = full_processor(images=[image], text=[prompt], return_tensors="pt")
+        on = prefill_seconds(model, inputs, repeats)
+        with model.model.compression_disabled():
+            off = prefill_seconds(model, full_inputs, repeats)
+        grid = model.model._patch_grid(inputs["pixel_values"])
+        results.append(
+            {
+                "answer": answer.strip(),
+                "kept_indices": out.kept_indices[0].tolist(),
+                "num_tokens": grid[0] * grid[1],
+                "grid": grid,
+                "prefill_on_s": on,
+                "prefill_off_s": off,
+                "image": processed_image(processor, image),
+            }
+        )
+    return results
+
+
+def save_overlays(results: list[dict], path: str, titles: list[str] | None = None) -> None:
+    tiles = [overlay_kept_tokens(r["image"], r["kept_indices"], tuple(r["grid"])) for r in results]
+    width, height = max(t.width for t in tiles), max(t.height for t in tiles)
+    caption = 18
+    sheet = Image.new("RGB", (width * len(tiles), height + caption), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (tile, result) in enumerate(zip(tiles, results)):
+        sheet.paste(tile, (i * width, caption))
+        label = (
+            titles[i] + ": " if titles else ""
+        ) + f"{result['answer']} ({len(result['kept_indices'])}/{result['num_tokens']})"
+        draw.text((i * width + 2, 2), label, fill=(0, 0, 0))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sheet.save(path)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="a DeFT-LLaVA folder (model + processor)")
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--question", required=True)
+    parser.add_argument("--out", default="kept_tokens.png")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.folder, "config.json")):
+        parser.error(f"{args.folder!r} is not a model folder (no config.json)")
+    missing = [p for p in args.images if not os.path.isfile(p)]
+    if missing:
+        parser.error(f"image file(s) not found: {missing}")
+    images = [Image.open(p).convert("RGB") for p in args.images]
+    results = answer_images(args.folder, images, args.question, args.max_new_tokens, args.repeats)
+    for path, r in zip(args.images, results):
+        saved = 1 - r["prefill_on_s"] / r["prefill_off_s"]
+        print(
+            f"{path}: {r['answer']!r} | kept {len(r['kept_indices'])}/{r['num_tokens']} visual tokens | prefill "
+            f"{r['prefill_on_s'] * 1000:.1f} ms vs {r['prefill_off_s'] * 1000:.1f} ms uncompressed ({saved:+.0%} time saved)"
+        )
+    save_overlays(results, args.out, [os.path.basename(p) for p in args.images])
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The inspection command: answers, kept tokens, timings and the overlay PNG for any patch grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tiny
+from PIL import Image
+
+from modeling_deft_llava.visualize import main, overlay_kept_tokens
+
+
+def test_overlay_dims_pruned_patches_for_any_grid():
+    image = Image.fromarray(np.full((30, 50, 3), 200, dtype=np.uint8))
+    out = np.asarray(overlay_kept_tokens(image, [0, 7], (3, 5), scale=2))
+    assert out.shape == (60, 100, 3)
+    assert out[50, 90].mean() < 100  # pruned patch 14 (row 2, col 4) is dimmed
+    assert out[30, 50].mean() > 150  # kept patch 7 (row 1, col 2) is not
+    assert out[10, 10].mean() > 150  # inside kept patch 0
+    with pytest.raises(ValueError, match="outside the 3x5 patch grid"):
+        overlay_kept_tokens(image, [15], (3, 5))
+
+
+def test_command_on_a_deft_folder(tmp_path, capsys):
+    tiny.model(use_deft=True, deft_retention_ratio=0.25).save_pretrained(tmp_path / "m")
+    tiny.processor(use_deft=True, deft_retention_ratio=0.25).save_pretrained(tmp_path / "m")
+    paths = []
+    for i, image in enumerate(tiny.images(2)):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        image.save(paths[-1])
+    main(
+        [
+            str(tmp_path / "m"),
+            *paths,
+            "--question",
+            "what is in the picture ?",
+            "--out",
+            str(tmp_path / "o.png"),
+            "--repeats",
+            "1",
+            "--max-new-tokens",
+            "3",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert printed.count("kept 4/16 visual tokens") == 2 and "time saved" in printed
+    assert Image.open(tmp_path / "o.png").size[0] == 2 * 32 * 4
+
+
+def test_command_errors(tmp_path):
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "x.png", "--question", "q"])
