@@ -1,0 +1,181 @@
+"""Held-out accuracy of every compression method at several budgets, on the real-digits VQA benchmark.
+
+    python -m benchmarks.digits.evaluate_methods \
+        --base checkpoints/digits-llava-base --deft checkpoints/digits-deft-llava \
+        --out benchmarks/results/digits_accuracy.json
+
+Each (method, budget) loads the checkpoint into `DeftLlavaForConditionalGeneration` with that method's
+config and a `DeftLlavaProcessor` with the same settings, and answers the same held-out queries with greedy
+`generate` (exact match). Baselines use the all-token base model; DeFT rows use the DeFT checkpoint (the same
+base weights plus the trained DeFT modules). Accuracy comes with a 95% Wilson interval and as a share of the
+full-token accuracy of the same weights. DeCo pools to a square grid, so it runs only where K is a perfect
+square (16 of 64 = 25%); other DeCo budgets are reported as not applicable.
+Writes the JSON atomically and a PNG plot next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+
+import torch
+from modeling_deft_llava.configuration.deft_settings import num_kept_tokens
+from modeling_deft_llava.configuration.method_validation import MODEL_METHODS
+
+from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
+
+from .common import NUM_VISUAL_TOKENS, TEST_SEED, atomic_write_json, evaluate_generate
+from .data import make_split, wilson_interval
+
+DEFT_VARIANTS = ("deft", "deft_hybrid", "deft_adaptive")
+
+
+def method_settings(method: str, ratio: float) -> dict:
+    """Config/processor overrides for one row of the benchmark."""
+    if method == "full":
+        return {"use_deft": False}
+    if method in DEFT_VARIANTS:
+        mode = {"deft": "fast", "deft_hybrid": "hybrid", "deft_adaptive": "adaptive"}[method]
+        return {
+            "use_deft": True,
+            "deft_retention_ratio": ratio,
+            "deft_inference_mode": mode,
+            "compression_method": "deft",
+        }
+    return {"use_deft": True, "deft_retention_ratio": ratio, "compression_method": method}
+
+
+def load(folder: str, settings: dict):
+    model = DeftLlavaForConditionalGeneration.from_pretrained(folder, **settings).eval()
+    processor_keys = ("use_deft", "deft_retention_ratio", "deft_inference_mode", "compression_method")
+    processor = DeftLlavaProcessor.from_pretrained(
+        folder, **{k: v for k, v in settings.items() if k in processor_keys}
+    )
+    return model, processor
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    full = results["full"]["accuracy"]
+    for method in results["methods"]:
+        rows = sorted(
+            (r["kept_share"], r["accuracy"])
+            for r in results["rows"]
+            if r["method"] == method and r.get("accuracy") is not None
+        )
+        if rows:
+            ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", label=method)
+    ax.axhline(full, color="k", linestyle="--", label=f"all 64 tokens ({full:.1%})")
+    ax.axhline(0.1, color="grey", linestyle=":", label="chance (10%)")
+    ax.set(
+        xlabel="visual tokens kept (share of 64)",
+        ylabel="held-out exact match",
+        title="Two-digit VQA on real handwritten digits",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="checkpoints/digits-llava-base", help="all-token model folder")
+    parser.add_argument(
+        "--deft", default="checkpoints/digits-deft-llava", help="folder with trained DeFT modules"
+    )
+    parser.add_argument("--methods", default=",".join(DEFT_VARIANTS + MODEL_METHODS))
+    parser.add_argument("--ratios", default="0.5,0.482,0.25,0.125")
+    parser.add_argument("--n", type=int, default=1000, help="held-out queries")
+    parser.add_argument("--batch-size", type=int, default=125)
+    parser.add_argument("--out", default="benchmarks/results/digits_accuracy.json")
+    args = parser.parse_args(argv)
+
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in DEFT_VARIANTS + MODEL_METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; valid: {list(DEFT_VARIANTS + MODEL_METHODS)}")
+    try:
+        ratios = [float(r) for r in args.ratios.split(",")]
+    except ValueError:
+        parser.error(f"--ratios must be comma-separated numbers, got {args.ratios!r}")
+    bad = [r for r in ratios if not 0 < r <= 1]
+    if bad:
+        parser.error(f"every ratio must be in (0, 1], got {bad}")
+    for folder, needed in ((args.base, True), (args.deft, any(m in DEFT_VARIANTS for m in methods))):
+        if needed and not os.path.isfile(os.path.join(folder, "config.json")):
+            parser.error(f"checkpoint folder {folder!r} has no config.json (see benchmarks/digits/README.md)")
+    if args.n < 1:
+        parser.error(f"--n must be >= 1, got {args.n}")
+
+    samples = make_split("test", args.n, seed=TEST_SEED)
+    torch.set_grad_enabled(False)
+    start = time.time()
+    model, processor = load(args.base, method_settings("full", 1.0))
+    full = evaluate_generate(model, processor, samples, args.batch_size, desc="full")
+    full_acc = full["accuracy"]
+    results = {
+        "command": "python -m benchmarks.digits.evaluate_methods "
+        + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "base": args.base,
+        "deft_checkpoint": args.deft,
+        "n": args.n,
+        "test_seed": TEST_SEED,
+        "visual_tokens_full": NUM_VISUAL_TOKENS,
+        "full": {k: full[k] for k in ("accuracy", "correct", "n", "wilson95")},
+        "methods": methods,
+        "rows": [],
+    }
+    if any(m in DEFT_VARIANTS for m in methods):  # the DeFT checkpoint must hold the same backbone
+        model, processor = load(args.deft, method_settings("full", 1.0))
+        same = evaluate_generate(model, processor, samples, args.batch_size, desc="full (deft ckpt)")
+        results["full_deft_checkpoint"] = {k: same[k] for k in ("accuracy", "correct", "n", "wilson95")}
+    for method in methods:
+        for ratio in ratios:
+            k = num_kept_tokens(NUM_VISUAL_TOKENS, ratio)
+            row = {
+                "method": method,
+                "retention_ratio": ratio,
+                "kept_tokens": k,
+                "kept_share": k / NUM_VISUAL_TOKENS,
+            }
+            if method == "deco" and math.isqrt(k) ** 2 != k:
+                row["accuracy"] = None
+                row["note"] = f"not applicable: DeCo pools to a square grid and K={k} is not a perfect square"
+                results["rows"].append(row)
+                continue
+            folder = args.deft if method in DEFT_VARIANTS else args.base
+            model, processor = load(folder, method_settings(method, ratio))
+            reference = (
+                results.get("full_deft_checkpoint", results["full"])
+                if method in DEFT_VARIANTS
+                else results["full"]
+            )
+            res = evaluate_generate(model, processor, samples, args.batch_size, desc=f"{method}@{ratio}")
+            lo, hi = wilson_interval(res["correct"], res["n"])
+            row.update(
+                accuracy=res["accuracy"],
+                correct=res["correct"],
+                n=res["n"],
+                wilson95=[lo, hi],
+                share_of_full=res["accuracy"] / reference["accuracy"],
+            )
+            results["rows"].append(row)
+            print(
+                f"{method:14} ratio {ratio:5.3f} K={k:2d}: {res['accuracy']:.1%} ({row['share_of_full']:.1%} of full)"
+            )
+    results["wall_time_s"] = time.time() - start
+    atomic_write_json(args.out, results)
+    plot(results, os.path.splitext(args.out)[0] + ".png")
+    print(f"full-token accuracy {full_acc:.1%}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
