@@ -319,7 +319,7 @@ def _env():
 def test_two_processes_with_torchrun(workspace, tmp_path):
     out = tmp_path / "ddp"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "modeling_deft_llava.training.train",
         *run_args(workspace, out, "--max_steps", "4", "--per_device_train_batch_size", "2", "--ddp_backend", "gloo"),
     ]  # fmt: skip

@@ -93,7 +93,9 @@ def load_raw_dataset(data_path: str | os.PathLike, data_format: str = "auto", ca
         try:
             raw = datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=cache_dir)
         except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError) as error:
-            raise ValueError(f"{str(path)!r} cannot be read as {fmt}: {error.__cause__ or error!r}") from error
+            raise ValueError(
+                f"{str(path)!r} cannot be read as {fmt}: {error.__cause__ or error!r}"
+            ) from error
     for column in ("image", "images"):
         if column in raw.column_names and isinstance(raw.features[column], datasets.Image):
             raw = raw.cast_column(column, datasets.Image(decode=False))

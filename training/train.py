@@ -49,8 +49,9 @@ def feedback_enabled(model, args: DeftLlavaFinetuneArguments) -> bool:
 def _setup_logging(training_args: TrainingArguments) -> None:
     level = training_args.get_process_log_level()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    logger.setLevel(level)
-    logging.getLogger("modeling_deft_llava").setLevel(level)
+    # our own messages (data counts, resume point, trainable share) at INFO on the main process
+    ours = min(level, logging.INFO) if training_args.should_log else level
+    logging.getLogger("modeling_deft_llava").setLevel(ours)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
 
