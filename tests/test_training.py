@@ -316,6 +316,26 @@ def _env():
     return env
 
 
+def _run(cmd, timeout=240, **kwargs):
+    """`subprocess.run` in its own process group: a timeout kills the launcher's workers too."""
+    process = subprocess.Popen(
+        cmd,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+
+
 def test_two_processes_with_torchrun(workspace, tmp_path):
     out = tmp_path / "ddp"
     cmd = [
@@ -323,7 +343,7 @@ def test_two_processes_with_torchrun(workspace, tmp_path):
         "-m", "modeling_deft_llava.training.train",
         *run_args(workspace, out, "--max_steps", "4", "--per_device_train_batch_size", "2", "--ddp_backend", "gloo"),
     ]  # fmt: skip
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    done = _run(cmd, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["train_batch_size"] == 2 and state["global_step"] == 4
@@ -378,28 +398,20 @@ def test_kill_and_resume_ends_with_the_same_weights(workspace, tmp_path):
     # a save killed half-way leaves only a staging folder, which resume ignores and removes
     (out / f"{STAGING_PREFIX}6" / "checkpoint-6").mkdir(parents=True)
     (out / f"{STAGING_PREFIX}6" / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"half")
-    resumed = subprocess.run(
+    resumed = _run(
         [
             sys.executable,
             "-m",
             "modeling_deft_llava.training.train",
             *run_args(workspace, out, "--resume", "true"),
-        ],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
+        ]
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
     assert not (out / f"{STAGING_PREFIX}6").exists()
     reference = tmp_path / "uninterrupted"
-    straight = subprocess.run(
-        [sys.executable, "-m", "modeling_deft_llava.training.train", *run_args(workspace, reference)],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
+    straight = _run(
+        [sys.executable, "-m", "modeling_deft_llava.training.train", *run_args(workspace, reference)]
     )
     assert straight.returncode == 0, straight.stderr[-3000:]
     got = load_file(str(out / "adapter_model.safetensors"))
