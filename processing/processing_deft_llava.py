@@ -104,7 +104,7 @@ class DeftLlavaProcessor(LlavaProcessor):
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
         data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, **kwargs)
         if image_sizes is not None:
-            data["num_image_tokens"] = [self.num_placeholders(n) for n in data["num_image_tokens"]]
+            data.num_image_tokens = [self.num_placeholders(n) for n in data.num_image_tokens]
         return data
 
     # ------------------------------------------------------------------ videos

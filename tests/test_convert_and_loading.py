@@ -125,3 +125,10 @@ def test_chat_template_through_the_processor():
     assert prompt.startswith("USER: <image>") and prompt.endswith("ASSISTANT:")
     inputs = processor(images=tiny.images(1), text=[prompt], return_tensors="pt")
     assert int((inputs["input_ids"] == 4).sum()) == 4
+
+
+def test_num_multimodal_tokens_follow_the_budget():
+    # regression: MultiModalData is a dataclass, not a dict (item assignment raised TypeError)
+    processor = tiny.processor(use_deft=True, deft_retention_ratio=0.25)
+    data = processor._get_num_multimodal_tokens(image_sizes=[[32, 32], [32, 32]])
+    assert data.num_image_tokens == [4, 4]
