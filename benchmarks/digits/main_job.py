@@ -78,7 +78,7 @@ def main(argv=None) -> None:
                 "kept_indices": kept.tolist(),
                 "num_tokens": n_tokens,
                 "grid": grid,
-                "image": processed_image(processor, sample.image),
+                "image": processed_image(processor, sample.pil_image()),
             }
         )
     print(f"{correct}/{len(samples)} correct")

@@ -1,0 +1,131 @@
+"""Stage 3 of the digits benchmark: train the DeFT modules with feedback-guided scoring.
+
+    python -m benchmarks.digits.train_deft [--base checkpoints/digits-llava-base] [--retention 0.25] \
+        [--steps 600] [--out checkpoints/digits-deft-llava]
+
+1. Writes training-split canvases as PNG files and a LLaVA conversation JSONL (`_work/deft_data/`).
+2. Converts the all-token base model into a DeFT-LLaVA folder (`modeling_deft_llava.convert`; fresh DeFT
+   modules, `use_deft=True`, the given retention ratio, `fast` mode).
+3. Trains with the project's training entry point (`modeling_deft_llava.training.train`, the Trainer path):
+   LoRA off, projector and backbone frozen, DeFT modules trained; every step a full-token pass gives the
+   task-loss gradient for the feedback score, and the total loss is lm + rtd + feedback (training/README.md).
+4. Writes the model, the processor and a model card to `--out`.
+
+The backbone is frozen, so accuracy with all tokens is unchanged; what training changes is which tokens DeFT
+keeps. One DeFT checkpoint serves every budget: the scorer ranks tokens, the budget only sets k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+from modeling_deft_llava.convert import convert
+
+from .common import WORK_DIR, atomic_write_json
+from .data import make_split
+
+TRAIN_SEED = 777  # training canvases for stage 3 (disjoint source images from the held-out split)
+
+
+def write_training_data(folder: str, num_samples: int) -> str:
+    """PNG canvases + `train.jsonl` (LLaVA conversations) from the training split; returns the JSONL path."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "train.jsonl")
+    samples = make_split("train", num_samples, seed=TRAIN_SEED)
+    with open(path + ".tmp", "w") as f:
+        for i, sample in enumerate(samples):
+            name = f"canvas_{i:05d}.png"
+            sample.pil_image().save(os.path.join(folder, name))
+            row = {
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": "<image>\n" + sample.question},
+                    {"from": "gpt", "value": sample.answer},
+                ],
+            }
+            f.write(json.dumps(row) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="checkpoints/digits-llava-base")
+    parser.add_argument("--retention", type=float, default=0.25)
+    parser.add_argument("--samples", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="checkpoints/digits-deft-llava")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.base, "config.json")):
+        parser.error(f"base checkpoint {args.base!r} not found: run benchmarks.digits.train_base first")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        parser.error(f"{args.out!r} exists; pass --overwrite to replace it")
+    start = time.time()
+    data = write_training_data(os.path.join(WORK_DIR, "deft_data"), args.samples)
+    init = os.path.join(WORK_DIR, "deft_init")
+    convert(args.base, init, overwrite=True, use_deft=True, deft_retention_ratio=args.retention)
+    run = os.path.join(WORK_DIR, "deft_run")
+    shutil.rmtree(run, ignore_errors=True)
+
+    from modeling_deft_llava.training.train import parse_args, train
+
+    finetune_args, training_args = parse_args(
+        [
+            "--model_name_or_path", init,
+            "--data_path", data,
+            "--use_lora", "false",
+            "--train_projector", "false",
+            "--train_deft_modules", "true",
+            "--feedback_every_n_steps", "1",
+            "--output_dir", run,
+            "--max_steps", str(args.steps),
+            "--per_device_train_batch_size", str(args.batch_size),
+            "--learning_rate", str(args.lr),
+            "--lr_scheduler_type", "cosine",
+            "--warmup_steps", str(max(1, args.steps // 20)),
+            "--max_grad_norm", "1.0",
+            "--logging_steps", "25",
+            "--save_steps", str(args.steps),
+            "--seed", str(args.seed),
+            "--report_to", "none",
+            "--dataloader_num_workers", "0",
+        ]
+    )  # fmt: skip
+    trainer = train(finetune_args, training_args)
+    staging = args.out + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model = trainer.model
+    model.save_pretrained(staging)
+    trainer.processing_class.save_pretrained(staging)
+    log = [entry for entry in trainer.state.log_history if "loss" in entry]
+    atomic_write_json(
+        os.path.join(staging, "train_deft_log.json"),
+        {
+            "command": "python -m benchmarks.digits.train_deft "
+            + " ".join(argv if argv is not None else os.sys.argv[1:]),
+            "base": args.base,
+            "retention": args.retention,
+            "steps": args.steps,
+            "samples": args.samples,
+            "train_seed": TRAIN_SEED,
+            "seed": args.seed,
+            "wall_time_s": time.time() - start,
+            "log": log,
+        },
+    )
+    if os.path.isdir(args.out):
+        shutil.rmtree(args.out)
+    os.replace(staging, args.out)
+    print(f"wrote {args.out} in {time.time() - start:.0f} s; last log: {log[-1] if log else None}")
+
+
+if __name__ == "__main__":
+    main()
