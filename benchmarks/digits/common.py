@@ -156,19 +156,27 @@ def evaluate_generate(model, processor, samples, batch_size: int = 100, desc: st
     model.eval()
     collate = DigitsCollator(processor, train=False)
     correct = 0
-    preds = []
+    preds, first_ids = [], []
     for start in tqdm(range(0, len(samples), batch_size), desc=desc):
         chunk = samples[start : start + batch_size]
         batch = collate(chunk)
         out = model.generate(**batch, max_new_tokens=2, do_sample=False)
         new = out[:, batch["input_ids"].shape[1] :]
         texts = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+        first_ids.extend(new[:, 0].tolist())
         for s, t in zip(chunk, texts):
             preds.append(t.strip())
             correct += int(t.strip() == s.answer)
     n = len(samples)
     lo, hi = wilson_interval(correct, n)
-    return {"accuracy": correct / n, "correct": correct, "n": n, "wilson95": [lo, hi], "predictions": preds}
+    return {
+        "accuracy": correct / n,
+        "correct": correct,
+        "n": n,
+        "wilson95": [lo, hi],
+        "predictions": preds,
+        "first_token_ids": first_ids,
+    }
 
 
 def atomic_write_json(path: str, obj) -> None:
@@ -179,6 +187,7 @@ def atomic_write_json(path: str, obj) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, default=_json_default)
             f.write("\n")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

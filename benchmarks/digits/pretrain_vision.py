@@ -49,7 +49,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0, help="model init seed (stage 2 must use the same)")
     ap.add_argument("--data-seed", type=int, default=101, help="seed of the stage-1 training canvases")
     ap.add_argument("--out", default=STAGE1_PATH)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
     processor = build_processor()

@@ -19,7 +19,7 @@ import time
 
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer, TrainingArguments
+from transformers import LlavaForConditionalGeneration, LlavaProcessor, Trainer, TrainingArguments
 
 from .common import (
     CHECKPOINT_DIR,
@@ -50,20 +50,39 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-samples", type=int, default=2000)
     ap.add_argument("--stage1", default=STAGE1_PATH)
     ap.add_argument("--out", default=CHECKPOINT_DIR)
+    ap.add_argument(
+        "--init-from",
+        default=None,
+        help="continue stage 2 from a saved checkpoint folder (its train_log.json is kept as a previous phase)",
+    )
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     command = shlex.join(
         [".venv/bin/python", "-m", "benchmarks.digits.train_base", *(sys.argv[1:] if argv is None else argv)]
     )
 
     torch.manual_seed(args.seed)
-    processor = build_processor()
-    model = build_model(processor, seed=args.seed)
-    missing, unexpected = model.model.vision_tower.load_state_dict(load_file(args.stage1), strict=True)
-    assert not missing and not unexpected
-    with open(os.path.splitext(args.stage1)[0] + ".json") as f:
-        stage1 = json.load(f)
+    previous = []
+    if args.init_from:
+        processor = LlavaProcessor.from_pretrained(args.init_from)
+        model = LlavaForConditionalGeneration.from_pretrained(args.init_from)
+        with open(os.path.join(args.init_from, "train_log.json")) as f:
+            prev_log = json.load(f)
+        stage1 = prev_log["stage1"]
+        previous = prev_log.get("previous_stage2_phases", []) + [prev_log["stage2"]]
+        source = f"continued from {args.init_from}"
+    else:
+        processor = build_processor()
+        model = build_model(processor, seed=args.seed)
+        missing, unexpected = model.model.vision_tower.load_state_dict(load_file(args.stage1), strict=True)
+        assert not missing and not unexpected
+        with open(os.path.splitext(args.stage1)[0] + ".json") as f:
+            stage1 = json.load(f)
+        source = f"stage-1 tower from {args.stage1}"
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"parameters: {n_params:,}; stage-1 tower from {args.stage1}")
+    print(f"parameters: {n_params:,}; {source}")
 
     train_data = make_split("train", args.steps * args.batch_size, seed=args.data_seed)
     targs = TrainingArguments(
@@ -95,6 +114,8 @@ def main(argv=None) -> dict:
     result = trainer.train()
     train_time = time.time() - t0
 
+    model.config.use_cache = True
+    model.config.text_config.use_cache = True
     test = make_split("test", args.eval_samples, seed=TEST_SEED)
     t1 = time.time()
     ev = evaluate_generate(model, processor, test, desc="held-out generate")
@@ -104,6 +125,8 @@ def main(argv=None) -> dict:
     )
 
     os.makedirs(args.out, exist_ok=True)
+    model.config.use_cache = True  # Trainer turns the cache off for training; generation wants it
+    model.config.text_config.use_cache = True
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
     size = dir_size(args.out)
@@ -131,9 +154,15 @@ def main(argv=None) -> dict:
             "log_history": trainer.state.log_history,
             "command": command,
         },
-        "total_train_wall_time_s": round(train_time + stage1["wall_time_s"], 1),
+        "previous_stage2_phases": previous,
+        "stage2_total_steps": args.steps + sum(p["steps"] for p in previous),
+        "total_train_wall_time_s": round(
+            train_time + stage1["wall_time_s"] + sum(p["wall_time_s"] for p in previous), 1
+        ),
         "eval_wall_time_s": round(eval_time, 1),
-        "commands": [stage1["command"].replace("python -m", ".venv/bin/python -m", 1), command],
+        "commands": [stage1["command"].replace("python -m", ".venv/bin/python -m", 1)]
+        + [p["command"] for p in previous]
+        + [command],
         "parameters": n_params,
         "checkpoint_bytes_before_log": size,
         "data": {"canvas": 64, "digit_scale": SCALE, "ink_threshold": INK_THRESHOLD},

@@ -167,10 +167,11 @@ def main(argv=None) -> dict:
         "results": results,
         "manual_all64_agrees_with_generate": agree_manual_generate / n,
         "checks": {
+            "all_tokens_high (a >= 0.9)": a >= 0.9,
             "ink_keeps_near_full (b >= a - 0.03)": b >= a - 0.03,
             "background_near_chance (d <= 0.2)": d <= 0.2,
         },
-        "valid": bool(b >= a - 0.03 and d <= 0.2),
+        "valid": bool(a >= 0.9 and b >= a - 0.03 and d <= 0.2),
         "wall_time_s": round(time.time() - t0, 1),
         "command": command,
     }
