@@ -15,6 +15,13 @@ model's `get_image_features` and hands the result to `forward` as `mm_encoder_ou
 
 Fixed budgets (`deft_inference_mode="fast"`): the processor writes K = `config.num_kept_tokens(N)`
 placeholders per image; nothing is re-packed. Variable budgets: the processor writes all N placeholders.
+
+Baselines (`compression_method`): the model dispatches on the compressor's `stage`, never on its name:
+`"features"` compresses in `get_image_features`; `"vision_encoder"` (ToMe) runs the vision encoder itself
+(`_encode_in_vision_encoder`); `"features_with_text"` (Recoverable) compresses in `forward` once the prompt's
+text is known (`_compress_with_text`, then the re-packing path); `"language_model"` (FastV) runs the decoder
+layers itself (`_language_model_forward`). Prompt-dependent decisions use the first `deft_prompt_length`
+tokens; `generate` receives it, and FastV's layer gather index, through `deft_generation_state`.
 """
 
 from __future__ import annotations
@@ -551,6 +558,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         return result
 
     def _patch_grid_from_count(self, n: int) -> tuple[int, int]:
+        # the grid only has to hold N patches here: the text-stage method does not use its shape
         side = math.isqrt(n)
         return (side, side) if side * side == n else (1, n)
 
@@ -737,6 +745,11 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         the later layers kept and `deft_compression_scores` its `(batch, seq)` ranking (`forward` splits
         them per image)."""
         if self.compression_stage == "language_model":
+            asked = [k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)]
+            if asked:
+                raise ValueError(
+                    f"{self.compressor.name} runs the decoder layers itself and does not return {asked}"
+                )
             if position_ids is None:
                 past = past_key_values.get_seq_length() if past_key_values is not None else 0
                 position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past
