@@ -36,7 +36,7 @@ import torch.distributed as dist
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from modeling_deft_llava.modeling_deft_llava import DeftVisualFeaturesOutput
+from modeling_deft_llava.modeling_outputs_deft_llava import DeftVisualFeaturesOutput
 
 logger = logging.getLogger(__name__)
 
