@@ -1,0 +1,73 @@
+"""Benchmark scripts stop at once with a clear message on bad input, and write complete results files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds benchmarks/
+
+from benchmarks import speed_memory  # noqa: E402
+from benchmarks.digits import evaluate_methods  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "deft,bogus"], "unknown method"),
+        (["--ratios", "0.5,1.5"], "every ratio must be in"),
+        (["--ratios", "half"], "must be comma-separated numbers"),
+        (["--base", "/nonexistent"], "has no config.json"),
+    ],
+)
+def test_accuracy_benchmark_rejects_bad_input(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        evaluate_methods.main([*argv, "--out", str(tmp_path / "r.json")])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "bogus"], "unknown method"),
+        (["--ratios", "0"], "every ratio must be in"),
+        (["--shape", "nope"], "unknown --shape"),
+    ],
+)
+def test_speed_benchmark_rejects_bad_input(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        speed_memory.main([*argv, "--out", str(tmp_path / "s.json")])
+    assert message in capsys.readouterr().err + str(info.value)
+
+
+def test_speed_benchmark_runs_on_the_tiny_shape(tmp_path):
+    out = tmp_path / "speed.json"
+    speed_memory.main(
+        [
+            "--shape",
+            "tiny",
+            "--methods",
+            "deft,random",
+            "--ratios",
+            "0.25",
+            "--repeats",
+            "1",
+            "--decode-tokens",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
+    results = json.loads(out.read_text())
+    rows = {r["method"]: r for r in results["runs"]}
+    assert rows["deft"]["kept_tokens"] == 16 and rows["none"]["kept_tokens"] == 64
+    assert rows["deft"]["kv_bytes"] < rows["none"]["kv_bytes"]
+    assert (
+        abs(rows["deft"]["kv_ratio"] - rows["deft"]["ideal_kv_ratio"]) < 1e-9
+    )  # KV falls exactly with tokens kept
+    assert out.with_suffix(".png").exists()
+    assert not list(tmp_path.glob("*.tmp"))
