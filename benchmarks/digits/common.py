@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 
@@ -61,7 +62,16 @@ def build_processor() -> LlavaProcessor:
     )
 
 
-def build_config(processor: LlavaProcessor) -> LlavaConfig:
+# RoPE base of the tiny decoder. With head_dim 32, RoPE pair i turns by rope_theta ** (-i / 16) rad per
+# position; rope_theta = (8 / (2 * pi)) ** 16 ~= 47.7 makes pair 1 turn by exactly 2 * pi / 8 per position, so
+# one rotary pair has the period of an 8-patch image row and a token's column (left or right half) is a plain
+# phase difference. With the Llama default (10000) no pair has that period.
+ROPE_THETA = (8 / (2 * math.pi)) ** 16
+
+
+def build_config(
+    processor: LlavaProcessor, rope_theta: float = ROPE_THETA, text_heads: int = 4
+) -> LlavaConfig:
     tok = processor.tokenizer
     vision = CLIPVisionConfig(
         hidden_size=128,
@@ -79,13 +89,14 @@ def build_config(processor: LlavaProcessor) -> LlavaConfig:
         hidden_size=128,
         intermediate_size=320,
         num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=text_heads,
+        num_key_value_heads=text_heads,
         max_position_embeddings=256,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
     )
     config = LlavaConfig(
         vision_config=vision,
@@ -101,9 +112,11 @@ def build_config(processor: LlavaProcessor) -> LlavaConfig:
     return config
 
 
-def build_model(processor: LlavaProcessor, seed: int) -> LlavaForConditionalGeneration:
+def build_model(
+    processor: LlavaProcessor, seed: int, rope_theta: float = ROPE_THETA, text_heads: int = 4
+) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(build_config(processor))
+    model = LlavaForConditionalGeneration(build_config(processor, rope_theta, text_heads))
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.generation_config.bos_token_id = processor.tokenizer.bos_token_id

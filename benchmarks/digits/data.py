@@ -53,6 +53,10 @@ WORDS = ["USER", "ASSISTANT", ":", "?", "what", "digit", "is", "on", "the", "lef
     str(d) for d in range(10)
 ]
 _SPLIT_CODES = {"train": 0, "test": 1}
+# Prompt order: the question comes BEFORE the image. Measured (3000 stage-2 steps, 2000 held-out queries):
+# with the image first the tiny LLaVA never learned which side was asked (53.25%; it named one of the two
+# digits at random); with the question first the image tokens can read the side when they are encoded.
+QUESTION_FIRST = True
 
 
 @lru_cache(maxsize=1)
@@ -193,9 +197,17 @@ def make_split(split: str, num_samples: int, seed: int) -> DigitsSplit:
     return DigitsSplit(split, num_samples, seed)
 
 
+def user_text(question: str) -> str:
+    """The user turn as one string (LLaVA conversation files), rendered like `chat_messages`' content."""
+    return question + "<image>\n" if QUESTION_FIRST else "<image>\n" + question
+
+
 def chat_messages(question: str, answer: str | None = None) -> list[dict]:
     """The conversation for the processor's chat template (one image, one question, optional answer)."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    if QUESTION_FIRST:
+        content.reverse()
+    messages = [{"role": "user", "content": content}]
     if answer is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return messages

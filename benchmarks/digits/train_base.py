@@ -23,6 +23,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor, Trainer,
 
 from .common import (
     CHECKPOINT_DIR,
+    ROPE_THETA,
     STAGE1_PATH,
     TEST_SEED,
     WORK_DIR,
@@ -56,6 +57,10 @@ def main(argv=None) -> dict:
         help="continue stage 2 from a saved checkpoint folder (its train_log.json is kept as a previous phase)",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument(
+        "--rope-theta", type=float, default=ROPE_THETA, help="RoPE base of the decoder (see common.py)"
+    )
+    ap.add_argument("--text-heads", type=int, default=4, help="attention heads of the decoder")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,7 +80,7 @@ def main(argv=None) -> dict:
         source = f"continued from {args.init_from}"
     else:
         processor = build_processor()
-        model = build_model(processor, seed=args.seed)
+        model = build_model(processor, seed=args.seed, rope_theta=args.rope_theta, text_heads=args.text_heads)
         missing, unexpected = model.model.vision_tower.load_state_dict(load_file(args.stage1), strict=True)
         assert not missing and not unexpected
         with open(os.path.splitext(args.stage1)[0] + ".json") as f:

@@ -26,7 +26,7 @@ import time
 from modeling_deft_llava.convert import convert
 
 from .common import WORK_DIR, atomic_write_json
-from .data import make_split
+from .data import make_split, user_text
 
 TRAIN_SEED = 777  # training canvases for stage 3 (disjoint source images from the held-out split)
 
@@ -43,7 +43,7 @@ def write_training_data(folder: str, num_samples: int) -> str:
             row = {
                 "image": name,
                 "conversations": [
-                    {"from": "human", "value": "<image>\n" + sample.question},
+                    {"from": "human", "value": user_text(sample.question)},
                     {"from": "gpt", "value": sample.answer},
                 ],
             }
