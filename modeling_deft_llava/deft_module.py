@@ -27,6 +27,8 @@ from .semantic_abstraction import SemanticAbstraction
 from .token_dictionary import TokenDictionary, is_uncertain, sample_is_uncertain
 from .topk_selector import gather_tokens, select_topk
 
+COMPONENT_KEYS = {"semantic": "s_sem", "feedback": "s_fb", "group": "s_group"}
+
 
 @dataclass
 class DeFTOutput:
@@ -45,7 +47,8 @@ class DeFTOutput:
         scoring_info: `mixture_weights` (component -> weight of the present components), the normalised
             components `s_sem`, `s_fb` (None without feedback), `s_group`, and `num_kept` per sample.
         rtd_loss: reconstruction loss of the pruned tokens (None without RTD).
-        feedback_loss: MSE pulling the normalised `s_sem` towards the normalised `s_fb` (None without feedback).
+        feedback_loss: MSE pulling the normalised scores (the inference-time semantic + group mixture, and the
+            training-time mixture) towards the normalised `s_fb` (None without feedback).
     """
 
     retained_tokens: torch.Tensor
@@ -86,7 +89,8 @@ class DeFTModule(nn.Module):
     - The feedback gradient is taken against the tokens given to this module (the encoder's tokens `x`), not
       against `z = SAM(x)`: the task loss is computed before this call, so it cannot depend on this call's `z`.
     - Top-k has no gradient; the retained tokens are multiplied by `1 + s_i - stopgrad(s_i)` (value exactly 1)
-      so the task loss still reaches the scorer, SAM and the mixture weights (straight-through estimator).
+      so the task loss still reaches the scorers and SAM (straight-through estimator). The mixture weights
+      are detached on that path and learn from the feedback loss, which fits the mixed score to `s_fb`.
     """
 
     def __init__(
@@ -292,17 +296,19 @@ class DeFTModule(nn.Module):
         ratio = self.retention_ratio if retention_ratio is None else float(retention_ratio)
         token_mask = attention_mask.bool() if attention_mask is not None else None
         scores, info = self.score(tokens, modality, spatial_shape, token_mask, task_loss, token_gradients)
-        feedback_loss = None
-        if info["s_fb"] is not None:
-            feedback_loss = (info["s_sem"] - info["s_fb"]).pow(2)
-            feedback_loss = feedback_loss.mean() if token_mask is None else feedback_loss[token_mask].mean()
+        feedback_loss = self._feedback_loss(info, scores, token_mask) if info["s_fb"] is not None else None
 
         kept_indices, kept_mask = select_topk(scores, ratio, token_mask)  # (batch, k)
         retained = gather_tokens(tokens, kept_indices)  # (batch, k, D)
         if ratio >= 1.0 and token_mask is None:
             retained = tokens  # keep-all: the input itself, untouched
         elif torch.is_grad_enabled() and scores.requires_grad:
-            kept_scores = torch.gather(scores, 1, kept_indices).masked_fill(~kept_mask, 0.0)
+            # the task loss reaches SAM and the scorers, not the mixture weights: scaling kept tokens up says
+            # nothing about which component ranks tokens well (measured: it collapsed the mixture onto one
+            # component); the mixture learns from the feedback loss instead
+            beta = {name: weight.detach() for name, weight in info["mixture_weights"].items()}
+            gate_scores = sum(beta[name] * info[COMPONENT_KEYS[name]] for name in beta)
+            kept_scores = torch.gather(gate_scores, 1, kept_indices).masked_fill(~kept_mask, 0.0)
             gate = 1.0 + (kept_scores - kept_scores.detach())  # exactly 1, gradient d/ds
             retained = retained * gate.unsqueeze(-1).to(retained.dtype)
         if not bool(kept_mask.all()):
@@ -335,6 +341,18 @@ class DeFTModule(nn.Module):
             rtd_loss=rtd_loss,
             feedback_loss=feedback_loss,
         )
+
+    def _feedback_loss(self, info, scores, token_mask) -> torch.Tensor:
+        """Pull the scores towards the task feedback `s~_fb` (MSE on per-sample normalised scores): the score
+        used at inference (semantic + group mixture, where no feedback exists) and the training-time score
+        (all three components). SAM, the saliency MLP and every mixture weight learn from it."""
+        target = info["s_fb"]
+        inference_mix, _ = self.score_mixer({"semantic": info["s_sem"], "group": info["s_group"]})
+        terms = [normalize_per_sample(inference_mix, token_mask), normalize_per_sample(scores, token_mask)]
+        losses = [(term - target).pow(2) for term in terms]
+        if token_mask is not None:
+            return sum(loss[token_mask].mean() for loss in losses)
+        return sum(loss.mean() for loss in losses)
 
     # ------------------------------------------------------------------ RTD
     def _recover_mask(self, mode, logits, pruned_mask, token_mask):

@@ -32,6 +32,23 @@ from .data import make_split, wilson_interval
 DEFT_VARIANTS = ("deft", "deft_hybrid", "deft_adaptive")
 
 
+def score(res: dict, samples, tokenizer) -> dict:
+    """Two exact-match views of the same greedy generations:
+    `accuracy`: the first generated token is the answer digit (the task's one-token answer);
+    `strict_accuracy`: the decoded generation is exactly the digit (the digit followed by `</s>`)."""
+    answers = tokenizer.convert_ids_to_tokens(res["first_token_ids"])
+    correct = sum(a == s.answer for a, s in zip(answers, samples))
+    n = len(samples)
+    return {
+        "accuracy": correct / n,
+        "correct": correct,
+        "n": n,
+        "wilson95": list(wilson_interval(correct, n)),
+        "strict_accuracy": res["accuracy"],
+        "strict_correct": res["correct"],
+    }
+
+
 def method_settings(method: str, ratio: float) -> dict:
     """Config/processor overrides for one row of the benchmark."""
     if method == "full":
@@ -119,7 +136,11 @@ def main(argv=None) -> None:
     torch.set_grad_enabled(False)
     start = time.time()
     model, processor = load(args.base, method_settings("full", 1.0))
-    full = evaluate_generate(model, processor, samples, args.batch_size, desc="full")
+    full = score(
+        evaluate_generate(model, processor, samples, args.batch_size, desc="full"),
+        samples,
+        processor.tokenizer,
+    )
     full_acc = full["accuracy"]
     results = {
         "command": "python -m benchmarks.digits.evaluate_methods "
@@ -129,14 +150,15 @@ def main(argv=None) -> None:
         "n": args.n,
         "test_seed": TEST_SEED,
         "visual_tokens_full": NUM_VISUAL_TOKENS,
-        "full": {k: full[k] for k in ("accuracy", "correct", "n", "wilson95")},
+        "metric": score.__doc__,
+        "full": full,
         "methods": methods,
         "rows": [],
     }
     if any(m in DEFT_VARIANTS for m in methods):  # the DeFT checkpoint must hold the same backbone
         model, processor = load(args.deft, method_settings("full", 1.0))
         same = evaluate_generate(model, processor, samples, args.batch_size, desc="full (deft ckpt)")
-        results["full_deft_checkpoint"] = {k: same[k] for k in ("accuracy", "correct", "n", "wilson95")}
+        results["full_deft_checkpoint"] = score(same, samples, processor.tokenizer)
     for method in methods:
         for ratio in ratios:
             k = num_kept_tokens(NUM_VISUAL_TOKENS, ratio)
@@ -158,15 +180,12 @@ def main(argv=None) -> None:
                 if method in DEFT_VARIANTS
                 else results["full"]
             )
-            res = evaluate_generate(model, processor, samples, args.batch_size, desc=f"{method}@{ratio}")
-            lo, hi = wilson_interval(res["correct"], res["n"])
-            row.update(
-                accuracy=res["accuracy"],
-                correct=res["correct"],
-                n=res["n"],
-                wilson95=[lo, hi],
-                share_of_full=res["accuracy"] / reference["accuracy"],
+            res = score(
+                evaluate_generate(model, processor, samples, args.batch_size, desc=f"{method}@{ratio}"),
+                samples,
+                processor.tokenizer,
             )
+            row.update(res, share_of_full=res["accuracy"] / reference["accuracy"])
             results["rows"].append(row)
             print(
                 f"{method:14} ratio {ratio:5.3f} K={k:2d}: {res['accuracy']:.1%} ({row['share_of_full']:.1%} of full)"
