@@ -1,0 +1,70 @@
+"""Write the model card of the shipped digits checkpoint from the measured results file.
+
+    python -m benchmarks.digits.model_card [--checkpoint checkpoints/digits-deft-llava] \
+        [--results benchmarks/results/digits_accuracy.json]
+
+Every number in the card comes from the results file (written by `benchmarks.digits.evaluate_methods`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from modeling_deft_llava.hub_card.model_card import build_model_card
+
+from modeling_deft_llava import DeftLlavaConfig
+
+
+def results_rows(results: dict) -> dict:
+    rows = {
+        "all 64 tokens": {
+            "visual tokens seen": 64.0,
+            "accuracy": round(results["full"]["accuracy"], 4),
+            "95% CI": "[{:.3f}, {:.3f}]".format(*results["full"]["wilson95"]),
+            "share of full": 1.0,
+            "strict (answer + </s>)": round(results["full"]["strict_accuracy"], 4),
+        }
+    }
+    for row in results["rows"]:
+        if row.get("accuracy") is None:
+            continue
+        rows[f"{row['method']} @ {row['retention_ratio']}"] = {
+            "visual tokens seen": round(row["mean_visual_tokens"], 1),
+            "accuracy": round(row["accuracy"], 4),
+            "95% CI": "[{:.3f}, {:.3f}]".format(*row["wilson95"]),
+            "share of full": round(row["share_of_full"], 4),
+            "strict (answer + </s>)": round(row["strict_accuracy"], 4),
+        }
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="checkpoints/digits-deft-llava")
+    parser.add_argument("--results", default="benchmarks/results/digits_accuracy.json")
+    args = parser.parse_args(argv)
+    for path in (os.path.join(args.checkpoint, "config.json"), args.results):
+        if not os.path.isfile(path):
+            parser.error(f"{path!r} not found")
+    config = DeftLlavaConfig.from_pretrained(args.checkpoint)
+    with open(args.results) as f:
+        results = json.load(f)
+    card = build_model_card(
+        config, results_rows(results), model_name="DeFT-LLaVA digits (tiny, trained here)"
+    )
+    text = str(card) + (
+        f"\n\nResults: {results['n']} held-out two-digit questions (seed {results['test_seed']}), greedy decoding; "
+        f"`accuracy` = the answer token is the right digit, `strict` = the generation is exactly the digit. "
+        f"Command: `{results['command']}`.\n"
+    )
+    tmp = os.path.join(args.checkpoint, ".README.md.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(args.checkpoint, "README.md"))
+    print(f"wrote {os.path.join(args.checkpoint, 'README.md')}")
+
+
+if __name__ == "__main__":
+    main()
