@@ -97,6 +97,7 @@ def plot(results: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     full = results["full"]["accuracy"]
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for method in results["methods"]:
         rows = sorted(
             (r["mean_visual_tokens"] / NUM_VISUAL_TOKENS, r["accuracy"])
@@ -212,6 +213,14 @@ def main(argv=None) -> None:
     atomic_write_json(args.out, results)
     plot(results, os.path.splitext(args.out)[0] + ".png")
     print(f"full-token accuracy {full_acc:.1%}; wrote {args.out}")
+
+
+def replot(path: str) -> None:
+    """Redraw the PNG of an existing results file."""
+    import json
+
+    with open(path) as f:
+        plot(json.load(f), os.path.splitext(path)[0] + ".png")
 
 
 if __name__ == "__main__":
