@@ -173,8 +173,8 @@ def test_labels_give_a_loss_and_gradients_reach_deft(fast):
         out.loss.backward()
         assert out.rtd_loss is not None and torch.isfinite(out.loss)
         for name, param in model.model.deft.named_parameters():
-            if "mixture_logits" in name:
-                assert param.grad[[0, 2]].abs().sum() > 0, name
+            if "mixture_logits" in name:  # learns from the feedback loss only (tests/test_training.py)
+                assert param.grad is None or not param.grad.any(), name
             else:
                 assert param.grad is not None and param.grad.abs().sum() > 0, name
     finally:
