@@ -179,7 +179,12 @@ def plot(results: dict, path: Path) -> None:
         axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=method)
     ideal = sorted((r["kept_share"], r["ideal_speedup"]) for r in rows if r["method"] == rows[0]["method"])
     axes[0].plot([p[0] for p in ideal], [p[1] for p in ideal], "k--", label="ideal (FLOPs)")
-    axes[1].plot([0, 1], [0, 1], "k--", label="proportional")
+    ideal_kv = sorted(
+        (r["kept_share"], r["ideal_kv_ratio"]) for r in rows if r["method"] == rows[0]["method"]
+    )
+    axes[1].plot(
+        [p[0] for p in ideal_kv], [p[1] for p in ideal_kv], "k--", label="proportional to tokens (incl. text)"
+    )
     axes[0].set(xlabel="visual tokens kept (share)", ylabel="prefill speedup (x)", title=results["shape"])
     axes[1].set(xlabel="visual tokens kept (share)", ylabel="KV cache / uncompressed", title="KV cache")
     for ax in axes:
