@@ -7,7 +7,17 @@ import math
 from .deft_settings import FULL_PLACEHOLDER_METHODS, num_kept_tokens
 
 # baselines that run inside DeftLlavaForConditionalGeneration; where each runs is its compressor's `stage`
-MODEL_METHODS = ("random", "uniform", "deco", "divprune", "visionzip", "recoverable", "tome", "fastv")
+MODEL_METHODS = (
+    "random",
+    "uniform",
+    "deco",
+    "divprune",
+    "visionzip",
+    "recoverable",
+    "tome",
+    "ficoco_v",
+    "fastv",
+)
 # stages whose processor writes all N placeholders (the model keeps K per image itself)
 FULL_PLACEHOLDER_STAGES = ("features_with_text", "language_model")
 
@@ -42,8 +52,8 @@ def validate_method(
             )
     if config is None:
         return
-    if name == "tome":
-        _validate_tome(config, num_tokens)
+    if name in ("tome", "ficoco_v"):
+        _validate_encoder_stage(name, config, num_tokens, compressor.settings)
     if name == "fastv":
         layers = config.text_config.num_hidden_layers
         cut = compressor.settings.fastv_layer
@@ -54,17 +64,28 @@ def validate_method(
             )
 
 
-def _validate_tome(config, num_tokens: int | None) -> None:
+def _validate_encoder_stage(name: str, config, num_tokens: int | None, settings) -> None:
+    """tome and ficoco_v run the CLIP layers up to the feature layer themselves: check layer and budget."""
+    from ..method_ficoco_v import ficoco_v_schedule
     from ..method_tome import tome_layers_run, tome_schedule
 
     layer = config.vision_feature_layer
     if not isinstance(layer, int) or isinstance(layer, bool):
-        raise ValueError(f"tome needs a single int vision_feature_layer, got {layer!r}")
+        raise ValueError(f"{name} needs a single int vision_feature_layer, got {layer!r}")
     if config.vision_feature_select_strategy != "default":
         raise ValueError(
-            "tome needs vision_feature_select_strategy='default' (CLS dropped, protected while merging), got "
+            f"{name} needs vision_feature_select_strategy='default' (CLS dropped, protected while merging), got "
             f"{config.vision_feature_select_strategy!r}"
         )
     run = tome_layers_run(config.vision_config.num_hidden_layers, layer)
+    if name == "ficoco_v" and not 0 <= settings.start_layer < run:
+        raise ValueError(
+            f"ficoco_v start_layer must be in [0, {run - 1}]: vision_feature_layer={layer} is the output of "
+            f"encoder layer {run - 1}, got {settings.start_layer}"
+        )
     if num_tokens is not None and config.use_deft:
-        tome_schedule(num_tokens, num_kept_tokens(num_tokens, config.deft_retention_ratio), run)
+        kept = num_kept_tokens(num_tokens, config.deft_retention_ratio)
+        if name == "tome":
+            tome_schedule(num_tokens, kept, run)
+        else:
+            ficoco_v_schedule(num_tokens, kept, run, settings.start_layer)
