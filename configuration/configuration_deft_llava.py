@@ -60,6 +60,11 @@ class DeftLlavaConfig(LlavaConfig):
         # a stock llava config.json loaded into this class must be saved back as deft_llava, never as llava
         # (a "llava" folder would silently load as the stock class and drop the DeFT weights)
         self.model_type = "deft_llava"
+        self.validate_deft()
+
+    def validate_deft(self) -> None:
+        """Every DeFT and compression-method check. Runs at construction and again when a model is built:
+        `from_pretrained(folder, **overrides)` sets overrides after construction, past `__post_init__`."""
         validate_deft_settings(**self.deft_settings_dict())
         if not isinstance(self.compression_method, str) or not self.compression_method:
             raise ValueError(f"compression_method must be a method name, got {self.compression_method!r}")

@@ -75,6 +75,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
     """`LlavaModel` whose visual features are compressed and whose position ids keep the original layout."""
 
     def __init__(self, config: DeftLlavaConfig):
+        config.validate_deft()  # overrides given to from_pretrained bypass the config's own __post_init__
         DeftLlavaPreTrainedModel.__init__(self, config)
         from transformers import AutoModel
         from transformers.models.llava.modeling_llava import LlavaMultiModalProjector

@@ -358,3 +358,15 @@ def test_truncated_weights_file_fails_loudly(tmp_path, fast):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(Exception):  # noqa: B017 - safetensors raises its own error type
         DeftLlavaForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_overrides_are_validated(tmp_path, fast):
+    # regression: overrides are set after the config's __post_init__, so they escaped validation
+    model, _ = fast
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="deft_retention_ratio"):
+        DeftLlavaForConditionalGeneration.from_pretrained(tmp_path, deft_retention_ratio=1.5)
+    with pytest.raises(ValueError, match="fastv_layer"):
+        DeftLlavaForConditionalGeneration.from_pretrained(
+            tmp_path, compression_method="fastv", compression_settings={"fastv_layer": 7}
+        )

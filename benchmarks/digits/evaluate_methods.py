@@ -61,7 +61,10 @@ def method_settings(method: str, ratio: float) -> dict:
             "deft_inference_mode": mode,
             "compression_method": "deft",
         }
-    return {"use_deft": True, "deft_retention_ratio": ratio, "compression_method": method}
+    settings = {"use_deft": True, "deft_retention_ratio": ratio, "compression_method": method}
+    if method == "ficoco_v":  # the paper starts at layer 11 of CLIP-L's 24; this tower has 3 layers
+        settings["compression_settings"] = {"start_layer": 1}
+    return settings
 
 
 def mean_visual_tokens(model, processor, samples, batch_size: int, k: int) -> float:
@@ -191,7 +194,14 @@ def main(argv=None) -> None:
                 results["rows"].append(row)
                 continue
             folder = args.deft if method in DEFT_VARIANTS else args.base
-            model, processor = load(folder, method_settings(method, ratio))
+            try:
+                model, processor = load(folder, method_settings(method, ratio))
+            except ValueError as err:  # the method's config-time check (e.g. a layer this model lacks)
+                row["accuracy"] = None
+                row["note"] = f"not applicable: {err}"
+                results["rows"].append(row)
+                print(f"{method:14} ratio {ratio:5.3f}: not applicable ({err})")
+                continue
             reference = (
                 results.get("full_deft_checkpoint", results["full"])
                 if method in DEFT_VARIANTS
