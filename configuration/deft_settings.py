@@ -142,7 +142,7 @@ DEFAULTS = DeftSettings()
 
 # methods whose processor writes every placeholder (their `stage` is "language_model" or "features_with_text";
 # `method_validation` checks the two lists agree)
-FULL_PLACEHOLDER_METHODS = ("fastv", "recoverable")
+FULL_PLACEHOLDER_METHODS = ("fastv", "ficoco_l", "recoverable")
 
 
 def placeholder_count(
@@ -156,7 +156,7 @@ def placeholder_count(
 
     The model and the processor both call this, so their counts cannot drift apart: N without compression,
     for the content-dependent RTD modes (the model drops unused placeholders) and for the methods that decide
-    inside the model's forward pass (`FULL_PLACEHOLDER_METHODS`: `fastv` prunes inside the language model,
+    inside the model's forward pass (`FULL_PLACEHOLDER_METHODS`: `fastv` prunes and `ficoco_l` merges inside the language model,
     `recoverable` needs the prompt's text; both keep K per image there), K otherwise."""
     if (
         not use_deft

@@ -17,6 +17,7 @@ MODEL_METHODS = (
     "tome",
     "ficoco_v",
     "fastv",
+    "ficoco_l",
 )
 # stages whose processor writes all N placeholders (the model keeps K per image itself)
 FULL_PLACEHOLDER_STAGES = ("features_with_text", "language_model")
@@ -30,7 +31,7 @@ def validate_method(
     Args:
         num_tokens: N patch tokens per image (None when the vision config does not say).
         num_kept: placeholders per image under this config (None without compression).
-        config: the `DeftLlavaConfig` being built, for checks that need layer counts (tome, fastv).
+        config: the `DeftLlavaConfig` being built, for checks that need layer counts (tome, fastv, ficoco_l).
     """
     from ..compression_registry import ALL_METHODS, build_compressor
 
@@ -54,12 +55,13 @@ def validate_method(
         return
     if name in ("tome", "ficoco_v"):
         _validate_encoder_stage(name, config, num_tokens, compressor.settings)
-    if name == "fastv":
+    if name in ("fastv", "ficoco_l"):
         layers = config.text_config.num_hidden_layers
-        cut = compressor.settings.fastv_layer
+        setting = compressor.layer_setting  # fastv_layer / ficoco_l_layer
+        cut = getattr(compressor.settings, setting)
         if not 1 <= cut <= layers - 1:
             raise ValueError(
-                f"fastv_layer must be in [1, {layers - 1}] for a {layers}-layer language model "
+                f"{setting} must be in [1, {layers - 1}] for a {layers}-layer language model "
                 f"(layers before it see every token, the rest the kept ones), got {cut}"
             )
 

@@ -12,6 +12,7 @@ from dataclasses import fields
 from .method_deco import DeftLlavaDecoCompressor
 from .method_divprune import DeftLlavaDivPruneCompressor
 from .method_fastv import DeftLlavaFastVCompressor
+from .method_ficoco_l import DeftLlavaFiCoCoLCompressor
 from .method_ficoco_v import DeftLlavaFiCoCoVCompressor
 from .method_random import DeftLlavaRandomCompressor
 from .method_recoverable import DeftLlavaRecoverableCompressor
@@ -32,7 +33,13 @@ COMPRESSION_METHODS: dict[str, type[TokenCompressor]] = {
     )
 }
 MODEL_STAGE_METHODS: dict[str, type[TokenCompressor]] = {
-    cls.name: cls for cls in (DeftLlavaToMeCompressor, DeftLlavaFiCoCoVCompressor, DeftLlavaFastVCompressor)
+    cls.name: cls
+    for cls in (
+        DeftLlavaToMeCompressor,
+        DeftLlavaFiCoCoVCompressor,
+        DeftLlavaFastVCompressor,
+        DeftLlavaFiCoCoLCompressor,
+    )
 }
 ALL_METHODS = {**COMPRESSION_METHODS, **MODEL_STAGE_METHODS}
 

@@ -142,6 +142,15 @@ class DeftLlavaFastVCompressor(TokenCompressor):
     name = "fastv"
     stage = "language_model"
     settings_class = FastVSettings
+    layer_setting = "fastv_layer"  # the settings field holding K
+
+    def reduce_visual(
+        self, hidden: torch.Tensor, scores: torch.Tensor, visual_items: torch.Tensor, num_kept: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What layers `K ..` see: `(batch, seq)` bool keep (text and each image's `num_kept` best-scored
+        visual tokens) and the hidden states `(batch, seq, hidden)` entering layer K (FastV: unchanged)."""
+        keep = (visual_items < 0) | keep_top_per_item(scores, visual_items, num_kept)
+        return keep, hidden
 
     def compress(self, image_features, context: CompressionContext) -> CompressionResult:
         raise TypeError("fastv prunes inside the language model: the model calls `run_language_model`")
@@ -170,9 +179,9 @@ class DeftLlavaFastVCompressor(TokenCompressor):
             prompt_length: the ranking query is token `prompt_length - 1` (default: the last input token).
             layer_gather_index: from the prefill's output, needed by decoding steps with a cache.
         """
-        layers, cut = language_model.layers, self.settings.fastv_layer
+        layers, cut = language_model.layers, getattr(self.settings, self.layer_setting)
         if not 1 <= cut < len(layers):
-            raise ValueError(f"fastv_layer must be in [1, {len(layers) - 1}], got {cut}")
+            raise ValueError(f"{self.layer_setting} must be in [1, {len(layers) - 1}], got {cut}")
         batch, seq, _ = inputs_embeds.shape
         device = inputs_embeds.device
         if use_cache and past_key_values is None:
@@ -185,12 +194,12 @@ class DeftLlavaFastVCompressor(TokenCompressor):
         )  # (batch, past + seq)
         if past and past_key_values.get_seq_length(cut) != past and layer_gather_index is None:
             raise ValueError(
-                "fastv decoding with a cache needs deft_layer_gather_index from the prefill output "
+                f"{self.name} decoding with a cache needs deft_layer_gather_index from the prefill output "
                 "(generate passes it along)"
             )
         dropping = past == 0 and visual_items is not None and bool((visual_items >= 0).any())
         if past and visual_items is not None and bool((visual_items >= 0).any()):
-            raise ValueError("fastv: images must be in the first forward (the prefill) of a sequence")
+            raise ValueError(f"{self.name}: images must be in the first forward (the prefill) of a sequence")
 
         hidden = inputs_embeds
         position_ids = position_ids.expand(batch, -1)  # (batch, seq)
@@ -202,8 +211,8 @@ class DeftLlavaFastVCompressor(TokenCompressor):
                 if dropping:
                     query = (prompt_length if prompt_length is not None else seq) - 1
                     scores = last_query_attention(layers[cut - 1], entering, embeddings, full_valid, query)
-                    keep = full_valid & (visual_items < 0)  # text stays
-                    keep |= keep_top_per_item(scores, visual_items, num_kept)
+                    keep, hidden = self.reduce_visual(hidden, scores, visual_items, num_kept)
+                    keep &= full_valid
                     layer_gather_index, packed_mask = repack_left(keep)  # (batch, seq')
                     hidden = gather_seq(hidden, layer_gather_index, 0.0)  # (batch, seq', hidden)
                     late_positions = gather_seq(position_ids, layer_gather_index, 0)  # (batch, seq')
@@ -212,7 +221,7 @@ class DeftLlavaFastVCompressor(TokenCompressor):
                 elif layer_gather_index is not None:  # decoding: the prompt part is the re-packed one
                     if not prompt_length:
                         raise ValueError(
-                            "fastv decoding with deft_layer_gather_index needs deft_prompt_length"
+                            f"{self.name} decoding with deft_layer_gather_index needs deft_prompt_length"
                         )
                     prompt = int(prompt_length)
                     late_valid = torch.cat(

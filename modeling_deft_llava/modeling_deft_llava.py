@@ -19,7 +19,7 @@ placeholders per image; nothing is re-packed. Variable budgets: the processor wr
 Baselines (`compression_method`): the model dispatches on the compressor's `stage`, never on its name:
 `"features"` compresses in `get_image_features`; `"vision_encoder"` (ToMe) runs the vision encoder itself
 (`_encode_in_vision_encoder`); `"features_with_text"` (Recoverable) compresses in `forward` once the prompt's
-text is known (`_compress_with_text`, then the re-packing path); `"language_model"` (FastV) runs the decoder
+text is known (`_compress_with_text`, then the re-packing path); `"language_model"` (FastV, FiCoCo-L) runs the decoder
 layers itself (`_language_model_forward`). Prompt-dependent decisions use the first `deft_prompt_length`
 tokens; `generate` receives it, and FastV's layer gather index, through `deft_generation_state`.
 """
@@ -636,7 +636,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         prompt_length=None,
         layer_gather_index=None,
     ):
-        """The language model; a `"language_model"` method (FastV) runs its layers itself.
+        """The language model; a `"language_model"` method (FastV, FiCoCo-L) runs its layers itself.
 
         For such a method the output's `deft_kept_indices` is temporarily the `(batch, seq)` bool of tokens
         the later layers kept and `deft_compression_scores` its `(batch, seq)` ranking (`forward` splits

@@ -10,8 +10,8 @@ from modeling_deft_llava.configuration.method_validation import MODEL_METHODS
 from test_model import GEN, batch_inputs, greedy_full_recompute
 
 METHODS = ("deft",) + MODEL_METHODS
-# per-method settings the tiny model needs (2 language-model layers: FastV drops after layer 0)
-SETTINGS = {"fastv": {"fastv_layer": 1}, "ficoco_v": {"start_layer": 0}}
+# per-method settings the tiny model needs (2 language-model layers: FastV / FiCoCo-L reduce after layer 0)
+SETTINGS = {"fastv": {"fastv_layer": 1}, "ficoco_v": {"start_layer": 0}, "ficoco_l": {"ficoco_l_layer": 1}}
 
 
 def method_settings(method: str) -> dict:
@@ -51,11 +51,15 @@ def test_bad_method_settings_fail_at_config_time():
     with pytest.raises(ValueError, match="not a perfect square"):
         tiny.config(use_deft=True, deft_retention_ratio=0.3, compression_method="deco")
     with pytest.raises(ValueError, match="cannot run inside the model"):
-        tiny.config(use_deft=True, compression_method="ficoco_l")  # not implemented
+        tiny.config(use_deft=True, compression_method="ficoco_x")
     with pytest.raises(ValueError, match="unknown settings"):
         tiny.config(use_deft=True, compression_method="visionzip", compression_settings={"bogus": 1})
     with pytest.raises(ValueError, match=r"fastv_layer must be in \[1, 1\]"):
         tiny.config(use_deft=True, compression_method="fastv")  # default 2 needs 3+ layers
+    with pytest.raises(ValueError, match=r"ficoco_l_layer must be in \[1, 1\]"):
+        tiny.config(use_deft=True, compression_method="ficoco_l")  # default 2 needs 3+ layers
+    with pytest.raises(ValueError, match="ficoco_l_layer must be an int"):
+        tiny.config(use_deft=True, compression_method="ficoco_l", compression_settings={"ficoco_l_layer": 0})
     with pytest.raises(ValueError, match="smallest reachable count is 4"):
         tiny.config(use_deft=True, deft_retention_ratio=0.0625, compression_method="tome")
     with pytest.raises(ValueError, match=r"start_layer must be in \[0, 1\]"):
