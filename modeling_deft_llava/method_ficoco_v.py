@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .method_tome import ToMeEncoding, tome_schedule
+from .method_tome import DeftLlavaToMeCompressor, tome_schedule
 from .token_compressor import CompressionContext, CompressionResult, TokenCompressor, check_range
 
 
@@ -218,33 +218,14 @@ class DeftLlavaFiCoCoVCompressor(TokenCompressor):
             "ficoco_v reduces inside the vision encoder: the model calls `encode`, not the compressor"
         )
 
-    def encode(
-        self, vision_model: nn.Module, pixel_values: torch.Tensor, layers_run: int, num_kept: int
-    ) -> ToMeEncoding:
-        """Embed `pixel_values` `(batch, C, H, W)` and run `layers_run` CLIP layers with FiCoCo-V.
+    # the encoder loop is ToMe's (`DeftLlavaToMeCompressor.encode`); FiCoCo-V changes the schedule and the step
+    encode = DeftLlavaToMeCompressor.encode
 
-        Returns a `ToMeEncoding`: `(batch, 1 + K, width)` tokens (CLS first), `(batch, K)` ascending original
-        patch of every token, `(batch, K)` sizes (patches each stands for; they sum to N per row).
-        """
-        x = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values))  # (batch, 1 + N, width)
-        batch, length, _ = x.shape
-        patch = vision_model.config.patch_size
-        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
-        schedule = ficoco_v_schedule(length - 1, num_kept, layers_run, self.settings.start_layer)
-        index = torch.arange(length, device=x.device).expand(batch, -1)  # (batch, T) original token of each
-        size = torch.ones(batch, length, device=x.device)  # (batch, T)
-        merged_yet = False
-        for layer, r in zip(vision_model.encoder.layers[:layers_run], schedule):
-            mask = None
-            if self.settings.proportional_attention and merged_yet:
-                mask = size.log().to(x.dtype)[:, None, None, :]  # (batch, 1, 1, T) additive, every query
-            normed = layer.layer_norm1(x)
-            x = x + layer.self_attn(hidden_states=normed, attention_mask=mask)[0]
-            if r > 0:
-                attention = head_mean_attention(layer, normed, mask)  # (batch, T, T)
-                step = ficoco_v_reduce(x, size, attention, index[:, 1:] - 1, r, grid, self.settings)
-                x, size = step.tokens, step.sizes
-                index = index.gather(1, step.kept_positions)
-                merged_yet = True
-            x = x + layer.mlp(layer.layer_norm2(x))
-        return ToMeEncoding(hidden_states=x, kept_indices=index[:, 1:] - 1, sizes=size[:, 1:])
+    def schedule(self, num_patches: int, num_kept: int, layers_run: int) -> list[int]:
+        return ficoco_v_schedule(num_patches, num_kept, layers_run, self.settings.start_layer)
+
+    def reduce(self, layer, x, normed, mask, size, index, r, grid):
+        """Filter-correlate-compress `r` tokens with the layer's recomputed (head-averaged) attention."""
+        attention = head_mean_attention(layer, normed, mask)  # (batch, T, T)
+        step = ficoco_v_reduce(x, size, attention, index[:, 1:] - 1, r, grid, self.settings)
+        return step.tokens, step.sizes, step.kept_positions

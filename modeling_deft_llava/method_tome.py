@@ -139,7 +139,9 @@ class DeftLlavaToMeCompressor(TokenCompressor):
         """
         x = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values))  # (batch, 1 + N, width)
         batch, length, _ = x.shape
-        schedule = tome_schedule(length - 1, num_kept, layers_run)
+        patch = vision_model.config.patch_size
+        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        schedule = self.schedule(length - 1, num_kept, layers_run)
         index = torch.arange(length, device=x.device).expand(batch, -1)  # (batch, T) original token of each
         size = torch.ones(batch, length, device=x.device)  # (batch, T)
         merged_yet = False
@@ -150,12 +152,22 @@ class DeftLlavaToMeCompressor(TokenCompressor):
             normed = layer.layer_norm1(x)
             x = x + layer.self_attn(hidden_states=normed, attention_mask=mask)[0]
             if r > 0:
-                attn = layer.self_attn
-                keys = attn.k_proj(normed).view(batch, x.shape[1], attn.num_heads, attn.head_dim)
-                merged = tome_bipartite_merge(x, size, r, metric=keys.mean(dim=2), protect_first=True)
-                x, size = merged.tokens, merged.sizes  # (batch, T - r, width), (batch, T - r)
-                index = index.gather(1, merged.kept_positions)  # (batch, T - r)
+                x, size, kept_positions = self.reduce(layer, x, normed, mask, size, index, r, grid)
+                index = index.gather(1, kept_positions)  # (batch, T - r)
                 merged_yet = True
             x = x + layer.mlp(layer.layer_norm2(x))
         # index 0 is CLS (protected, stays first); patch j is token j + 1
         return ToMeEncoding(hidden_states=x, kept_indices=index[:, 1:] - 1, sizes=size[:, 1:])
+
+    def schedule(self, num_patches: int, num_kept: int, layers_run: int) -> list[int]:
+        """Tokens removed after each layer's attention (ToMe's most even schedule)."""
+        return tome_schedule(num_patches, num_kept, layers_run)
+
+    def reduce(self, layer, x, normed, mask, size, index, r, grid):
+        """Remove `r` tokens from `x` `(batch, T, width)`: bipartite soft matching on the head-averaged keys.
+
+        Returns the new tokens, their sizes and, per row, the positions in `x` of the tokens that remain."""
+        attn = layer.self_attn
+        keys = attn.k_proj(normed).view(x.shape[0], x.shape[1], attn.num_heads, attn.head_dim)
+        merged = tome_bipartite_merge(x, size, r, metric=keys.mean(dim=2), protect_first=True)
+        return merged.tokens, merged.sizes, merged.kept_positions
