@@ -6,6 +6,9 @@ from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig
 
 from .deft_settings import DEFAULTS, DeftSettings, placeholder_count, validate_deft_settings
+from .supported_versions import check_transformers_version
+
+check_transformers_version()  # a clear ImportError outside the tested range (also in a Hub folder)
 
 # methods the model can run; "deft" is the DeFT pipeline, the others are baselines (issue: baselines)
 DEFT_METHOD = "deft"

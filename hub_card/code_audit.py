@@ -1,7 +1,8 @@
 """`audit_published_code`: static checks on the Python files of a Hub folder before anyone runs them.
 
 Users run this code with `trust_remote_code=True`, so it must be boring: imports only from an allow-list (torch,
-transformers, safetensors, huggingface_hub, numpy, PIL, tokenizers and the standard library, minus its network,
+transformers, safetensors, huggingface_hub, numpy, PIL, tokenizers, packaging (a dependency of transformers,
+for the version guard) and the standard library, minus its network,
 process and pickle modules), no `eval`/`exec`/`compile`/`__import__`, no pickle (`torch.load` included), no Hub
 download helpers, and relative imports only in the flat `from .module import X` form.
 """
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 ALLOWED_PACKAGES = frozenset(
-    {"torch", "transformers", "safetensors", "huggingface_hub", "numpy", "PIL", "tokenizers"}
+    {"torch", "transformers", "safetensors", "huggingface_hub", "numpy", "PIL", "tokenizers", "packaging"}
 )
 # standard-library modules that reach the network, spawn processes, load native code or unpickle
 FORBIDDEN_STDLIB = frozenset(

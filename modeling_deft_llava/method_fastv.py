@@ -15,6 +15,7 @@ from transformers.cache_utils import DynamicCache
 
 from .sequence_packing import gather_seq, repack_left, scatter_seq
 from .token_compressor import CompressionContext, CompressionResult, TokenCompressor
+from .transformers_compat import cache_kwargs
 
 
 @dataclass(frozen=True)
@@ -238,8 +239,8 @@ class DeftLlavaFastVCompressor(TokenCompressor):
                 hidden,
                 attention_mask=mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                **cache_kwargs(past_key_values),
                 position_embeddings=embeddings,
             )
         hidden = language_model.norm(hidden)

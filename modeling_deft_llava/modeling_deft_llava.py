@@ -53,6 +53,13 @@ from .original_positions import original_position_ids, scatter_rows
 from .sequence_packing import gather_seq, repack_left
 from .token_compressor import CompressionContext
 from .token_dictionary import sample_is_uncertain
+from .transformers_compat import (
+    cache_kwargs,
+    cache_of,
+    resolve_cache_argument,
+    rewind_cache,
+    visual_output_fields,
+)
 from .vision_attention import cls_attention
 
 
@@ -61,6 +68,8 @@ class DeftLlavaPreTrainedModel(LlavaPreTrainedModel):
     config: DeftLlavaConfig
     config_class = DeftLlavaConfig
     input_modalities = ("image", "video", "text")
+    # the saliency MLP's output bias of earlier checkpoints (see `SaliencyScorer`): it never changed an output
+    _keys_to_ignore_on_load_unexpected = [r"deft\.saliency_scorer\.mlp\.4\.bias$"]
     _no_split_modules = [
         "CLIPEncoderLayer",
         "SiglipEncoderLayer",
@@ -477,6 +486,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         deft_token_gradients: list | None = None,
         deft_prompt_length: int | None = None,
         deft_layer_gather_index: torch.LongTensor | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> DeftLlavaModelOutputWithPast:
         """LLaVA forward with compressed visual tokens.
@@ -494,7 +504,10 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
 
         When visual tokens are present and compression is on, `position_ids` is computed here from
         `attention_mask` (original layout, gaps kept) unless `deft_keep_original_positions=False`.
+
+        The cache may be passed as `cache` (transformers >= 5.24) or `past_key_values` (earlier releases).
         """
+        past_key_values = resolve_cache_argument(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if (
@@ -613,9 +626,8 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         if stage in ("features_with_text", "language_model"):
             state["deft_prompt_length"] = prompt_length  # later steps decide on the same prompt
         outputs.deft_generation_state = state or None
-        outputs.image_hidden_states = (
-            torch.cat(list(image_out.pooler_output)) if image_out is not None else None
-        )
+        for key, value in visual_output_fields(image_out, video_out).items():
+            setattr(outputs, key, value)
         outputs.deft_position_ids = position_ids
         outputs.deft_attention_mask = compact_mask
         outputs.deft_gather_index = gather_index
@@ -673,7 +685,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 state = {"deft_layer_gather_index": run.layer_gather_index}
             return DeftLlavaModelOutputWithPast(
                 last_hidden_state=run.last_hidden_state,
-                past_key_values=run.past_key_values,
+                **cache_kwargs(run.past_key_values),
                 deft_kept_indices=run.keep,
                 deft_compression_scores=run.scores,
                 deft_generation_state=state,
@@ -681,13 +693,13 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
+            **cache_kwargs(past_key_values),
             **kwargs,
         )
         return DeftLlavaModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            **cache_kwargs(cache_of(outputs)),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -750,10 +762,13 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
         deft_token_gradients: list | None = None,
         deft_prompt_length: int | None = None,
         deft_layer_gather_index: torch.LongTensor | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> DeftLlavaCausalLMOutputWithPast:
         r"""LLaVA forward with compression. `deft_token_gradients`, `deft_prompt_length`,
-        `deft_layer_gather_index`: see `DeftLlavaModel.forward`."""
+        `deft_layer_gather_index`: see `DeftLlavaModel.forward`. The cache may be passed as `cache`
+        (transformers >= 5.24) or `past_key_values` (earlier releases)."""
+        past_key_values = resolve_cache_argument(cache, past_key_values)
         mm_encoder_outputs = dict(mm_encoder_outputs) if mm_encoder_outputs is not None else {}
         adaptive = (
             self.config.use_deft
@@ -789,6 +804,7 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
             deft_prompt_length=deft_prompt_length,
             deft_layer_gather_index=deft_layer_gather_index,
         )
+        cached_before = past_key_values.get_seq_length() if past_key_values is not None else 0
         outputs = self.model(**model_kwargs, **kwargs)
         has_visual = outputs.image_features_output is not None or outputs.video_features_output is not None
         reconstructed = None
@@ -798,8 +814,8 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
                 last_logits, self.config.deft_rtd_entropy_threshold, self.config.deft_rtd_confidence_threshold
             )
             if bool(reconstructed.any()):
-                if past_key_values is not None:
-                    past_key_values.reset()
+                if past_key_values is not None:  # earlier turns stay, this prefill is dropped
+                    rewind_cache(past_key_values, cached_before)
                 outputs = self.model(**model_kwargs, deft_reconstruct=reconstructed, **kwargs)
 
         hidden_states = outputs.last_hidden_state
@@ -826,10 +842,10 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
         return DeftLlavaCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
+            **cache_kwargs(cache_of(outputs)),
+            **visual_output_fields(outputs.image_features_output, outputs.video_features_output),
             lm_loss=lm_loss,
             rtd_loss=rtd_loss,
             feedback_loss=feedback_loss,
@@ -856,7 +872,7 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
             if model_kwargs.get(key) is None:  # the prefill's value holds for the whole generation
                 model_kwargs[key] = value
         positions = getattr(outputs, "deft_position_ids", None)
-        if positions is not None and getattr(outputs, "past_key_values", None) is not None:
+        if positions is not None and cache_of(outputs) is not None:
             model_kwargs["position_ids"] = positions
             if outputs.deft_attention_mask is not None:
                 model_kwargs["attention_mask"] = outputs.deft_attention_mask

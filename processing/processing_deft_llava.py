@@ -8,6 +8,9 @@ from transformers import LlavaProcessor
 from transformers.image_utils import get_image_size, to_numpy_array
 
 from ..configuration.deft_settings import DEFAULTS, placeholder_count, validate_deft_settings
+from ..configuration.supported_versions import check_transformers_version
+
+check_transformers_version()  # a clear ImportError outside the tested range (also in a Hub folder)
 
 # the DeFT keys a processor needs (same names and defaults as the config)
 PROCESSOR_DEFT_KEYS = ("use_deft", "deft_retention_ratio", "deft_inference_mode", "compression_method")

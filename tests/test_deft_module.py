@@ -101,10 +101,15 @@ def test_properties(batch, rows, cols, frames, ratio, modality, dtype, seed):
     for b in range(batch):
         if dropped[b].any():
             assert out.scores[b, out.kept_indices[b]].min() >= out.scores[b, dropped[b]].max()
-    # batch rows equal single-sample runs
+    # batch rows equal single-sample runs: the same scores up to round-off (a batched matmul may differ from a
+    # single-row one in the last bits), and the same choice wherever the k-th and (k+1)-th scores are apart
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
     for b in range(batch):
         single = deft(tokens=tokens[b : b + 1], modality=modality, spatial_shape=shape)
-        assert torch.equal(single.kept_indices[0], out.kept_indices[b])
+        torch.testing.assert_close(single.scores[0].float(), out.scores[b].float(), rtol=0, atol=tol)
+        ranked = out.scores[b].float().sort(descending=True).values
+        if k == n or ranked[k - 1] - ranked[k] > 2 * tol:
+            assert torch.equal(single.kept_indices[0], out.kept_indices[b])
     # determinism
     again = deft(tokens=tokens, modality=modality, spatial_shape=shape)
     assert torch.equal(again.kept_indices, out.kept_indices)

@@ -553,3 +553,40 @@ def test_dry_run_command_validates_and_carries_given_results(saved_source, tmp_p
     assert main([str(saved_source), "a/b", "--dry-run", str(out), "--results", str(results)]) == 0
     assert "| digits accuracy | 0.5 |" in (out / "README.md").read_text()
     assert main([str(saved_source), "a/b", "--dry-run", str(out)]) == 1  # never overwrites OUT
+
+
+@pytest.mark.parametrize("fake_version", ["5.17.0", "5.99.0", "6.0.0"])
+def test_exported_code_refuses_an_unsupported_transformers_at_import(exported, tmp_path, fake_version):
+    """The Hub folder's own code checks the installed transformers before anything runs."""
+    from modeling_deft_llava.configuration.supported_versions import supported_transformers_range
+
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        import isolated_check as c
+        sys.path.pop(0)
+        c._strip_project(sys.argv[4:], block=False)
+        import transformers
+        transformers.__version__ = sys.argv[3]
+        from transformers import AutoConfig
+        try:
+            AutoConfig.from_pretrained(sys.argv[2], trust_remote_code=True)
+        except ImportError as error:
+            print("IMPORT-ERROR:", error)
+        """
+    )
+    script_dir = str(Path(isolated_check.__file__).parent)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", code, script_dir, str(exported["folder"]), fake_version]
+        + isolated_check.project_roots(),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert (
+        f"IMPORT-ERROR: DeFT-LLaVA supports transformers {supported_transformers_range()}" in proc.stdout
+    ), proc.stdout + proc.stderr[-2000:]
+    assert f"transformers {fake_version} is installed" in proc.stdout
