@@ -16,6 +16,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..configuration.deft_settings import DeftSettings, placeholder_count
+from ..configuration.supported_versions import PEFT_BELOW, PEFT_MIN, supported_transformers_range
 
 TEMPLATE_PATH = Path(__file__).with_name("template.md")
 TAGS = ("deft", "llava", "token-compression", "image-text-to-text", "custom_code")
@@ -165,6 +166,8 @@ def build_model_card(
         results_header=header,
         results_rows=rows,
         citation=CITATION,
+        transformers_range=supported_transformers_range(),
+        peft_range=f">={PEFT_MIN},<{PEFT_BELOW}",
     )
 
 

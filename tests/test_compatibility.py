@@ -113,3 +113,9 @@ def test_saliency_output_layer_has_no_bias_and_older_state_dicts_still_load():
     a = deft(tokens=tokens, modality="image", spatial_shape=(4, 4))
     b = fresh(tokens=tokens, modality="image", spatial_shape=(4, 4))
     assert torch.equal(a.kept_indices, b.kept_indices)
+
+
+def test_readme_states_the_supported_range():
+    readme = (ROOT / "README.md").read_text()
+    assert f"`transformers{sv.supported_transformers_range()}`" in readme
+    assert f"`peft>={sv.PEFT_MIN},<{sv.PEFT_BELOW}`" in readme

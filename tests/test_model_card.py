@@ -122,3 +122,15 @@ def test_usage_snippet_runs_as_written_without_the_project(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = proc.stdout.strip().splitlines()
     assert len(printed) == 1 and len(printed[0].split()) == 32, proc.stdout  # max_new_tokens=32 words
+
+
+def test_card_states_the_supported_versions(config):
+    from modeling_deft_llava.configuration.supported_versions import (
+        PEFT_BELOW,
+        PEFT_MIN,
+        supported_transformers_range,
+    )
+
+    usage = _section(str(build_model_card(config, None, None)), "Usage")
+    assert f"`transformers{supported_transformers_range()}`" in usage
+    assert f"`peft>={PEFT_MIN},<{PEFT_BELOW}`" in usage
