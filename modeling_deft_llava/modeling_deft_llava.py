@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import copy
 import math
+import zlib
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaModel
+from transformers import initialization as hf_init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import (
@@ -50,6 +52,7 @@ from .modeling_outputs_deft_llava import (
     DeftVisualFeaturesOutput,
 )
 from .original_positions import original_position_ids, scatter_rows
+from .score_mixer import ScoreMixer
 from .sequence_packing import gather_seq, repack_left
 from .token_compressor import CompressionContext
 from .token_dictionary import sample_is_uncertain
@@ -70,6 +73,28 @@ class DeftLlavaPreTrainedModel(LlavaPreTrainedModel):
     input_modalities = ("image", "video", "text")
     # the saliency MLP's output bias of earlier checkpoints (see `SaliencyScorer`): it never changed an output
     _keys_to_ignore_on_load_unexpected = [r"deft\.saliency_scorer\.mlp\.4\.bias$"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """LLaVA's initialisation, except for the DeFT modules, which transformers would leave uninitialised
+        (`ScoreMixer.mixture_logits`) or draw from the global RNG (so two loads of a stock checkpoint differed).
+
+        DeFT parameters a checkpoint lacks get defined, load-independent values: `mixture_logits` = 0 (equal
+        weights, 1/3 each), every `nn.Linear` PyTorch's default scheme (weight Kaiming-uniform with a = sqrt(5),
+        bias U(-1/sqrt(fan_in), 1/sqrt(fan_in))) drawn from a generator seeded with the CRC-32 of the layer's
+        name inside `DeFTModule` (`_deft_init_seed`, set by `DeftLlavaModel`). Loaded parameters are untouched
+        (transformers' guarded init functions skip them)."""
+        seed = getattr(module, "_deft_init_seed", None)
+        if seed is None:
+            super()._init_weights(module)
+            return
+        if isinstance(module, ScoreMixer):
+            hf_init.zeros_(module.mixture_logits)
+        elif isinstance(module, nn.Linear) and module.weight.device.type != "meta":
+            generator = torch.Generator(device=module.weight.device).manual_seed(seed)
+            hf_init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+            if module.bias is not None:
+                bound = 1.0 / math.sqrt(module.in_features) if module.in_features > 0 else 0.0
+                hf_init.uniform_(module.bias, -bound, bound, generator=generator)
     _no_split_modules = [
         "CLIPEncoderLayer",
         "SiglipEncoderLayer",
@@ -115,6 +140,8 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 feedback_loss_weight=config.deft_feedback_loss_weight,
                 rtd_loss_weight=config.deft_rtd_loss_weight,
             )
+            for name, module in self.deft.named_modules():  # see DeftLlavaPreTrainedModel._init_weights
+                module._deft_init_seed = zlib.crc32(name.encode())
         self.post_init()
 
     # ------------------------------------------------------------------ encoding + compression

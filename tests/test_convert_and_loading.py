@@ -132,3 +132,27 @@ def test_num_multimodal_tokens_follow_the_budget():
     processor = tiny.processor(use_deft=True, deft_retention_ratio=0.25)
     data = processor._get_num_multimodal_tokens(image_sizes=[[32, 32], [32, 32]])
     assert data.num_image_tokens == [4, 4]
+
+
+def test_new_deft_weights_are_defined_and_identical_on_every_load(tmp_path):
+    """transformers 5 allocates parameters a checkpoint lacks empty and relies on `_init_weights`: before, the
+    mixture logits held leftover memory (1e23, 1e-41, ...) and the Linear layers came from the global RNG, so
+    two loads of one stock folder kept different tokens."""
+    _, legacy, _ = _stock_folders(tmp_path)
+    loads = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)  # the global RNG must not matter
+        model = DeftLlavaForConditionalGeneration.from_pretrained(legacy, use_deft=True)
+        loads.append({k: v.clone() for k, v in model.model.deft.state_dict().items()})
+    assert loads[0].keys() == loads[1].keys() and loads[0]
+    for key in loads[0]:
+        assert torch.equal(loads[0][key], loads[1][key]), key
+        assert torch.isfinite(loads[0][key]).all(), key
+    assert torch.equal(loads[0]["score_mixer.mixture_logits"], torch.zeros(3))  # equal weights, 1/3 each
+    fc1 = loads[0]["semantic_abstraction.fc1.weight"]
+    bound = 1 / fc1.shape[1] ** 0.5  # PyTorch's default Linear scheme: |w| <= 1/sqrt(fan_in)
+    assert fc1.abs().max() <= bound and fc1.std() > bound / 4
+    # a freshly built model draws the same values
+    fresh = DeftLlavaForConditionalGeneration(model.config)
+    for key, value in fresh.model.deft.state_dict().items():
+        assert torch.equal(value, loads[0][key]), key
