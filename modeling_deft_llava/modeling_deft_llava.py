@@ -95,6 +95,7 @@ class DeftLlavaPreTrainedModel(LlavaPreTrainedModel):
             if module.bias is not None:
                 bound = 1.0 / math.sqrt(module.in_features) if module.in_features > 0 else 0.0
                 hf_init.uniform_(module.bias, -bound, bound, generator=generator)
+
     _no_split_modules = [
         "CLIPEncoderLayer",
         "SiglipEncoderLayer",
