@@ -87,17 +87,20 @@ def last_query_attention(
     return logits.softmax(dim=-1).mean(dim=1)  # (batch, seq)
 
 
-def causal_mask(key_valid: torch.Tensor, query_length: int) -> torch.Tensor:
-    """`(batch, 1, q, kv)` bool (True = attend) for the last `query_length` of `kv` tokens.
+def causal_mask(key_valid: torch.Tensor, query_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """`(batch, 1, q, kv)` ADDITIVE mask (0 = attend, the dtype's minimum = masked) for the last `query_length`
+    of `kv` tokens.
 
-    Query i sits at key index `kv - q + i` and sees the valid keys up to itself; it always sees itself, so a
-    padding query gets a finite (unused) output instead of NaN under SDPA."""
+    Additive, not boolean: eager attention adds the mask to the scores (a boolean mask there masks nothing),
+    SDPA accepts both. Query i sits at key index `kv - q + i` and sees the valid keys up to itself; it always
+    sees itself, so a padding query gets a finite (unused) output instead of NaN."""
     kv = key_valid.shape[1]
     keys = torch.arange(kv, device=key_valid.device)
     here = torch.arange(query_length, device=key_valid.device) + kv - query_length  # (q,)
     allowed = (keys <= here.unsqueeze(1)) & key_valid.bool().unsqueeze(1)  # (batch, q, kv)
     allowed = allowed | (keys == here.unsqueeze(1))
-    return allowed.unsqueeze(1)
+    blocked = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
+    return blocked.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
 @dataclass
@@ -185,6 +188,12 @@ class DeftLlavaFastVCompressor(TokenCompressor):
             raise ValueError(f"{self.layer_setting} must be in [1, {len(layers) - 1}], got {cut}")
         batch, seq, _ = inputs_embeds.shape
         device = inputs_embeds.device
+        if getattr(past_key_values, "is_compileable", False):
+            raise ValueError(
+                f"{self.name} prunes tokens inside the language model, so its later layers hold a shorter cache "
+                "than its first ones: it needs a dynamic cache, not a static one (generate without "
+                "cache_implementation='static', or with cache_implementation='dynamic')"
+            )
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=language_model.config)
         past = past_key_values.get_seq_length(0) if past_key_values is not None else 0
@@ -205,7 +214,7 @@ class DeftLlavaFastVCompressor(TokenCompressor):
         hidden = inputs_embeds
         position_ids = position_ids.expand(batch, -1)  # (batch, seq)
         embeddings = language_model.rotary_emb(hidden, position_ids)  # (cos, sin) (batch, seq, head_dim)
-        mask = causal_mask(full_valid, seq)
+        mask = causal_mask(full_valid, seq, hidden.dtype)
         keep = scores = entering = None
         for i, layer in enumerate(layers):
             if i == cut:
@@ -218,7 +227,7 @@ class DeftLlavaFastVCompressor(TokenCompressor):
                     hidden = gather_seq(hidden, layer_gather_index, 0.0)  # (batch, seq', hidden)
                     late_positions = gather_seq(position_ids, layer_gather_index, 0)  # (batch, seq')
                     embeddings = language_model.rotary_emb(hidden, late_positions)
-                    mask = causal_mask(packed_mask.bool(), hidden.shape[1])
+                    mask = causal_mask(packed_mask.bool(), hidden.shape[1], hidden.dtype)
                 elif layer_gather_index is not None:  # decoding: the prompt part is the re-packed one
                     if not prompt_length:
                         raise ValueError(
@@ -232,7 +241,7 @@ class DeftLlavaFastVCompressor(TokenCompressor):
                         ],
                         dim=1,
                     )  # (batch, seq' + generated so far)
-                    mask = causal_mask(late_valid, seq)
+                    mask = causal_mask(late_valid, seq, hidden.dtype)
             if i == cut - 1:
                 entering = hidden  # (batch, seq, hidden) the input of the ranking layer
             hidden = layer(

@@ -575,11 +575,15 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         batch, seq = inputs_embeds.shape[:2]
         device = inputs_embeds.device
         prompt_length = seq if deft_prompt_length is None else int(deft_prompt_length)
-        valid = (
-            attention_mask.bool()
-            if attention_mask is not None
-            else torch.ones(batch, seq, dtype=torch.bool, device=device)
-        )
+        if attention_mask is not None and attention_mask.dim() != 2:
+            self._refuse_4d_mask(attention_mask)
+            valid = torch.ones(batch, seq, dtype=torch.bool, device=device)  # compression off: unused
+        else:
+            valid = (
+                attention_mask.bool()
+                if attention_mask is not None
+                else torch.ones(batch, seq, dtype=torch.bool, device=device)
+            )
         stage = self.compression_stage
         image_mask = None
         if image_out is not None:
@@ -665,6 +669,16 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         outputs.deft_num_reconstructed = num_reconstructed
         return outputs
 
+    def _refuse_4d_mask(self, attention_mask: torch.Tensor) -> None:
+        """A 4-D attention mask passes through to the language model only when compression is off: compression
+        needs the 2-D padding mask (original positions, re-packing, in-LLM pruning). `generate` keeps the 2-D
+        mask for this model (`create_masks_for_generate`)."""
+        if self.compression_active:
+            raise ValueError(
+                f"attention_mask of shape {tuple(attention_mask.shape)}: with use_deft=True the model needs the "
+                "2-D (batch, sequence) padding mask (1 = token, 0 = padding) and builds the attention masks itself"
+            )
+
     def _language_model_forward(
         self,
         inputs_embeds,
@@ -682,6 +696,8 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         the later layers kept and `deft_compression_scores` its `(batch, seq)` ranking (`forward` splits
         them per image)."""
         if self.compression_stage == "language_model":
+            if attention_mask is not None and attention_mask.dim() != 2:
+                self._refuse_4d_mask(attention_mask)
             asked = [k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)]
             if asked:
                 raise ValueError(
@@ -770,6 +786,15 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
 
     def get_video_features(self, pixel_values_videos: torch.Tensor, **kwargs):
         return self.model.get_video_features(pixel_values_videos=pixel_values_videos, **kwargs)
+
+    def create_masks_for_generate(self, *args, attention_mask=None, **kwargs):
+        """Keep the 2-D padding mask in `generate`.
+
+        With a compileable (static) cache, `generate` would turn the 2-D mask into a 4-D one before `forward`;
+        compression needs the 2-D mask (original positions, re-packing, in-LLM pruning) and the language model
+        builds its own 4-D mask from it for any cache, so the 2-D mask is passed on unchanged. (A hook of
+        `GenerationMixin.prepare_inputs_for_generation`, see `transformers_compat`.)"""
+        return attention_mask
 
     @can_return_tuple
     def forward(

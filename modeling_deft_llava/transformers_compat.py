@@ -30,6 +30,8 @@ Stable across the supported range (relied on, re-checked on every supported vers
 6. `GenerationMixin._update_model_kwargs_for_generation` (overridden: hands the kept original positions, the
    compacted mask and `deft_generation_state` back to `generate`) extends `position_ids` by last + 1 per step.
    `generate` validates model kwargs against the named parameters of `forward` (hence named `deft_*` args).
+   `prepare_inputs_for_generation` calls `self.create_masks_for_generate` (overridden to keep the 2-D mask for
+   static caches: compression needs it, the language model builds its own 4-D mask).
 7. Loading: `from_pretrained(key_mapping=...)` (legacy llava-hf key layout), `_tied_weights_keys` as a dict,
    `_keys_to_ignore_on_load_unexpected`, `_init_weights` / `post_init`, `LlavaMultiModalProjector` and
    `LlavaPreTrainedModel` from `transformers.models.llava.modeling_llava`, `can_return_tuple` from

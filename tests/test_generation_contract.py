@@ -1,0 +1,102 @@
+"""Generation behaves like stock LLaVA wherever compression does not require otherwise (issue 12).
+
+Attention masks that are not 2-D and static caches; eager attention inside the in-LLM methods."""
+
+from __future__ import annotations
+
+import pytest
+import tiny
+import torch
+from test_model import GEN, batch_inputs
+from test_model_methods import method_settings
+
+ATTENTION = ("sdpa", "eager")
+
+
+def _pair(attn):
+    model = tiny.model(use_deft=False)
+    stock = tiny.stock_twin(model)
+    model.set_attn_implementation(attn)
+    stock.set_attn_implementation(attn)
+    return model, stock
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_compression_off_generates_like_stock_with_every_cache(attn, cache):
+    """Before: a static cache made `generate` pass a 4-D mask that `forward` read as 2-D (size mismatch)."""
+    model, stock = _pair(attn)
+    inputs = batch_inputs(tiny.processor(use_deft=False))  # padded batch
+    kw = dict(GEN, cache_implementation=cache, output_scores=True, return_dict_in_generate=True)
+    ours, theirs = model.generate(**inputs, **kw), stock.generate(**inputs, **kw)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for a, b in zip(ours.scores, theirs.scores):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_a_4d_mask_passes_through_when_compression_is_off(attn):
+    model, stock = _pair(attn)
+    inputs = batch_inputs(tiny.processor(use_deft=False))
+    mask = inputs["attention_mask"].bool()
+    seq = mask.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    four_d = (causal & mask[:, None, :])[:, None]  # (batch, 1, seq, seq), True = attend
+    four_d = four_d | torch.eye(seq, dtype=torch.bool)  # padding queries see themselves (finite rows)
+    additive = torch.zeros(four_d.shape).masked_fill(~four_d, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        ours = model(**dict(inputs, attention_mask=additive)).logits
+        theirs = stock(**dict(inputs, attention_mask=additive)).logits
+    torch.testing.assert_close(ours[mask], theirs[mask], rtol=0, atol=1e-5)
+
+
+def test_a_4d_mask_with_compression_is_refused_clearly():
+    settings = method_settings("deft")
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    inputs = batch_inputs(processor)
+    seq = inputs["input_ids"].shape[1]
+    with pytest.raises(
+        ValueError, match=r"attention_mask of shape \(2, 1, \d+, \d+\).*2-D \(batch, sequence\)"
+    ):
+        model(**dict(inputs, attention_mask=torch.zeros(2, 1, seq, seq)))
+
+
+@pytest.mark.parametrize("method", ["deft", "random", "tome", "recoverable"])
+def test_static_cache_generates_like_the_dynamic_cache(method):
+    settings = method_settings(method)
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    model.set_attn_implementation("eager")  # eager always received the 4-D mask
+    inputs = batch_inputs(processor)
+    dynamic = model.generate(**inputs, **GEN)
+    assert torch.equal(model.generate(**inputs, **GEN, cache_implementation="static"), dynamic)
+    single = processor(images=tiny.images(2)[:1], text=[tiny.prompt(1)], return_tensors="pt")
+    assert torch.equal(
+        model.generate(**single, **GEN, cache_implementation="static")[0, -4:], dynamic[0, -4:]
+    )
+
+
+@pytest.mark.parametrize("method", ["fastv", "ficoco_l"])
+def test_in_llm_methods_refuse_a_static_cache_with_a_clear_message(method):
+    settings = method_settings(method)
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    single = processor(images=tiny.images(1), text=[tiny.prompt(1)], return_tensors="pt")
+    with pytest.raises(ValueError, match=f"{method} prunes tokens inside the language model.*dynamic cache"):
+        model.generate(**single, **GEN, cache_implementation="static")
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+@pytest.mark.parametrize("method", ["fastv", "ficoco_l"])
+def test_in_llm_methods_keeping_every_token_equal_the_uncompressed_model(method, attn):
+    """Before: the layer runner's boolean mask was ADDED to the scores under eager attention (nothing masked):
+    0.17 logit difference at ratio 1.0 and padded rows changed their answers."""
+    settings = dict(method_settings(method), deft_retention_ratio=1.0)
+    model, off = tiny.model(**settings), tiny.model(use_deft=False)
+    model.set_attn_implementation(attn)
+    off.set_attn_implementation(attn)
+    inputs = batch_inputs(tiny.processor(**settings))
+    valid = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(**inputs).logits[valid], off(**inputs).logits[valid], rtol=0, atol=1e-5
+        )
+    assert torch.equal(model.generate(**inputs, **GEN), off.generate(**inputs, **GEN))
