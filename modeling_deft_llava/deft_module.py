@@ -260,7 +260,18 @@ class DeFTModule(nn.Module):
             ),
             token_mask,
         )
-        mixed, beta = self.score_mixer({"semantic": s_sem, "feedback": s_fb, "group": s_group})
+        components = {"semantic": s_sem, "feedback": s_fb, "group": s_group}
+        mixed, beta = self.score_mixer(components)
+        if not bool(torch.isfinite(mixed if token_mask is None else mixed[token_mask]).all()):
+            # never hand NaN/inf to the top-k: it would silently keep arbitrary tokens
+            bad = [
+                name for name, c in components.items() if c is not None and not bool(torch.isfinite(c).all())
+            ]
+            raise ValueError(
+                f"DeFT scores are not finite (component(s) {bad}; tokens {tuple(tokens.shape)} {tokens.dtype}, "
+                f"DeFT weights {self.semantic_abstraction.fc1.weight.dtype}): check token_gradients for "
+                "NaN/inf, and run the DeFT module in float32 or bfloat16 if float16 overflows"
+            )
         if token_mask is not None:
             mixed = mixed.masked_fill(~token_mask, float("-inf"))
         info = {"mixture_weights": beta, "s_sem": s_sem, "s_fb": s_fb, "s_group": s_group}

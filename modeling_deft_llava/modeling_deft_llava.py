@@ -71,6 +71,9 @@ class DeftLlavaPreTrainedModel(LlavaPreTrainedModel):
     config: DeftLlavaConfig
     config_class = DeftLlavaConfig
     input_modalities = ("image", "video", "text")
+    # the mixture logits stay float32 when loading in float16: a large logit would overflow and make the
+    # mixture NaN (bf16 has the float32 range); the mixer also computes its softmax in float32
+    _keep_in_fp32_modules = ["score_mixer"]
     # the saliency MLP's output bias of earlier checkpoints (see `SaliencyScorer`): it never changed an output
     _keys_to_ignore_on_load_unexpected = [r"deft\.saliency_scorer\.mlp\.4\.bias$"]
 

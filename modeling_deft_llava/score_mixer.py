@@ -39,8 +39,20 @@ class ScoreMixer(nn.Module):
         self.mixture_logits = nn.Parameter(torch.zeros(len(COMPONENTS)))
 
     def weights(self, present: tuple[str, ...] = COMPONENTS) -> dict[str, torch.Tensor]:
+        """`beta` over the `present` components, float32 whatever the parameter's dtype.
+
+        Raises:
+            ValueError: a present component's logit is not finite (e.g. a large logit cast to float16).
+        """
         idx = [COMPONENTS.index(name) for name in present]
-        beta = torch.softmax(self.mixture_logits[idx], dim=0)
+        logits = self.mixture_logits[idx].float()
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError(
+                f"DeFT mixture_logits for {list(present)} are not finite ({logits.tolist()}, stored as "
+                f"{self.mixture_logits.dtype}): keep the score mixer in float32 (from_pretrained(dtype=...) "
+                "does) or re-train the mixture"
+            )
+        beta = torch.softmax(logits, dim=0)
         return {name: beta[i] for i, name in enumerate(present)}
 
     def forward(

@@ -100,3 +100,49 @@ def test_in_llm_methods_keeping_every_token_equal_the_uncompressed_model(method,
             model(**inputs).logits[valid], off(**inputs).logits[valid], rtol=0, atol=1e-5
         )
     assert torch.equal(model.generate(**inputs, **GEN), off.generate(**inputs, **GEN))
+
+
+# ------------------------------------------------------------------------------------------ numerics
+def test_float16_load_keeps_the_mixture_in_float32_and_scores_finite(tmp_path):
+    """Before: float16 turned large mixture logits into -inf, the mixture weights and every DeFT score into NaN,
+    and top-k kept arbitrary tokens (the shipped checkpoint fell from 98.4% to 53.1%)."""
+    from modeling_deft_llava import DeftLlavaForConditionalGeneration
+
+    settings = method_settings("deft")
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    with torch.no_grad():
+        model.model.deft.score_mixer.mixture_logits.copy_(torch.tensor([-2.5e23, 3.1e-41, -2.1e23]))
+    model.save_pretrained(tmp_path / "m")
+    inputs = batch_inputs(processor)
+    half = DeftLlavaForConditionalGeneration.from_pretrained(tmp_path / "m", dtype=torch.float16).eval()
+    assert half.model.deft.score_mixer.mixture_logits.dtype == torch.float32
+    assert half.model.language_model.embed_tokens.weight.dtype == torch.float16
+    with torch.no_grad():
+        out = half(**dict(inputs, pixel_values=inputs["pixel_values"].half()))
+        reference = model(**inputs)
+    assert torch.isfinite(out.compression_scores).all()
+    assert {k: float(v) for k, v in out.mixture_weights.items()} == {
+        k: float(v) for k, v in reference.mixture_weights.items()
+    }
+
+
+def test_a_float16_mixture_that_overflowed_is_refused_clearly():
+    settings = method_settings("deft")
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    with torch.no_grad():
+        model.model.deft.score_mixer.mixture_logits.copy_(torch.tensor([-2.5e23, 0.0, -2.1e23]))
+    model.half()  # a plain cast: the logits overflow to -inf
+    inputs = batch_inputs(processor)
+    with pytest.raises(ValueError, match="mixture_logits .* are not finite"):
+        model(**dict(inputs, pixel_values=inputs["pixel_values"].half()))
+
+
+def test_non_finite_scores_never_reach_the_top_k():
+    from modeling_deft_llava import DeFTModule
+
+    deft = DeFTModule(token_dim=16, semantic_dim=8, saliency_hidden_dim=8, retention_ratio=0.5)
+    tokens = torch.randn(2, 16, 16)
+    gradients = torch.randn(2, 16, 16)
+    gradients[1, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"DeFT scores are not finite \(component\(s\) \['feedback'\]"):
+        deft(tokens=tokens, modality="image", spatial_shape=(4, 4), token_gradients=gradients)
