@@ -59,6 +59,8 @@ def reconfigure(model: DeftLlavaForConditionalGeneration, method: str | None, ra
         inner.compressor = build_compressor(method, config.text_config.hidden_size).to(
             model.device, model.dtype
         )
+    # the modules were swapped by hand above: record the structure the model now has (see `_apply_config`)
+    inner._built_with = {key: getattr(config, key) for key in inner.STRUCTURAL_SETTINGS}
 
 
 def lm_flops(text_config, tokens: int) -> float:

@@ -146,7 +146,60 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             )
             for name, module in self.deft.named_modules():  # see DeftLlavaPreTrainedModel._init_weights
                 module._deft_init_seed = zlib.crc32(name.encode())
+        self._built_with = {key: copy.deepcopy(getattr(config, key)) for key in self.STRUCTURAL_SETTINGS}
         self.post_init()
+
+    # settings that decide which modules exist and their shapes: fixed once the model is built
+    STRUCTURAL_SETTINGS = (
+        "use_deft",
+        "compression_method",
+        "compression_settings",
+        "deft_semantic_dim",
+        "deft_saliency_hidden_dim",
+        "deft_enable_rtd",
+        "deft_rtd_bottleneck_ratio",
+    )
+    # DeFTModule attribute <- config key: read from the config at every call
+    CALL_TIME_SETTINGS = {
+        "retention_ratio": "deft_retention_ratio",
+        "alpha_var": "deft_alpha_var",
+        "image_neighbors": "deft_group_image_neighbors",
+        "video_window": "deft_group_video_window",
+        "text_neighbors": "deft_group_text_neighbors",
+        "entropy_threshold": "deft_rtd_entropy_threshold",
+        "confidence_threshold": "deft_rtd_confidence_threshold",
+        "feedback_loss_weight": "deft_feedback_loss_weight",
+        "rtd_loss_weight": "deft_rtd_loss_weight",
+    }
+
+    def _apply_config(self) -> None:
+        """Settings changed on `model.config` after the model was built take effect at the next call.
+
+        Every budget and threshold (the retention ratio, DeFT's scoring and RTD settings, each baseline's budget)
+        is read from the config at call time, and the whole config is validated again. Settings that decide which
+        modules exist or their shapes (`STRUCTURAL_SETTINGS`) cannot change on a built model, except that
+        `use_deft` may be switched off.
+
+        Raises:
+            ValueError: a structural setting changed (names it, the built and the new value), or a new value
+                is invalid.
+        """
+        config = self.config
+        for key, built in self._built_with.items():
+            now = getattr(config, key)
+            if now == built or (key == "use_deft" and not now):
+                continue
+            if key != "use_deft" and not config.use_deft:
+                continue  # compression is off: the other settings are not used
+            raise ValueError(
+                f"config.{key} was {built!r} when this model was built and is now {now!r}: it decides which "
+                f"modules exist and their shapes, so it cannot change on a built model; load it again with "
+                f"from_pretrained(folder, {key}={now!r}) (only use_deft may be switched off)"
+            )
+        config.validate_deft()
+        if self.deft is not None:
+            for attribute, key in self.CALL_TIME_SETTINGS.items():
+                setattr(self.deft, attribute, getattr(config, key))
 
     # ------------------------------------------------------------------ encoding + compression
     @property
@@ -181,6 +234,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
 
         `pixel_values`: `(num_images, channels, height, width)`; all images share one size."""
         kwargs.pop("return_dict", None)  # always a DeftVisualFeaturesOutput
+        self._apply_config()
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
             raise ValueError(
                 "pixel_values must be a (num_images, channels, height, width) tensor, got "
@@ -274,6 +328,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
 
         A video's tokens are its frames' patch tokens in frame order `(frames * patches, hidden_size)`."""
         kwargs.pop("return_dict", None)
+        self._apply_config()
         if not isinstance(pixel_values_videos, torch.Tensor) or pixel_values_videos.dim() != 5:
             raise ValueError(
                 "pixel_values_videos must be a (num_videos, frames, channels, height, width) tensor, got "
@@ -539,6 +594,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         The cache may be passed as `cache` (transformers >= 5.24) or `past_key_values` (earlier releases).
         """
         past_key_values = resolve_cache_argument(cache, past_key_values)
+        self._apply_config()
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if (

@@ -146,3 +146,52 @@ def test_non_finite_scores_never_reach_the_top_k():
     gradients[1, 3, 0] = float("nan")
     with pytest.raises(ValueError, match=r"DeFT scores are not finite \(component\(s\) \['feedback'\]"):
         deft(tokens=tokens, modality="image", spatial_shape=(4, 4), token_gradients=gradients)
+
+
+# ------------------------------------------------------------------------------------- settings after load
+@pytest.mark.parametrize(
+    "method", ["deft", "random", "divprune", "tome", "fastv", "visionzip", "recoverable"]
+)
+def test_a_budget_changed_on_the_config_takes_effect_for_every_method(method):
+    """Before: random/divprune/tome/fastv kept 8 of 16 after `config.deft_retention_ratio = 0.5`, DeFT still
+    kept 4 and then blamed the (correct) inputs for a placeholder mismatch."""
+    model = tiny.model(**method_settings(method))  # built at 0.25
+    model.config.deft_retention_ratio = 0.5
+    processor = tiny.processor(**dict(method_settings(method), deft_retention_ratio=0.5))
+    out = model(**batch_inputs(processor))
+    assert [len(k) for k in out.kept_indices] == [8, 8]
+
+
+def test_other_call_time_settings_are_read_from_the_config():
+    model = tiny.model(**method_settings("deft"))
+    model.config.deft_group_image_neighbors = 4
+    model.config.deft_alpha_var = 0.7
+    model(**batch_inputs(tiny.processor(**method_settings("deft"))))
+    assert model.model.deft.image_neighbors == 4 and model.model.deft.alpha_var == 0.7
+    model.config.deft_group_image_neighbors = (
+        5  # invalid: refused at the next call, with the config's message
+    )
+    with pytest.raises(ValueError, match="deft_group_image_neighbors"):
+        model(**batch_inputs(tiny.processor(**method_settings("deft"))))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("deft_semantic_dim", 32), ("compression_method", "random"), ("deft_enable_rtd", False)],
+)
+def test_structural_settings_cannot_change_on_a_built_model(key, value):
+    model = tiny.model(**method_settings("deft"))
+    setattr(model.config, key, value)
+    with pytest.raises(ValueError, match=f"config.{key} was .* and is now {value!r}.*from_pretrained"):
+        model(**batch_inputs(tiny.processor(**method_settings("deft"))))
+
+
+def test_use_deft_can_be_switched_off_but_not_on():
+    model = tiny.model(**method_settings("deft"))
+    model.config.use_deft = False
+    out = model(**batch_inputs(tiny.processor(use_deft=False)))
+    assert [len(k) for k in out.kept_indices] == [16, 16]
+    plain = tiny.model(use_deft=False)
+    plain.config.use_deft = True
+    with pytest.raises(ValueError, match="config.use_deft was False .* and is now True"):
+        plain(**batch_inputs(tiny.processor(**method_settings("deft"))))
