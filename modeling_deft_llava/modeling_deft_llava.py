@@ -42,6 +42,7 @@ from transformers.models.llava.modeling_llava import (
 )
 from transformers.utils.generic import can_return_tuple
 
+from .cache_state import continued_position_ids, read_cache_state, record_cache_state
 from .compression_registry import build_compressor
 from .configuration.configuration_deft_llava import DEFT_METHOD, DeftLlavaConfig
 from .configuration.deft_settings import num_kept_tokens
@@ -622,14 +623,14 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if image_out is None and video_out is None:
-            return self._language_model_forward(
+            return self._continue(
                 inputs_embeds,
                 attention_mask,
                 position_ids,
                 past_key_values,
                 kwargs,
-                prompt_length=deft_prompt_length,
-                layer_gather_index=deft_layer_gather_index,
+                deft_prompt_length,
+                deft_layer_gather_index,
             )
         batch, seq = inputs_embeds.shape[:2]
         device = inputs_embeds.device
@@ -717,6 +718,14 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         if stage in ("features_with_text", "language_model"):
             state["deft_prompt_length"] = prompt_length  # later steps decide on the same prompt
         outputs.deft_generation_state = state or None
+        record_cache_state(
+            cache_of(outputs),
+            position_ids,
+            valid if gather_index is None else compact_mask.bool(),
+            generation_state=state,
+            repacked=gather_index is not None,
+            gaps=self.compression_active and self.config.deft_keep_original_positions,
+        )
         for key, value in visual_output_fields(image_out, video_out).items():
             setattr(outputs, key, value)
         outputs.deft_position_ids = position_ids
@@ -726,6 +735,64 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         outputs.video_features_output = video_out
         outputs.deft_kept_indices = kept_indices
         outputs.deft_num_reconstructed = num_reconstructed
+        return outputs
+
+    def _continue(
+        self, inputs_embeds, attention_mask, position_ids, cache, kwargs, prompt_length, layer_gather_index
+    ):
+        """A forward without visual inputs: decoding steps, or a later turn that reuses a cache.
+
+        A cache this model wrote carries what the next call needs (`cache_state.py`): new tokens continue the
+        cached positions (gaps of the kept original positions included, whatever `position_ids` a caller
+        derived from the attention mask), and prompt-dependent methods get the prompt length and FastV's layer
+        gather index of the prefill that filled the cache.
+
+        Raises:
+            ValueError: the cache was re-packed (`hybrid`/`adaptive`, Recoverable) and the attention mask does
+                not describe the cached tokens (a later turn with the uncompressed history).
+        """
+        state = read_cache_state(cache)
+        batch, seq = inputs_embeds.shape[:2]
+        new_valid = torch.ones(batch, seq, dtype=torch.bool, device=inputs_embeds.device)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            new_valid = attention_mask[:, -seq:].bool()
+        if state is not None:
+            expected = None
+            if state.get("next_position") is not None:
+                expected = continued_position_ids(state, new_valid)
+            if state.get("repacked") and not (
+                expected is not None
+                and position_ids is not None
+                and torch.equal(position_ids.masked_fill(~new_valid, 0), expected)
+            ):
+                # only generate's own decoding steps (which get the compacted mask and the kept positions from
+                # `_update_model_kwargs_for_generation`) can extend a re-packed cache
+                raise ValueError(
+                    f"this cache holds {cache.get_seq_length()} re-packed tokens (deft_inference_mode "
+                    f"{self.config.deft_inference_mode!r} or compression_method "
+                    f"{self.config.compression_method!r} dropped placeholders), so a later turn cannot reuse it: "
+                    "the input ids and the attention mask no longer line up with it; call generate with the "
+                    "whole conversation and its images, without past_key_values (or use deft_inference_mode="
+                    "'fast', whose caches can be continued)"
+                )
+            generation = state.get("generation_state") or {}
+            if prompt_length is None:
+                prompt_length = generation.get("deft_prompt_length")
+            if layer_gather_index is None:
+                layer_gather_index = generation.get("deft_layer_gather_index")
+            if expected is not None:
+                position_ids = expected
+        outputs = self._language_model_forward(
+            inputs_embeds,
+            attention_mask,
+            position_ids,
+            cache,
+            kwargs,
+            prompt_length=prompt_length,
+            layer_gather_index=layer_gather_index,
+        )
+        if state is not None:
+            record_cache_state(cache_of(outputs), position_ids, new_valid)
         return outputs
 
     def _refuse_4d_mask(self, attention_mask: torch.Tensor) -> None:
@@ -775,9 +842,11 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 attention_mask,
                 position_ids,
                 past_key_values=past_key_values,
+                # like the stock language model: an explicit use_cache, else the config's (a cache passed in
+                # is always extended)
                 use_cache=kwargs.get("use_cache")
                 if kwargs.get("use_cache") is not None
-                else past_key_values is not None,
+                else (past_key_values is not None or bool(self.language_model.config.use_cache)),
                 visual_items=visual_items,
                 num_kept=num_kept_tokens(n, self.config.deft_retention_ratio) if n else 1,
                 prompt_length=prompt_length,

@@ -32,23 +32,25 @@ Stable across the supported range (relied on, re-checked on every supported vers
    `generate` validates model kwargs against the named parameters of `forward` (hence named `deft_*` args).
    `prepare_inputs_for_generation` calls `self.create_masks_for_generate` (overridden to keep the 2-D mask for
    static caches: compression needs it, the language model builds its own 4-D mask).
-7. Loading: `from_pretrained(key_mapping=...)` (legacy llava-hf key layout), `_tied_weights_keys` as a dict,
+7. Caches: the model sets a plain attribute `deft_state` on transformers' `Cache` objects (`cache_state.py`)
+   and relies on `get_seq_length()`, `crop()`, `reset()`, `is_compileable` (`rewind_cache` above).
+8. Loading: `from_pretrained(key_mapping=...)` (legacy llava-hf key layout), `_tied_weights_keys` as a dict,
    `_keys_to_ignore_on_load_unexpected`, `_init_weights` / `post_init`, `LlavaMultiModalProjector` and
    `LlavaPreTrainedModel` from `transformers.models.llava.modeling_llava`, `can_return_tuple` from
    `transformers.utils.generic` (`modeling_deft_llava.py`, `convert.py`).
-8. Decoder internals used by the layer runners of FastV / FiCoCo-L (`method_fastv.py`, `method_ficoco_l.py`):
+9. Decoder internals used by the layer runners of FastV / FiCoCo-L (`method_fastv.py`, `method_ficoco_l.py`):
    `language_model.layers`, `.rotary_emb`, `.norm`, each layer's `self_attn.{q,k}_proj`, `head_dim`, `scaling`,
    `num_key_value_groups`, and the decoder-layer call `layer(hidden, attention_mask=, position_ids=, <cache>=,
    use_cache=, position_embeddings=)`; `DynamicCache(config=)` and `get_seq_length(layer_idx)`.
-9. Vision-encoder internals used by ToMe / FiCoCo-V / CLS attention (`method_tome.py`, `method_ficoco_v.py`,
+10. Vision-encoder internals used by ToMe / FiCoCo-V / CLS attention (`method_tome.py`, `method_ficoco_v.py`,
    `vision_attention.py`): `vision_model.embeddings`, `.pre_layrnorm`, `.encoder.layers`, each layer's
    `layer_norm1/2`, `self_attn.{q,k,v,out}_proj`, `mlp`.
-10. Processor hooks (`processing/processing_deft_llava.py`): `LlavaProcessor.replace_image_token`,
+11. Processor hooks (`processing/processing_deft_llava.py`): `LlavaProcessor.replace_image_token`,
    `_get_num_multimodal_tokens`, `validate_inputs`; `ProcessorMixin.to_dict` saves only named `__init__`
    arguments.
-11. Trainer (`training/trainer.py`): overrides `_save_checkpoint` and `_get_output_dir`, uses
+12. Trainer (`training/trainer.py`): overrides `_save_checkpoint` and `_get_output_dir`, uses
     `trainer_utils.PREFIX_CHECKPOINT_DIR`, `get_last_checkpoint`, `rotate_checkpoints`.
-12. Config (`configuration/configuration_deft_llava.py`): `LlavaConfig` is a `huggingface_hub` strict dataclass
+13. Config (`configuration/configuration_deft_llava.py`): `LlavaConfig` is a `huggingface_hub` strict dataclass
     with `__post_init__`.
 """
 

@@ -195,3 +195,71 @@ def test_use_deft_can_be_switched_off_but_not_on():
     plain.config.use_deft = True
     with pytest.raises(ValueError, match="config.use_deft was False .* and is now True"):
         plain(**batch_inputs(tiny.processor(**method_settings("deft"))))
+
+
+# ------------------------------------------------------------------------------ a later turn reuses the cache
+def _turn_two(method):
+    settings = method_settings(method)
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    inputs = processor(images=tiny.images(1), text=[tiny.prompt(1)], return_tensors="pt")
+    first = model.generate(**inputs, **GEN, return_dict_in_generate=True)
+    follow = processor.tokenizer(" what is ?", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.cat([first.sequences, follow], dim=1)
+    from modeling_deft_llava.transformers_compat import cache_of
+
+    return model, inputs, ids, cache_of(first)
+
+
+@pytest.mark.parametrize("method", ["deft", "random", "tome", "fastv", "ficoco_l"])
+def test_a_later_turn_continues_the_cached_layout(method):
+    """Before: the new tokens of turn 2 were numbered from the attention mask, N - K positions too early
+    (17.. instead of 29.. here), and FastV/FiCoCo-L refused the continuation (the gather index of the prefill
+    was only in generate's own state)."""
+    model, inputs, ids, cache = _turn_two(method)
+    prompt_length = inputs["input_ids"].shape[1]
+    cached = cache.get_seq_length(0)
+    with torch.no_grad():
+        continued = model(
+            input_ids=ids[:, cached:], attention_mask=torch.ones_like(ids), past_key_values=cache
+        )
+        full = model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=inputs["pixel_values"],
+            deft_prompt_length=prompt_length,  # decide on turn 1's prompt, as the cached prefill did
+            use_cache=False,
+        )
+    torch.testing.assert_close(continued.logits, full.logits[:, cached:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["deft", "fastv"])
+def test_generate_continues_a_returned_cache(method):
+    model, inputs, ids, cache = _turn_two(method)
+    again = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, **GEN)
+    assert again.shape[1] == ids.shape[1] + GEN["max_new_tokens"]
+
+
+def test_a_re_packed_cache_refuses_a_later_turn_clearly():
+    from test_model import NEVER_UNCERTAIN
+
+    settings = dict(use_deft=True, deft_retention_ratio=0.25, deft_inference_mode="hybrid", **NEVER_UNCERTAIN)
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    inputs = processor(images=tiny.images(1), text=[tiny.prompt(1)], return_tensors="pt")
+    first = model.generate(**inputs, **GEN, return_dict_in_generate=True)
+    ids = torch.cat([first.sequences, torch.tensor([[7, 8]])], dim=1)
+    from modeling_deft_llava.transformers_compat import cache_of
+
+    with pytest.raises(ValueError, match="re-packed tokens .* cannot reuse it.*without past_key_values"):
+        model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache_of(first), **GEN
+        )
+
+
+@pytest.mark.parametrize("method", ["fastv", "ficoco_l"])
+def test_a_plain_forward_returns_a_cache_as_the_config_asks(method):
+    settings = method_settings(method)
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    from modeling_deft_llava.transformers_compat import cache_of
+
+    out = model(**processor(images=tiny.images(1), text=[tiny.prompt(1)], return_tensors="pt"))
+    assert model.config.text_config.use_cache and cache_of(out) is not None
