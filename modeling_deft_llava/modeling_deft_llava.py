@@ -824,10 +824,19 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         if self.compression_stage == "language_model":
             if attention_mask is not None and attention_mask.dim() != 2:
                 self._refuse_4d_mask(attention_mask)
-            asked = [k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)]
-            if asked:
+            asked = [
+                key
+                for key in ("output_attentions", "output_hidden_states")
+                if (
+                    kwargs.get(key)
+                    if kwargs.get(key) is not None
+                    else getattr(self.config, key, False) or getattr(self.language_model.config, key, False)
+                )
+            ]
+            if asked:  # asked on the call or in the config: refused, never silently dropped
                 raise ValueError(
-                    f"{self.compressor.name} runs the decoder layers itself and does not return {asked}"
+                    f"{self.compressor.name} runs the decoder layers itself and does not return {asked}; "
+                    f"set them to False (on the call and in the config) or use another compression_method"
                 )
             if position_ids is None:
                 past = past_key_values.get_seq_length() if past_key_values is not None else 0

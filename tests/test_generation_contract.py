@@ -263,3 +263,29 @@ def test_a_plain_forward_returns_a_cache_as_the_config_asks(method):
 
     out = model(**processor(images=tiny.images(1), text=[tiny.prompt(1)], return_tensors="pt"))
     assert model.config.text_config.use_cache and cache_of(out) is not None
+
+
+# ----------------------------------------------------------------------------------------- output flags
+@pytest.mark.parametrize("where", ["call", "config"])
+@pytest.mark.parametrize("flag", ["output_hidden_states", "output_attentions"])
+@pytest.mark.parametrize("method", ["off", "deft", "tome", "recoverable", "fastv", "ficoco_l"])
+def test_output_flags_are_honoured_or_refused_loudly(method, flag, where):
+    """Before: FastV/FiCoCo-L refused the flags on the call but silently dropped them when set in the config."""
+    settings = dict(use_deft=False) if method == "off" else method_settings(method)
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    model.set_attn_implementation("eager")  # attention weights need eager attention
+    inputs = batch_inputs(processor)
+    if where == "config":
+        setattr(model.config, flag, True)
+        setattr(model.config.text_config, flag, True)
+    call = {flag: True} if where == "call" else {}
+    if method in ("fastv", "ficoco_l"):
+        with pytest.raises(ValueError, match=f"does not return .*{flag}"):
+            model(**inputs, **call)
+        return
+    out = model(**inputs, **call)
+    values = getattr(out, flag[len("output_") :])
+    assert values is not None and len(values) == model.config.text_config.num_hidden_layers + (
+        flag == "output_hidden_states"
+    )
+    assert isinstance(model(**inputs, **call, return_dict=False), tuple)
