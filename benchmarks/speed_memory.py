@@ -30,8 +30,8 @@ from modeling_deft_llava.configuration.method_validation import MODEL_METHODS
 from tqdm import tqdm
 
 from modeling_deft_llava import DeftLlavaConfig, DeftLlavaForConditionalGeneration
-from modeling_deft_llava.compression_registry import build_compressor
 from modeling_deft_llava.deft_module import DeFTModule
+from modeling_deft_llava.modeling_deft_llava import compressor_for_config
 
 SHAPES = Path(__file__).parent / "shapes"
 TEXT_TOKENS = 48  # prompt text around the image
@@ -56,9 +56,8 @@ def reconfigure(model: DeftLlavaForConditionalGeneration, method: str | None, ra
     if method == "deft":
         inner.deft.retention_ratio = ratio
     elif method is not None:
-        inner.compressor = build_compressor(method, config.text_config.hidden_size).to(
-            model.device, model.dtype
-        )
+        config.compression_settings = None
+        inner.compressor = compressor_for_config(config).to(model.device, model.dtype)
     # the modules were swapped by hand above: record the structure the model now has (see `_apply_config`)
     inner._built_with = {key: getattr(config, key) for key in inner.STRUCTURAL_SETTINGS}
 

@@ -3,11 +3,35 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .token_compressor import CompressionContext, CompressionResult, NoSettings, TokenCompressor
+from .token_compressor import (
+    FEATURE_SPACES,
+    CompressionContext,
+    CompressionResult,
+    TokenCompressor,
+    check_choice,
+)
+
+
+@dataclass(frozen=True)
+class DecoSettings:
+    """Settings of DeCo.
+
+    Args:
+        feature_space: `"vision"` (the paper's `AvgPoolProjector`): pool the patch features, then project the
+            m x m pooled tokens; `"projected"`: pool the projector's output (this project's earlier behaviour).
+            On a checkpoint whose projector never saw pooled features both are approximations; the digits
+            benchmark uses the default.
+    """
+
+    feature_space: str = "vision"
+
+    def __post_init__(self):
+        check_choice("feature_space", self.feature_space, FEATURE_SPACES)
 
 
 def pooled_cell_bounds(size: int, out: int, i: int) -> tuple[int, int]:
@@ -43,12 +67,13 @@ class DeftLlavaDecoCompressor(TokenCompressor):
     the two middle patches when a side is even), which is
     strictly ascending in raster order because m <= min(R, C).
 
-    Differences from the paper: none in the pooling; the paper trains its projector with the pooling in place,
-    here the pooling can also run training-free in front of a projector trained on all patches.
+    Differences from the paper: none in the pooling (default `feature_space="vision"`: pool, then project, as
+    DeCo's `AvgPoolProjector`); the paper trains its projector with the pooling in place, here the pooling can
+    also run training-free in front of a projector trained on all patches.
     """
 
     name = "deco"
-    settings_class = NoSettings
+    settings_class = DecoSettings
 
     def check_inputs(self, image_features: torch.Tensor, context: CompressionContext) -> None:
         super().check_inputs(image_features, context)

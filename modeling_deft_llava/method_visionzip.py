@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from .token_compressor import (
+    FEATURE_SPACES,
     CompressionContext,
     CompressionResult,
     TokenCompressor,
+    check_choice,
     check_range,
     gather_tokens,
 )
@@ -25,12 +27,17 @@ class VisionZipSettings:
             The contextual count is `min(floor(K * ratio + 0.5), K - 1)`, the rest are dominant tokens.
             Default 0.15625 = 10 / 64, the paper's 54 dominant + 10 contextual split at 64 tokens
             (108 + 20 at 128, 162 + 30 at 192 give the same ratio).
+        feature_space: `"vision"` (official): select and merge the vision features of the feature layer, then
+            project the K tokens (`proj(target + mean(members))`); `"projected"`: select and merge the
+            projector's output (`proj(target) + mean(proj(members))`, this project's earlier behaviour).
     """
 
     contextual_ratio: float = 0.15625
+    feature_space: str = "vision"
 
     def __post_init__(self):
         check_range("contextual_ratio", self.contextual_ratio, 0.0, 1.0, high_open=True)
+        check_choice("feature_space", self.feature_space, FEATURE_SPACES)
 
 
 def visionzip_split(num_kept: int, contextual_ratio: float) -> tuple[int, int]:
@@ -65,13 +72,19 @@ class DeftLlavaVisionZipCompressor(TokenCompressor):
     dominant patch itself, and the target patch for a contextual token. The output is ordered by that index.
     `scores` is the CLS attention.
 
+    In the model (official code's LLaVA integration): CLS attention and keys come from the feature layer
+    (`vision_feature_layer`, -2 for LLaVA-1.5), recomputed from its input (SDPA stays on); with the default
+    `feature_space="vision"` the method runs on that layer's patch states and the projector sees the K merged
+    states.
+
     Differences from the paper/official code: the official code concatenates [CLS, dominant, contextual];
     here CLS is not among the features (LLaVA drops it) and the output is in patch order. Similarity ties
-    go to the first target.
+    go to the first target. `feature_space="projected"` (not the default) merges projected features instead.
     """
 
     name = "visionzip"
     needs_cls_attention = True
+    needs_vision_keys = True
     settings_class = VisionZipSettings
 
     def compress(self, image_features: torch.Tensor, context: CompressionContext) -> CompressionResult:

@@ -64,7 +64,20 @@ from .transformers_compat import (
     rewind_cache,
     visual_output_fields,
 )
-from .vision_attention import cls_attention
+from .vision_attention import cls_attention, patch_keys
+
+
+def compressor_for_config(config: DeftLlavaConfig):
+    """The baseline compressor `config.compression_method` names, for the width of the features it compresses:
+    the language model's hidden size, or the vision width for a `feature_space="vision"` method."""
+    compressor = build_compressor(
+        config.compression_method, config.text_config.hidden_size, config.compression_settings
+    )
+    if compressor.stage == "features" and compressor.feature_space == "vision":
+        layers = config.vision_feature_layer
+        width = config.vision_config.hidden_size * (1 if isinstance(layers, int) else len(layers))
+        compressor = build_compressor(config.compression_method, width, config.compression_settings)
+    return compressor
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -125,9 +138,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         self.deft = None
         self.compressor = None  # a baseline method (compression_method != "deft")
         if config.use_deft and config.compression_method != DEFT_METHOD:
-            self.compressor = build_compressor(
-                config.compression_method, config.text_config.hidden_size, config.compression_settings
-            )
+            self.compressor = compressor_for_config(config)
         if config.use_deft and config.compression_method == DEFT_METHOD:
             self.deft = DeFTModule(
                 token_dim=config.text_config.hidden_size,
@@ -250,13 +261,25 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 pixel_values, vision_feature_layer, vision_feature_select_strategy
             )
         captured = {}
-        hook = None
-        if self.compressor is not None and getattr(self.compressor, "needs_cls_attention", False):
+        hooks = []
+        compressor = self.compressor if self.compression_stage == "features" else None
+        if compressor is not None and (compressor.needs_cls_attention or compressor.needs_vision_keys):
             # keep the input of the feature layer: the method's attention slice is recomputed from it (SDPA-safe)
             def keep_input(module, args, kwargs):
                 captured["x"] = args[0] if args else kwargs["hidden_states"]
 
-            hook = self._feature_layer_module().register_forward_pre_hook(keep_input, with_kwargs=True)
+            hooks.append(self._feature_layer_module().register_forward_pre_hook(keep_input, with_kwargs=True))
+        if compressor is not None and compressor.feature_space == "vision":
+            # compress the vision features that enter the projector; the projector sees the K kept rows
+            def compress_before_projection(module, args):
+                selected = args[0]  # (images, N, vision width)
+                out = self._compress_baseline_tokens(
+                    selected, captured.get("x"), self._patch_grid(pixel_values)
+                )
+                captured["result"] = out
+                return (out.tokens,)
+
+            hooks.append(self.multi_modal_projector.register_forward_pre_hook(compress_before_projection))
         try:
             outputs = LlavaModel.get_image_features(
                 self,
@@ -268,8 +291,20 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 **kwargs,
             )
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
+        if "result" in captured:
+            out = captured["result"]
+            return DeftVisualFeaturesOutput(
+                last_hidden_state=outputs.last_hidden_state,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+                pooler_output=list(outputs.pooler_output),  # K projected rows per image
+                source_indices=list(out.kept_indices),
+                num_source_tokens=[self._patch_grid(pixel_values)[0] * self._patch_grid(pixel_values)[1]]
+                * len(outputs.pooler_output),
+                compression_scores=out.scores,
+            )
         return self._compress(
             outputs,
             "image",
@@ -437,23 +472,32 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         stage = self.compression_stage
         if stage == "language_model":
             return result
-        attention = None
-        if getattr(self.compressor, "needs_cls_attention", False):
-            attention = cls_attention(self._feature_layer_module(), layer_input)
         if stage == "features_with_text":
+            attention = None
+            if self.compressor.needs_cls_attention:
+                attention = cls_attention(self._feature_layer_module(), layer_input)
             layer = self.config.vision_feature_layer if feature_layer is None else feature_layer
             cls_state = outputs.hidden_states[layer][:, :1]  # (images, 1, width) CLS of the feature layer
             result.cls_embeddings = self.multi_modal_projector(cls_state)[:, 0]  # (images, D)
             result.cls_attention = attention
             return result
-        context = CompressionContext(
-            spatial_shape=grid, num_kept=self.config.num_kept_tokens(tokens.shape[1]), cls_attention=attention
-        )
-        out = self.compressor(tokens, context)
+        out = self._compress_baseline_tokens(tokens, layer_input, grid)
         result.pooler_output = list(out.tokens)
         result.source_indices = list(out.kept_indices)
         result.compression_scores = out.scores
         return result
+
+    def _compress_baseline_tokens(self, tokens, layer_input, grid):
+        """Run a `"features"` method on `(images, N, width)` tokens (projected or vision features, see
+        `TokenCompressor.feature_space`) with the feature layer's CLS attention and keys it asks for."""
+        layer = self._feature_layer_module() if layer_input is not None else None
+        context = CompressionContext(
+            spatial_shape=grid,
+            num_kept=self.config.num_kept_tokens(tokens.shape[1]),
+            cls_attention=cls_attention(layer, layer_input) if self.compressor.needs_cls_attention else None,
+            vision_keys=patch_keys(layer, layer_input) if self.compressor.needs_vision_keys else None,
+        )
+        return self.compressor(tokens, context)
 
     def _feature_layer_module(self) -> nn.Module:
         """The vision encoder layer whose output is the feature layer (`vision_feature_layer`)."""

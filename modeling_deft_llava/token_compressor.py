@@ -81,6 +81,12 @@ class TokenCompressor(nn.Module):
     `"vision_encoder"`: inside the vision encoder (the method's `encode`, K placeholders);
     `"language_model"`: inside the language model (the method's `run_language_model`, N placeholders).
 
+    `feature_space` (a `"features"` method): `"projected"` compresses the projector's output (width: the
+    language model's hidden size); `"vision"` compresses the vision features that enter the projector (width:
+    the vision tower's), and the model projects the K compressed tokens, as methods that merge or pool CLIP
+    states do in their official code. A method whose settings have a `feature_space` field follows it.
+    `needs_vision_keys`: the model passes the feature layer's head-averaged keys as `context.vision_keys`.
+
     Args:
         token_dim: hidden_size of the image features this compressor will see.
         settings: an instance of `settings_class` (defaults when None).
@@ -88,6 +94,7 @@ class TokenCompressor(nn.Module):
 
     name: ClassVar[str] = ""
     needs_cls_attention: ClassVar[bool] = False
+    needs_vision_keys: ClassVar[bool] = False
     needs_text: ClassVar[bool] = False
     stage: ClassVar[str] = "features"
     settings_class: ClassVar[type] = NoSettings
@@ -105,6 +112,11 @@ class TokenCompressor(nn.Module):
             )
         self.token_dim = token_dim
         self.settings = settings
+
+    @property
+    def feature_space(self) -> str:
+        """`"projected"` or `"vision"`: which features a `"features"` method compresses (see the class doc)."""
+        return getattr(self.settings, "feature_space", "projected")
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, token_dim={self.token_dim}, settings={self.settings}"
@@ -178,6 +190,9 @@ def sort_by_index(result: CompressionResult) -> CompressionResult:
     kept, order = result.kept_indices.sort(dim=1)  # (batch, K) each
     tokens = gather_tokens(result.tokens, order)  # (batch, K, D)
     return CompressionResult(tokens=tokens, kept_indices=kept, scores=result.scores)
+
+
+FEATURE_SPACES = ("vision", "projected")
 
 
 def check_choice(name: str, value, choices: tuple) -> None:

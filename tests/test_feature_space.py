@@ -1,0 +1,74 @@
+"""VisionZip and DeCo compress the vision features before the projector, as their official code (issue 14)."""
+
+from __future__ import annotations
+
+import pytest
+import tiny
+import torch
+import torch.nn.functional as F
+from test_model import batch_inputs
+
+from modeling_deft_llava.compression_registry import build_compressor
+from modeling_deft_llava.token_compressor import CompressionContext
+from modeling_deft_llava.vision_attention import cls_attention, patch_keys
+
+
+def test_visionzip_minimal_input_official_order():
+    """A target and one member, both 1, under a GELU projector: official proj(1 + 1) = GELU(2) = 1.955; the
+    projected order gives GELU(1) + GELU(1) = 1.683."""
+    zip_ = build_compressor("visionzip", 1, {"contextual_ratio": 0.5})
+    features = torch.tensor([[[5.0], [1.0], [1.0]]])  # patch 0 dominant; patch 1 target, patch 2 member
+    context = CompressionContext(
+        spatial_shape=(1, 3), num_kept=2, cls_attention=torch.tensor([[0.6, 0.2, 0.1]])
+    )
+    official = F.gelu(zip_(features, context).tokens)[0, 1, 0]
+    projected_first = zip_(F.gelu(features), context).tokens[0, 1, 0]
+    assert official.item() == pytest.approx(1.9545, abs=1e-4)
+    assert projected_first.item() == pytest.approx(1.6827, abs=1e-4)
+
+
+def test_deco_minimal_input_official_order():
+    """Two patches -2 and +2 pooled to one under a GELU projector: official GELU(mean) = 0, mean(GELU) = 0.954."""
+    deco = build_compressor("deco", 1)
+    features = torch.tensor([[[-2.0], [2.0]]])
+    context = CompressionContext(spatial_shape=(1, 2), num_kept=1)
+    assert F.gelu(deco(features, context).tokens).item() == pytest.approx(0.0, abs=1e-6)
+    assert deco(F.gelu(features), context).tokens.item() == pytest.approx(0.9545, abs=1e-4)
+
+
+def _selected_and_layer_input(model, pixel_values):
+    vision = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    layer = model.config.vision_feature_layer  # -1 in the tiny model
+    selected = vision.hidden_states[layer][:, 1:]  # (images, N, vision width), CLS dropped
+    layer_input = vision.hidden_states[layer - 1]  # enters the layer whose output is the feature layer
+    return selected, layer_input
+
+
+@pytest.mark.parametrize("method", ["visionzip", "deco"])
+@pytest.mark.parametrize("space", ["vision", "projected"])
+def test_the_model_compresses_in_the_configured_space(method, space):
+    settings = dict(
+        use_deft=True,
+        deft_retention_ratio=0.25,
+        compression_method=method,
+        compression_settings={"feature_space": space},
+    )
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    pixel_values = batch_inputs(processor)["pixel_values"]
+    inner = model.model
+    with torch.no_grad():
+        rows = torch.stack(inner.get_image_features(pixel_values).pooler_output)  # (images, K, D)
+        selected, layer_input = _selected_and_layer_input(model, pixel_values)
+        layer = inner._feature_layer_module()
+        context = CompressionContext(
+            spatial_shape=(4, 4),
+            num_kept=4,
+            cls_attention=cls_attention(layer, layer_input) if method == "visionzip" else None,
+            vision_keys=patch_keys(layer, layer_input) if method == "visionzip" else None,
+        )
+        if space == "vision":
+            assert inner.compressor.token_dim == model.config.vision_config.hidden_size
+            expected = inner.multi_modal_projector(inner.compressor(selected, context).tokens)
+        else:
+            expected = inner.compressor(inner.multi_modal_projector(selected), context).tokens
+    torch.testing.assert_close(rows, expected, rtol=0, atol=1e-5)
