@@ -130,6 +130,9 @@ def validate_deft_settings(**values) -> None:
 def num_kept_tokens(num_tokens: int, retention_ratio: float) -> int:
     """Tokens kept by top-k: `max(1, floor(retention_ratio * num_tokens + 0.5))` (round half up).
 
+    The one budget rule of the project: the processor (placeholders) and every method use it. The official
+    FastV and DivPrune code round half to even (`round(0.5 * 9) = 4`, here 5); DeFT's seed names no rule.
+
     >>> num_kept_tokens(576, 0.25), num_kept_tokens(256, 0.482), num_kept_tokens(64, 0.125)
     (144, 123, 8)
     """

@@ -64,7 +64,9 @@ class DeftLlavaDivPruneCompressor(TokenCompressor):
     Differences from the paper/official code: the official first pick takes the second-smallest entry of each
     distance column (assuming the smallest is the token itself); we exclude the diagonal explicitly, which is
     the same except under floating-point ties. Already-picked tokens are masked, so exact duplicates can
-    never be picked twice. Ties go to the lowest patch index.
+    never be picked twice. Ties go to the lowest patch index. Budget: the project's one rule `num_kept_tokens`
+    (round half up, shared by the processor and every method); the official code rounds half to even
+    (`round`), so N=9 at ratio 0.5 keeps 5 here and 4 there.
     """
 
     name = "divprune"

@@ -140,7 +140,9 @@ class DeftLlavaFastVCompressor(TokenCompressor):
     exactly K_img. The ranking attention row is recomputed from the layer's projections (SDPA stays on). The
     ranking query is the last token of the prompt (`prompt_length - 1`), so a full-recompute forward over
     prompt + generated tokens makes the same choice as the cached prefill. The official code pads nothing;
-    here the later layers see a left-re-packed batch (rows may drop different counts).
+    here the later layers see a left-re-packed batch (rows may drop different counts). Budget: the project's
+    one rule `num_kept_tokens` (round half up, shared by the processor and every method); the official code
+    rounds half to even (`round`), so N=9 at ratio 0.5 keeps 5 here and 4 there.
     """
 
     name = "fastv"

@@ -727,7 +727,9 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 # without a mask (and without a cache) transformers reads every position gap as the start of a
                 # new packed sequence and blocks attention across it: hand the language model an explicit mask
                 attention_mask = valid.long()
-        elif self.compression_active and position_ids is None:
+        renumber = self.compression_active and not self.config.deft_keep_original_positions
+        renumber = renumber and position_ids is None
+        if renumber:
             position_ids = (valid.long().cumsum(1) - 1).masked_fill(~valid, 0)
         gather_index = compact_mask = None
         if keep is not None and not bool(keep[valid].all()):
@@ -735,6 +737,9 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             inputs_embeds = gather_seq(inputs_embeds, gather_index, 0.0)
             position_ids = gather_seq(position_ids, gather_index, 0)
             attention_mask = compact_mask
+            if renumber:  # contiguous over the tokens the language model sees, not over all N placeholders
+                kept = compact_mask.bool()
+                position_ids = (kept.long().cumsum(1) - 1).masked_fill(~kept, 0)
         visual_items = None
         if stage == "language_model" and image_mask is not None and image_out.pooler_output:
             n = image_out.pooler_output[0].shape[0]

@@ -72,3 +72,21 @@ def test_the_model_compresses_in_the_configured_space(method, space):
         else:
             expected = inner.compressor(inner.multi_modal_projector(selected), context).tokens
     torch.testing.assert_close(rows, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["recoverable", "deft_hybrid"])
+def test_renumbered_positions_are_contiguous_after_re_packing(method):
+    """Before: with deft_keep_original_positions=False, methods with content-dependent counts kept gaps
+    (ids [0, 1, 2, 20, 21, ...]): the contiguous ids were computed over all N placeholders before re-packing."""
+    from test_model import NEVER_UNCERTAIN
+
+    if method == "deft_hybrid":
+        settings = dict(use_deft=True, deft_inference_mode="hybrid", **NEVER_UNCERTAIN)
+    else:
+        settings = dict(use_deft=True, compression_method=method)
+    settings.update(deft_retention_ratio=0.25, deft_keep_original_positions=False)
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    out = model(**batch_inputs(processor))
+    mask = out.deft_attention_mask.bool()
+    expected = (mask.long().cumsum(1) - 1).masked_fill(~mask, 0)
+    assert torch.equal(out.deft_position_ids, expected)
