@@ -120,15 +120,21 @@ class DeftLlavaProcessor(LlavaProcessor):
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """As `LlavaProcessor.__call__`, plus `videos`: a list of videos, each a list of frames (PIL images or
         arrays); returns `pixel_values_videos` `(num_videos, frames, channels, height, width)`."""
+        texts = None if text is None else [text] if isinstance(text, str) else list(text)
+        n_placeholders = sum(t.count(self.video_token) for t in texts) if texts and self.video_token else 0
+        # the video checks word their errors as ProcessorMixin.validate_inputs does for images (tools match on it)
         if videos is None:
+            if n_placeholders:
+                raise ValueError(
+                    f"Found {n_placeholders} {self.video_token} tokens in the text but no videos were passed."
+                )
             return super().__call__(images=images, text=text, audio=audio, **kwargs)
-        if text is None:
+        if texts is None:
             raise ValueError("videos need a text prompt with one <video> placeholder per video")
-        texts = [text] if isinstance(text, str) else list(text)
-        n_placeholders = sum(t.count(self.video_token) for t in texts)
         if n_placeholders != len(videos):
             raise ValueError(
-                f"the prompts hold {n_placeholders} {self.video_token} placeholder(s) but {len(videos)} video(s) were given"
+                f"The total number of {self.video_token} tokens in the prompts should be the same as the number of "
+                f"videos passed. Found total {n_placeholders} {self.video_token} tokens and {len(videos)} videos."
             )
         frames_per_video = {len(v) for v in videos}
         if len(frames_per_video) != 1 or 0 in frames_per_video:
