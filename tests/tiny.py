@@ -45,8 +45,9 @@ def text_config(vocab_size):
     )
 
 
-def tokenizer():
-    return build_word_tokenizer(WORDS)
+def tokenizer(video: bool = True):
+    """The word tokenizer of `WORDS`; `video=False`: without `<video>`, as the public llava-hf tokenizers."""
+    return build_word_tokenizer(WORDS, video=video)
 
 
 def config(**deft) -> DeftLlavaConfig:
