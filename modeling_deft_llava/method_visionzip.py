@@ -71,6 +71,7 @@ class DeftLlavaVisionZipCompressor(TokenCompressor):
     """
 
     name = "visionzip"
+    needs_cls_token = True
     needs_cls_attention = True
     settings_class = VisionZipSettings
 

@@ -87,6 +87,9 @@ class TokenCompressor(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    needs_cls_token: ClassVar[bool] = (
+        False  # reads the vision tower's CLS token (refused at config time without one)
+    )
     needs_cls_attention: ClassVar[bool] = False
     needs_text: ClassVar[bool] = False
     stage: ClassVar[str] = "features"
