@@ -7,6 +7,7 @@ from transformers import LlavaConfig
 
 from .deft_settings import DEFAULTS, DeftSettings, placeholder_count, validate_deft_settings
 from .supported_versions import check_transformers_version
+from .vision_towers import check_one_feature_per_patch
 
 check_transformers_version()  # a clear ImportError outside the tested range (also in a Hub folder)
 
@@ -82,6 +83,8 @@ class DeftLlavaConfig(LlavaConfig):
                 self.num_kept_tokens(n) if n is not None and self.use_deft else None,
                 config=self,
             )
+        if self.use_deft:
+            check_one_feature_per_patch(self.vision_config, self.vision_feature_select_strategy)
         if self.use_deft and self.deft_inference_mode != "fast" and not self.deft_enable_rtd:
             raise ValueError(
                 f"deft_inference_mode={self.deft_inference_mode!r} reconstructs pruned tokens and needs "

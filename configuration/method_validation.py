@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from .deft_settings import FULL_PLACEHOLDER_METHODS, num_kept_tokens
+from .vision_towers import check_cls_token
 
 # baselines that run inside DeftLlavaForConditionalGeneration; where each runs is its compressor's `stage`
 MODEL_METHODS = (
@@ -53,6 +54,9 @@ def validate_method(
             )
     if config is None:
         return
+    if ALL_METHODS[name].needs_cls_token:
+        without = ("deft",) + tuple(m for m in MODEL_METHODS if not ALL_METHODS[m].needs_cls_token)
+        check_cls_token(name, config, without)
     if name in ("tome", "ficoco_v"):
         _validate_encoder_stage(name, config, num_tokens, compressor.settings)
     if name in ("fastv", "ficoco_l"):
@@ -71,14 +75,7 @@ def _validate_encoder_stage(name: str, config, num_tokens: int | None, settings)
     from ..method_ficoco_v import ficoco_v_schedule
     from ..method_tome import tome_layers_run, tome_schedule
 
-    layer = config.vision_feature_layer
-    if not isinstance(layer, int) or isinstance(layer, bool):
-        raise ValueError(f"{name} needs a single int vision_feature_layer, got {layer!r}")
-    if config.vision_feature_select_strategy != "default":
-        raise ValueError(
-            f"{name} needs vision_feature_select_strategy='default' (CLS dropped, protected while merging), got "
-            f"{config.vision_feature_select_strategy!r}"
-        )
+    layer = config.vision_feature_layer  # a single int: `check_cls_token` ran first
     run = tome_layers_run(config.vision_config.num_hidden_layers, layer)
     if name == "ficoco_v" and not 0 <= settings.start_layer < run:
         raise ValueError(

@@ -210,6 +210,7 @@ class DeftLlavaFiCoCoVCompressor(TokenCompressor):
     """
 
     name = "ficoco_v"
+    needs_cls_token = True  # the filter score uses the CLS row of the attention
     stage = "vision_encoder"
     settings_class = FiCoCoVSettings
 

@@ -91,6 +91,7 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
     """
 
     name = "recoverable"
+    needs_cls_token = True  # both visual scores read the CLS token (its embedding or its attention)
     needs_text = True
     stage = "features_with_text"  # inside the model: after the prompt's text embeddings are known
     settings_class = RecoverableSettings

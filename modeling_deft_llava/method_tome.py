@@ -121,6 +121,7 @@ class DeftLlavaToMeCompressor(TokenCompressor):
     """
 
     name = "tome"
+    needs_cls_token = True  # token 0 is protected from merging and dropped after the feature layer
     stage = "vision_encoder"
     settings_class = ToMeSettings
 

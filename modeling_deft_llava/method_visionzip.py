@@ -83,6 +83,7 @@ class DeftLlavaVisionZipCompressor(TokenCompressor):
     """
 
     name = "visionzip"
+    needs_cls_token = True
     needs_cls_attention = True
     needs_vision_keys = True
     settings_class = VisionZipSettings

@@ -522,8 +522,10 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         counts = [r.shape[0] for r in rows]
         n_placeholders = int(mask.sum())
         if n_placeholders != sum(counts):
+            # stock's wording first ("Image features and image tokens do not match, tokens: ..."): tools match on it
             raise ValueError(
-                f"{modality} features and {modality} tokens do not match: the text has {n_placeholders} "
+                f"{modality.capitalize()} features and {modality} tokens do not match, tokens: {n_placeholders}, "
+                f"features: {sum(counts)}; the text has {n_placeholders} "
                 f"<{modality}> placeholders but the {len(rows)} {modality}(s) produce {sum(counts)} rows "
                 f"({counts}); build inputs with DeftLlavaProcessor for this model's config "
                 f"(use_deft={self.config.use_deft}, retention={self.config.deft_retention_ratio}, "
@@ -648,6 +650,14 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             and mm_encoder_outputs.get("image") is not None
         ):
             raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        if (
+            pixel_values_videos is not None
+            and mm_encoder_outputs is not None
+            and mm_encoder_outputs.get("video") is not None
+        ):  # the LLaVA video models' wording (stock LLaVA takes no video)
+            raise ValueError(
+                "You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time"
+            )
         mm_encoder_outputs = dict(mm_encoder_outputs) if mm_encoder_outputs is not None else {}
         if mm_encoder_outputs.get("image") is None and pixel_values is not None:
             mm_encoder_outputs["image"] = self.get_image_features(

@@ -93,6 +93,8 @@ class TokenCompressor(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    # reads the vision tower's CLS token: refused at config time on a tower without one (`vision_towers.py`)
+    needs_cls_token: ClassVar[bool] = False
     needs_cls_attention: ClassVar[bool] = False
     needs_vision_keys: ClassVar[bool] = False
     needs_text: ClassVar[bool] = False

@@ -16,6 +16,14 @@ check_transformers_version()  # a clear ImportError outside the tested range (al
 PROCESSOR_DEFT_KEYS = ("use_deft", "deft_retention_ratio", "deft_inference_mode", "compression_method")
 
 
+def placeholder_id(tokenizer, token: str | None) -> int | None:
+    """Id of the placeholder `token` in the tokenizer's vocabulary, or None when it has no such token (then
+    `convert_tokens_to_ids` gives the `<unk>` id, and counting that id would count unknown words)."""
+    if tokenizer is None or not token:
+        return None
+    return tokenizer.get_vocab().get(token)
+
+
 class DeftLlavaProcessor(LlavaProcessor):
     r"""LLaVA processor for DeFT-LLaVA.
 
@@ -24,7 +32,9 @@ class DeftLlavaProcessor(LlavaProcessor):
     Videos (a list of frames per video) get `frames * patches` encoder tokens behind one `<video>`.
 
     Args (beyond `LlavaProcessor`):
-        video_token: the video placeholder (default `<video>`).
+        video_token: the video placeholder (default `<video>`). Video is supported only when the tokenizer
+            has this token: the public llava-hf tokenizers have no `<video>`, and without one the processor
+            takes no videos (`video_token` and `video_token_id` are then None). The image token is required.
         use_deft, deft_retention_ratio, deft_inference_mode, compression_method: as in `DeftLlavaConfig`.
 
     The full signature is repeated on purpose: `ProcessorMixin.to_dict` saves only named `__init__` arguments.
@@ -55,7 +65,9 @@ class DeftLlavaProcessor(LlavaProcessor):
         self.deft_retention_ratio = deft_retention_ratio
         self.deft_inference_mode = deft_inference_mode
         self.compression_method = compression_method
-        self.video_token = tokenizer.video_token if hasattr(tokenizer, "video_token") else video_token
+        video_token = tokenizer.video_token if hasattr(tokenizer, "video_token") else video_token
+        self.video_token_id = placeholder_id(tokenizer, video_token)
+        self.video_token = video_token if self.video_token_id is not None else None
         super().__init__(
             image_processor=image_processor,
             tokenizer=tokenizer,
@@ -66,9 +78,14 @@ class DeftLlavaProcessor(LlavaProcessor):
             num_additional_image_tokens=num_additional_image_tokens,
             **kwargs,
         )
-        self.video_token_id = (
-            self.tokenizer.convert_tokens_to_ids(self.video_token) if self.tokenizer else None
-        )
+        if self.tokenizer is not None and placeholder_id(self.tokenizer, self.image_token) is None:
+            # LlavaProcessor would take the id of the token's first piece (often <unk>) as the image placeholder
+            raise ValueError(
+                f"the tokenizer has no {self.image_token!r} token (it would be split into "
+                f"{self.tokenizer.tokenize(self.image_token)}), so images cannot be placed; add it with "
+                f"tokenizer.add_special_tokens({{'additional_special_tokens': [{self.image_token!r}]}}) and set "
+                "the model's config.image_token_index to its id, or pass image_token= a token the tokenizer has"
+            )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -113,22 +130,34 @@ class DeftLlavaProcessor(LlavaProcessor):
     # ------------------------------------------------------------------ videos
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """Videos are checked in `__call__` (frames go through the image processor); validate the rest."""
-        if text is not None and self.video_token:
+        if text is not None and self.video_token is not None:
             text = [t.replace(self.video_token, "") for t in ([text] if isinstance(text, str) else text)]
         return super().validate_inputs(images=images, text=text, videos=None, audio=audio, **kwargs)
 
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """As `LlavaProcessor.__call__`, plus `videos`: a list of videos, each a list of frames (PIL images or
         arrays); returns `pixel_values_videos` `(num_videos, frames, channels, height, width)`."""
+        texts = None if text is None else [text] if isinstance(text, str) else list(text)
+        n_placeholders = sum(t.count(self.video_token) for t in texts) if texts and self.video_token else 0
+        # the video checks word their errors as ProcessorMixin.validate_inputs does for images (tools match on it)
         if videos is None:
+            if n_placeholders:
+                raise ValueError(
+                    f"Found {n_placeholders} {self.video_token} tokens in the text but no videos were passed."
+                )
             return super().__call__(images=images, text=text, audio=audio, **kwargs)
-        if text is None:
+        if self.video_token is None:
+            raise ValueError(
+                "videos are not supported: this processor's tokenizer has no video placeholder token (such as "
+                "'<video>'; the public llava-hf tokenizers have none), so video_token is None; pass images, or add "
+                "the token to the tokenizer and set the model's config.video_token_index"
+            )
+        if texts is None:
             raise ValueError("videos need a text prompt with one <video> placeholder per video")
-        texts = [text] if isinstance(text, str) else list(text)
-        n_placeholders = sum(t.count(self.video_token) for t in texts)
         if n_placeholders != len(videos):
             raise ValueError(
-                f"the prompts hold {n_placeholders} {self.video_token} placeholder(s) but {len(videos)} video(s) were given"
+                f"The total number of {self.video_token} tokens in the prompts should be the same as the number of "
+                f"videos passed. Found total {n_placeholders} {self.video_token} tokens and {len(videos)} videos."
             )
         frames_per_video = {len(v) for v in videos}
         if len(frames_per_video) != 1 or 0 in frames_per_video:

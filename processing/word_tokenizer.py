@@ -27,12 +27,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_word_tokenizer(words: list[str] | tuple[str, ...]) -> PreTrainedTokenizerFast:
+def build_word_tokenizer(words: list[str] | tuple[str, ...], video: bool = True) -> PreTrainedTokenizerFast:
     """A `PreTrainedTokenizerFast` whose vocabulary is the special tokens followed by `words` (deduplicated).
 
     Ids: `<pad>`=0, `<unk>`=1, `<s>`=2, `</s>`=3, `<image>`=4, `<video>`=5, then `words` in order.
+    `video=False` leaves `<video>` out (as the public llava-hf tokenizers do): the words then start at id 5.
     """
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    specials = SPECIAL_TOKENS if video else tuple(t for t in SPECIAL_TOKENS if t != "<video>")
+    vocab = {tok: i for i, tok in enumerate(specials)}
     for word in words:
         if not isinstance(word, str) or not word or any(ch.isspace() for ch in word):
             raise ValueError(f"words must be non-empty strings without whitespace, got {word!r}")
@@ -47,7 +49,7 @@ def build_word_tokenizer(words: list[str] | tuple[str, ...]) -> PreTrainedTokeni
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        extra_special_tokens={"image_token": "<image>", **({"video_token": "<video>"} if video else {})},
         padding_side="left",
     )
     tokenizer.chat_template = CHAT_TEMPLATE

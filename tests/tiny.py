@@ -17,9 +17,11 @@ IMAGE_SIZE, PATCH = 32, 8
 NUM_PATCHES = (IMAGE_SIZE // PATCH) ** 2  # 16
 
 
-def vision_config():
+def vision_config(model_type: str = "clip_vision_model"):
+    """The tiny CLIP tower (CLS first); `model_type="siglip_vision_model"`: the same sizes without a CLS token
+    (LLaVA then uses `vision_feature_select_strategy="full"`, see `SIGLIP`)."""
     return dict(
-        model_type="clip_vision_model",
+        model_type=model_type,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -27,6 +29,11 @@ def vision_config():
         image_size=IMAGE_SIZE,
         patch_size=PATCH,
     )
+
+
+# overrides of `config` and `processor` for a SigLIP tower: no CLS token, so every feature is a patch
+SIGLIP = dict(vision_config=vision_config("siglip_vision_model"), vision_feature_select_strategy="full")
+SIGLIP_PROCESSOR = dict(vision_feature_select_strategy="full", num_additional_image_tokens=0)
 
 
 def text_config(vocab_size):
@@ -45,13 +52,15 @@ def text_config(vocab_size):
     )
 
 
-def tokenizer():
-    return build_word_tokenizer(WORDS)
+def tokenizer(video: bool = True):
+    """The word tokenizer of `WORDS`; `video=False`: without `<video>`, as the public llava-hf tokenizers."""
+    return build_word_tokenizer(WORDS, video=video)
 
 
-def config(**deft) -> DeftLlavaConfig:
+def config(**overrides) -> DeftLlavaConfig:
+    """The tiny config; `overrides`: DeFT settings, or any other `DeftLlavaConfig` field (e.g. `**SIGLIP`)."""
     tok = tokenizer()
-    return DeftLlavaConfig(
+    fields = dict(
         vision_config=vision_config(),
         text_config=text_config(len(tok)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
@@ -59,8 +68,8 @@ def config(**deft) -> DeftLlavaConfig:
         image_seq_length=NUM_PATCHES,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
-        **deft,
     )
+    return DeftLlavaConfig(**{**fields, **overrides})
 
 
 def model(seed: int = 0, **deft) -> DeftLlavaForConditionalGeneration:
@@ -86,20 +95,21 @@ def stock_twin(deft_model) -> LlavaForConditionalGeneration:
     return stock
 
 
-def processor(**deft) -> DeftLlavaProcessor:
+def processor(**overrides) -> DeftLlavaProcessor:
+    """The tiny processor; `overrides`: DeFT settings, or any other argument (e.g. `**SIGLIP_PROCESSOR`)."""
     tok = tokenizer()
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
-    return DeftLlavaProcessor(
+    arguments = dict(
         image_processor=image_processor,
         tokenizer=tok,
         patch_size=PATCH,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=tok.chat_template,
-        **deft,
     )
+    return DeftLlavaProcessor(**{**arguments, **overrides})
 
 
 def images(n: int, seed: int = 0) -> list[Image.Image]:
