@@ -1,4 +1,5 @@
-"""Training equivalences: gradient accumulation equals the full batch (LM, RTD and feedback losses included)."""
+"""Training equivalences: gradient accumulation equals the full batch (LM, RTD and feedback losses included),
+and activation checkpointing either gives the same step (non-reentrant) or is refused up front (reentrant)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import tiny
 import torch
 from modeling_deft_llava.training.collator import DeftLlavaDataCollator
 from modeling_deft_llava.training.lora import prepare_model_for_finetuning
-from modeling_deft_llava.training.trainer import DeftLlavaTrainer
+from modeling_deft_llava.training.train import parse_args
+from modeling_deft_llava.training.trainer import DeftLlavaTrainer, reentrant_checkpointing
 from transformers import TrainingArguments
 
 RATIO = 0.25
@@ -123,6 +125,45 @@ def test_gradient_accumulation_equals_the_full_batch(full_batch, tmp_path, sampl
     assert full_logs["loss"] == pytest.approx(
         full_logs["lm_loss"] + full_logs["rtd_loss"] + full_logs["feedback_loss"], rel=1e-5
     )
+
+
+def test_non_reentrant_checkpointing_with_feedback_gives_the_same_step(full_batch, tmp_path):
+    full, _ = full_batch(4)
+    checkpointed, logs = one_step_update(
+        tmp_path, 4, 1, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    assert "feedback_loss" in logs
+    assert relative_difference(checkpointed, full) < 1e-5
+
+
+@pytest.mark.parametrize("kwargs", [{"use_reentrant": True}, {"preserve_rng_state": True}])
+def test_reentrant_checkpointing_with_feedback_is_refused_up_front(tmp_path, kwargs):
+    # torch < 2.9's checkpoint (and torch 2.13's, with a warning) is reentrant when use_reentrant is not given
+    with pytest.raises(ValueError, match=r"use_reentrant=True.*feedback.*use_reentrant.: false"):
+        make_trainer(tmp_path, 4, 1, gradient_checkpointing=True, gradient_checkpointing_kwargs=kwargs)
+    # without the feedback pass, reentrant checkpointing is the user's choice
+    make_trainer(
+        tmp_path, 4, 1, feedback=0, gradient_checkpointing=True, gradient_checkpointing_kwargs=kwargs
+    )
+
+
+def test_reentrant_setting_is_read_from_the_command_line():
+    required = ["--model_name_or_path", "base/", "--data_path", "data.json", "--output_dir", "run/"]
+
+    def reentrant(*flags):
+        return reentrant_checkpointing(parse_args([*required, "--use_cpu", "true", *flags])[1])
+
+    assert reentrant(
+        "--gradient_checkpointing", "true", "--gradient_checkpointing_kwargs", '{"use_reentrant": true}'
+    )
+    assert not reentrant(
+        "--gradient_checkpointing", "true", "--gradient_checkpointing_kwargs", '{"use_reentrant": false}'
+    )
+    assert not reentrant("--gradient_checkpointing", "true")  # transformers' default: non-reentrant
+    assert not reentrant(
+        "--gradient_checkpointing", "true", "--gradient_checkpointing_kwargs", '{"every_n_layers": 2}'
+    )
+    assert not reentrant("--gradient_checkpointing_kwargs", '{"use_reentrant": true}')  # checkpointing off
 
 
 def test_a_loss_from_the_logits_alone_is_refused(tmp_path):

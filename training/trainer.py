@@ -26,6 +26,9 @@ feedback losses by its share of the images. The full-token feedback pass is norm
 micro-batch it falls in. `lm_loss`, `rtd_loss` and `feedback_loss` are logged next to `loss`: the mean over
 the answer tokens (`lm_loss`) or images (the DeFT terms) of the logging window, over all processes.
 
+Activation checkpointing must be non-reentrant when the feedback pass is on (it takes `torch.autograd.grad`,
+which reentrant checkpointing refuses): the trainer raises a `ValueError` at construction otherwise.
+
 Checkpoints are written to `<output_dir>/.tmp-checkpoint-<step>/` and renamed to `checkpoint-<step>` only
 once every process has finished writing, so a killed run never leaves a half-written `checkpoint-*` folder;
 `resume` picks the newest complete one.
@@ -77,6 +80,28 @@ def remove_stale_staging(output_dir) -> list[str]:
     return stale
 
 
+def checkpointing_settings(args) -> tuple[str, bool, dict | None]:
+    """`(flag name, enabled, kwargs)` of activation checkpointing in `TrainingArguments`: `activation_checkpointing*`
+    in recent transformers (`gradient_checkpointing*` mirror them as deprecated aliases), `gradient_checkpointing*`
+    in older ones (5.18)."""
+    name = (
+        "activation_checkpointing" if hasattr(args, "activation_checkpointing") else "gradient_checkpointing"
+    )
+    return name, bool(getattr(args, name)), getattr(args, f"{name}_kwargs")
+
+
+def reentrant_checkpointing(args) -> bool:
+    """Whether the Trainer will enable reentrant activation checkpointing (`torch.utils.checkpoint`)."""
+    _, enabled, kwargs = checkpointing_settings(args)
+    if not enabled:
+        return False
+    # `every_n_layers` and `offload` are the Trainer's own keys; the rest goes to torch's checkpoint
+    kwargs = {k: v for k, v in dict(kwargs or {}).items() if k not in ("every_n_layers", "offload")}
+    if not kwargs:
+        return False  # transformers then passes use_reentrant=False
+    return bool(kwargs.get("use_reentrant", True))  # torch's checkpoint: reentrant when not given
+
+
 class DeftLlavaTrainer(Trainer):
     """`Trainer` for DeFT-LLaVA (module docstring).
 
@@ -91,6 +116,15 @@ class DeftLlavaTrainer(Trainer):
             raise ValueError(f"feedback_every_n_steps must be an int >= 0, got {feedback_every_n_steps!r}")
         super().__init__(*args, **kwargs)
         self.feedback_every_n_steps = feedback_every_n_steps
+        if feedback_every_n_steps > 0 and reentrant_checkpointing(self.args):
+            name, _, kwargs = checkpointing_settings(self.args)
+            raise ValueError(
+                f"{name} with use_reentrant=True ({name}_kwargs={kwargs!r}; torch's checkpoint is reentrant when "
+                f"use_reentrant is not given) cannot run the feedback pass (feedback_every_n_steps="
+                f"{feedback_every_n_steps}): it takes torch.autograd.grad, which reentrant checkpointing refuses. "
+                f"Use --{name}_kwargs '{{\"use_reentrant\": false}}' (or no kwargs: transformers then uses "
+                "it), or turn feedback off with --feedback_every_n_steps 0"
+            )
         if self.label_smoother is not None or self.compute_loss_func is not None:
             # Trainer would compute the loss from the logits alone: the DeFT losses would be dropped silently
             raise ValueError(
