@@ -3,6 +3,11 @@ and activation checkpointing either gives the same step (non-reentrant) or is re
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import tiny
 import torch
@@ -186,3 +191,30 @@ def test_the_model_weights_the_deft_losses_by_its_share_of_the_batch_images():
     assert float(part.loss - part.lm_loss) == pytest.approx(1e3 * float(part.rtd_loss) / 4, rel=1e-4)
     with pytest.raises(ValueError, match="deft_num_images_in_batch must count every image.*got 1.*holds 2"):
         model(**inputs, deft_num_images_in_batch=1)
+
+
+TWO_PROCESSES = """
+import os, sys, pathlib, torch
+import test_training_equivalence as t
+out = pathlib.Path(sys.argv[1])
+delta, logs = t.one_step_update(out, 2, 1)
+if int(os.environ["RANK"]) == 0:
+    torch.save({"delta": delta, "logs": logs}, out / "two_processes.pt")
+"""
+
+
+@pytest.mark.slow  # starts 2 processes (about 20 s on 2 cores)
+def test_two_processes_equal_the_full_batch(full_batch, tmp_path):
+    full, full_logs = full_batch(4)
+    script = tmp_path / "two_processes.py"
+    script.write_text(TWO_PROCESSES)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = torch.load(tmp_path / "two_processes.pt")
+    assert relative_difference(result["delta"], full) < 1e-5  # measured 4e-7
+    for name in ("loss", "lm_loss", "rtd_loss", "feedback_loss"):
+        assert result["logs"][name] == pytest.approx(full_logs[name], rel=1e-5, abs=2e-6), name
