@@ -80,6 +80,20 @@ def compressor_for_config(config: DeftLlavaConfig):
     return compressor
 
 
+def batch_share(features: DeftVisualFeaturesOutput, num_images_in_batch: int | None) -> float:
+    """Share of a batch's images held by this call (`features`: one entry per image or video), the weight of a
+    per-image mean loss that makes micro-batches add up to the batch mean; 1 when `num_images_in_batch` is None
+    (this call is the whole batch)."""
+    if num_images_in_batch is None:
+        return 1.0
+    here, total = len(features.pooler_output), int(num_images_in_batch)
+    if total < here:
+        raise ValueError(
+            f"deft_num_images_in_batch must count every image of the batch, got {total} for a call that holds {here}"
+        )
+    return here / total
+
+
 # ----------------------------------------------------------------------------------------------- models
 class DeftLlavaPreTrainedModel(LlavaPreTrainedModel):
     config: DeftLlavaConfig
@@ -1011,12 +1025,20 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
         deft_token_gradients: list | None = None,
         deft_prompt_length: int | None = None,
         deft_layer_gather_index: torch.LongTensor | None = None,
+        deft_num_images_in_batch: int | None = None,
         cache: Cache | None = None,
         **kwargs,
     ) -> DeftLlavaCausalLMOutputWithPast:
         r"""LLaVA forward with compression. `deft_token_gradients`, `deft_prompt_length`,
         `deft_layer_gather_index`: see `DeftLlavaModel.forward`. The cache may be passed as `cache`
-        (transformers >= 5.24) or `past_key_values` (earlier releases)."""
+        (transformers >= 5.24) or `past_key_values` (earlier releases).
+
+        Training loss (`self.training`): `lm_loss + deft_rtd_loss_weight * rtd_loss + deft_feedback_loss_weight *
+        feedback_loss`. For a batch split into micro-batches (gradient accumulation, several processes), pass
+        `num_items_in_batch` (answer tokens of the whole batch: `lm_loss` becomes this call's token sum over it)
+        and `deft_num_images_in_batch` (images of the whole batch, a video counting as one): the DeFT terms, means
+        over this call's images, are weighted by this call's share of them, so the micro-batches' losses add up
+        to the whole batch's loss. `DeftLlavaTrainer` passes both."""
         past_key_values = resolve_cache_argument(cache, past_key_values)
         mm_encoder_outputs = dict(mm_encoder_outputs) if mm_encoder_outputs is not None else {}
         adaptive = (
@@ -1080,14 +1102,18 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
             )
             loss = lm_loss
         feats = [o for o in (outputs.image_features_output, outputs.video_features_output) if o is not None]
-        rtd_loss = next((o.rtd_loss for o in feats if o.rtd_loss is not None), None)
-        feedback_loss = next((o.feedback_loss for o in feats if o.feedback_loss is not None), None)
+        rtd_source = next((o for o in feats if o.rtd_loss is not None), None)
+        feedback_source = next((o for o in feats if o.feedback_loss is not None), None)
+        rtd_loss = rtd_source.rtd_loss if rtd_source is not None else None
+        feedback_loss = feedback_source.feedback_loss if feedback_source is not None else None
         # total training loss: lm + deft_rtd_loss_weight * rtd + deft_feedback_loss_weight * feedback
         if loss is not None and self.training:
             if rtd_loss is not None:
-                loss = loss + self.config.deft_rtd_loss_weight * rtd_loss
+                share = batch_share(rtd_source, deft_num_images_in_batch)
+                loss = loss + self.config.deft_rtd_loss_weight * share * rtd_loss
             if feedback_loss is not None:
-                loss = loss + self.config.deft_feedback_loss_weight * feedback_loss
+                share = batch_share(feedback_source, deft_num_images_in_batch)
+                loss = loss + self.config.deft_feedback_loss_weight * share * feedback_loss
         return DeftLlavaCausalLMOutputWithPast(
             loss=loss,
             logits=logits,

@@ -61,9 +61,8 @@ def build_trainer(
 ) -> DeftLlavaTrainer:
     """Model, processor(s), dataset, collator and `DeftLlavaTrainer` for one run (nothing trained yet)."""
     training_args.remove_unused_columns = False  # the collator needs the records as they are
-    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
-        # the feedback pass takes torch.autograd.grad, which reentrant checkpointing does not support
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    # activation checkpointing: no kwargs means non-reentrant in every supported transformers (the feedback pass
+    # needs it); DeftLlavaTrainer refuses reentrant checkpointing with feedback on
     set_seed(training_args.seed)  # LoRA initialisation is part of the run: same seed, same weights
 
     processor = DeftLlavaProcessor.from_pretrained(args.model_name_or_path)

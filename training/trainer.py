@@ -13,12 +13,21 @@ Feedback-guided scoring (DeFT FGCS, `s_fb`) on a feedback step:
 
 Total loss (computed by the model in training mode, `DeftLlavaCausalLMOutputWithPast`):
 `loss = lm_loss + deft_rtd_loss_weight * rtd_loss + deft_feedback_loss_weight * feedback_loss`, where
-`lm_loss` is the next-token loss of the compressed pass (mean over answer tokens of the micro-batch),
+`lm_loss` is the next-token loss of the compressed pass (mean over the answer tokens of the batch),
 `rtd_loss` the RTD reconstruction MSE of the pruned tokens (present with `deft_enable_rtd`) and
-`feedback_loss` is present on feedback steps only. With gradient accumulation the loss of each
-micro-batch is divided by the number of accumulation steps (`model_accepts_loss_kwargs = False`).
-`lm_loss`, `rtd_loss` and `feedback_loss` are logged next to `loss` (means over the logging window and over
-processes).
+`feedback_loss` is present on feedback steps only; both are means over the batch's images.
+
+Gradient accumulation (and several processes, with `average_tokens_across_devices`) gives the same step as one
+batch holding every sample. The Trainer counts the answer tokens of all micro-batches of an optimizer step
+(`num_items_in_batch`, passed to the model: `lm_loss` is each micro-batch's token sum over that count); this
+trainer also counts their images (`deft_num_images_in_batch`): the model weights each micro-batch's RTD and
+feedback losses by its share of the images. The full-token feedback pass is normalised by the same
+`num_items_in_batch`, so each sample's feedback gradient, and so its `s_fb`, does not depend on which
+micro-batch it falls in. `lm_loss`, `rtd_loss` and `feedback_loss` are logged next to `loss`: the mean over
+the answer tokens (`lm_loss`) or images (the DeFT terms) of the logging window, over all processes.
+
+Activation checkpointing must be non-reentrant when the feedback pass is on (it takes `torch.autograd.grad`,
+which reentrant checkpointing refuses): the trainer raises a `ValueError` at construction otherwise.
 
 Checkpoints are written to `<output_dir>/.tmp-checkpoint-<step>/` and renamed to `checkpoint-<step>` only
 once every process has finished writing, so a killed run never leaves a half-written `checkpoint-*` folder;
@@ -38,10 +47,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from modeling_deft_llava.modeling_outputs_deft_llava import DeftVisualFeaturesOutput
 
+from .collator import IGNORE_INDEX
+
 logger = logging.getLogger(__name__)
 
 LOSS_COMPONENTS = ("lm_loss", "rtd_loss", "feedback_loss")
 STAGING_PREFIX = ".tmp-checkpoint-"
+NUM_IMAGES_KEY = "deft_num_images_in_batch"  # added to each micro-batch by `get_batch_samples`
 
 
 def unwrap_deft_model(model):
@@ -68,6 +80,28 @@ def remove_stale_staging(output_dir) -> list[str]:
     return stale
 
 
+def checkpointing_settings(args) -> tuple[str, bool, dict | None]:
+    """`(flag name, enabled, kwargs)` of activation checkpointing in `TrainingArguments`: `activation_checkpointing*`
+    in recent transformers (`gradient_checkpointing*` mirror them as deprecated aliases), `gradient_checkpointing*`
+    in older ones (5.18)."""
+    name = (
+        "activation_checkpointing" if hasattr(args, "activation_checkpointing") else "gradient_checkpointing"
+    )
+    return name, bool(getattr(args, name)), getattr(args, f"{name}_kwargs")
+
+
+def reentrant_checkpointing(args) -> bool:
+    """Whether the Trainer will enable reentrant activation checkpointing (`torch.utils.checkpoint`)."""
+    _, enabled, kwargs = checkpointing_settings(args)
+    if not enabled:
+        return False
+    # `every_n_layers` and `offload` are the Trainer's own keys; the rest goes to torch's checkpoint
+    kwargs = {k: v for k, v in dict(kwargs or {}).items() if k not in ("every_n_layers", "offload")}
+    if not kwargs:
+        return False  # transformers then passes use_reentrant=False
+    return bool(kwargs.get("use_reentrant", True))  # torch's checkpoint: reentrant when not given
+
+
 class DeftLlavaTrainer(Trainer):
     """`Trainer` for DeFT-LLaVA (module docstring).
 
@@ -82,8 +116,22 @@ class DeftLlavaTrainer(Trainer):
             raise ValueError(f"feedback_every_n_steps must be an int >= 0, got {feedback_every_n_steps!r}")
         super().__init__(*args, **kwargs)
         self.feedback_every_n_steps = feedback_every_n_steps
-        # the DeFT terms are per-micro-batch means: let Trainer divide by the accumulation steps
-        self.model_accepts_loss_kwargs = False
+        if feedback_every_n_steps > 0 and reentrant_checkpointing(self.args):
+            name, _, kwargs = checkpointing_settings(self.args)
+            raise ValueError(
+                f"{name} with use_reentrant=True ({name}_kwargs={kwargs!r}; torch's checkpoint is reentrant when "
+                f"use_reentrant is not given) cannot run the feedback pass (feedback_every_n_steps="
+                f"{feedback_every_n_steps}): it takes torch.autograd.grad, which reentrant checkpointing refuses. "
+                f"Use --{name}_kwargs '{{\"use_reentrant\": false}}' (or no kwargs: transformers then uses "
+                "it), or turn feedback off with --feedback_every_n_steps 0"
+            )
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            # Trainer would compute the loss from the logits alone: the DeFT losses would be dropped silently
+            raise ValueError(
+                "DeftLlavaTrainer trains on the model's own loss (language model + DeFT terms); "
+                f"label_smoothing_factor={self.args.label_smoothing_factor} and compute_loss_func="
+                f"{self.compute_loss_func!r} are not supported (use 0 and None)"
+            )
         self._component_sums = torch.zeros(len(LOSS_COMPONENTS), dtype=torch.float64)
         self._component_counts = torch.zeros(len(LOSS_COMPONENTS), dtype=torch.float64)
         self._staging_dir = None
@@ -93,8 +141,27 @@ class DeftLlavaTrainer(Trainer):
         n = self.feedback_every_n_steps
         return n > 0 and self.state.global_step % n == 0
 
-    def feedback_gradients(self, model, pixel_values: torch.Tensor, full_inputs: dict) -> list[torch.Tensor]:
-        """Per image, `(N, hidden_size)` gradients of the full-token task loss w.r.t. its projected rows."""
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of one optimizer step and their answer-token count (`Trainer`); each micro-batch also
+        gets the step's image count (`deft_num_images_in_batch`), over all processes when the token count is."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if num_items_in_batch is None:
+            return batch_samples, num_items_in_batch
+        images = sum(b["pixel_values"].shape[0] for b in batch_samples if b.get("pixel_values") is not None)
+        # over all processes exactly when Trainer counts the tokens over all processes
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            images = int(self.accelerator.gather(torch.tensor([images], device=device)).sum())
+        for batch in batch_samples:
+            batch[NUM_IMAGES_KEY] = images
+        return batch_samples, num_items_in_batch
+
+    def feedback_gradients(
+        self, model, pixel_values: torch.Tensor, full_inputs: dict, **loss_kwargs
+    ) -> list[torch.Tensor]:
+        """Per image, `(N, hidden_size)` gradients of the full-token task loss w.r.t. its projected rows.
+
+        `loss_kwargs` (`num_items_in_batch`) normalise that loss as the compressed pass's `lm_loss` is: by the
+        answer tokens of the whole batch, so a sample's gradient does not depend on its micro-batch."""
         module = self.accelerator.unwrap_model(model)  # no DDP hooks: only the rows get a gradient
         inner = unwrap_deft_model(module).model
         with inner.compression_disabled():
@@ -112,25 +179,49 @@ class DeftLlavaTrainer(Trainer):
                 labels=full_inputs["labels"],
                 mm_encoder_outputs={"image": image},
                 use_cache=False,
+                **loss_kwargs,
             )
             grads = torch.autograd.grad(full.lm_loss, rows, allow_unused=True)
         return [g.detach() if g is not None else torch.zeros_like(r) for g, r in zip(grads, rows)]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        num_images = inputs.pop(NUM_IMAGES_KEY, None)
         full_inputs = {k[len("full_") :]: inputs.pop(k) for k in list(inputs) if k.startswith("full_")}
+        # as Trainer decides: the loss is normalised over the whole batch (not divided by the accumulation steps)
+        whole_batch = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        loss_kwargs = {"num_items_in_batch": num_items_in_batch} if whole_batch else {}
         if model.training and full_inputs and self.feedback_step() and inputs.get("pixel_values") is not None:
             inputs["deft_token_gradients"] = self.feedback_gradients(
-                model, inputs["pixel_values"], full_inputs
+                model, inputs["pixel_values"], full_inputs, **loss_kwargs
             )
-        outputs = model(**inputs, use_cache=False)
+        if model.training and whole_batch and num_images:
+            inputs[NUM_IMAGES_KEY] = num_images
+        # Trainer passes num_items_in_batch on and scales for several processes
+        loss, outputs = super().compute_loss(
+            model, {**inputs, "use_cache": False}, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
         if model.training:
-            for i, name in enumerate(LOSS_COMPONENTS):
-                value = getattr(outputs, name, None)
-                if value is not None:
-                    self._component_sums[i] += float(value.detach().float())
-                    self._component_counts[i] += 1
-        loss = outputs.loss
+            self._record_components(outputs, inputs, num_items_in_batch if whole_batch else None)
         return (loss, outputs) if return_outputs else loss
+
+    def _record_components(self, outputs, inputs, num_items_in_batch) -> None:
+        """Add this micro-batch's loss components to the window's sums: `lm_loss` per answer token, the DeFT
+        terms per image (the weights the batch loss gives them)."""
+        labels, pixel_values = inputs.get("labels"), inputs.get("pixel_values")
+        # the causal LM loss predicts labels[..., 1:]
+        tokens = int((labels[..., 1:] != IGNORE_INDEX).sum()) if labels is not None else 0
+        images = pixel_values.shape[0] if pixel_values is not None else 0
+        for i, name in enumerate(LOSS_COMPONENTS):
+            value = getattr(outputs, name, None)
+            weight = tokens if name == "lm_loss" else images
+            if value is None or weight == 0:
+                continue
+            value = float(value.detach().float())
+            if name == "lm_loss" and num_items_in_batch is not None:  # the token sum over the batch's tokens
+                self._component_sums[i] += value * float(num_items_in_batch)
+            else:  # a mean over this micro-batch's tokens or images
+                self._component_sums[i] += value * weight
+            self._component_counts[i] += weight
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the loss components of the window
