@@ -418,7 +418,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             raise ValueError(
                 f"use_deft needs one token per patch: {modality} features have {n} tokens but the patch grid is "
                 f"{grid[0]}x{grid[1]} x {frames} frame(s); use vision_feature_select_strategy='default' "
-                "(CLS dropped) with a CLS-bearing encoder"
+                "(drops the CLS token) with a tower that has one (CLIP), 'full' with one that has none (SigLIP)"
             )
         if self.compressor is not None:
             return self._compress_baseline(
@@ -1047,6 +1047,10 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
             and self.config.deft_inference_mode == "adaptive"
         )
         if adaptive:  # encode once, use twice
+            if pixel_values is not None and mm_encoder_outputs.get("image") is not None:
+                raise ValueError(
+                    "You cannot specify both pixel_values and mm_encoder_outputs at the same time"
+                )  # stock's wording (the inner forward refuses the same)
             if pixel_values is not None and mm_encoder_outputs.get("image") is None:
                 mm_encoder_outputs["image"] = self.model.get_image_features(
                     pixel_values,

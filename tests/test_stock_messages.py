@@ -120,3 +120,28 @@ def test_processor_video_placeholder_without_videos_is_refused_as_stock():
     expected = "Found 1 <video> tokens in the text but no videos were passed."
     assert message_of(processor, **inputs) == expected
     assert stock_validation_message(processor, **inputs) in (expected, None)
+
+
+def test_adaptive_outer_forward_refuses_pixels_and_encoder_outputs_as_stock():
+    """Before: the outer forward's adaptive path silently used the pre-encoded features and dropped the pixels."""
+    settings = dict(use_deft=True, deft_retention_ratio=0.25, deft_inference_mode="adaptive")
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    inputs = batch_inputs(processor)
+    features = model.model.get_image_features(inputs["pixel_values"])
+    bad = dict(inputs, mm_encoder_outputs={"image": features})
+    with pytest.raises(ValueError, match="You cannot specify both pixel_values and mm_encoder_outputs"):
+        model(**bad)
+
+
+def test_collator_refuses_a_tokenizer_without_the_image_placeholder():
+    """Before: the placeholder resolved to <unk>, so unknown answer words were masked as image tokens."""
+    from modeling_deft_llava.training.collator import DeftLlavaDataCollator
+
+    processor = tiny.processor(use_deft=True, deft_retention_ratio=0.25)
+
+    class StockLikeProcessor:  # a processor whose placeholder the tokenizer does not know
+        tokenizer = processor.tokenizer
+        image_token = "<no-such-image-token>"
+
+    with pytest.raises(ValueError, match="the tokenizer has no '<no-such-image-token>' token"):
+        DeftLlavaDataCollator(StockLikeProcessor())

@@ -66,6 +66,13 @@ class DeftLlavaDataCollator:
         self.max_length = max_length
         self.tokenizer = processor.tokenizer
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
+            # an unknown placeholder would resolve to <unk> and mask unknown answer words as image tokens
+            raise ValueError(
+                f"the tokenizer has no {processor.image_token!r} token (it resolves to "
+                f"{self.image_token_id!r}); use a tokenizer with the image placeholder (DeftLlavaProcessor "
+                "refuses such tokenizers when it is built)"
+            )
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
         if self.pad_token_id is None:
