@@ -68,6 +68,43 @@ def _text_neighbors(
     return index, torch.isfinite(values)
 
 
+def _neighbour_kernel(modality: str, image_neighbors: int, video_window: int) -> torch.Tensor:
+    """`(kh, kw)` 0/1 kernel of the fixed neighbourhood, centre excluded: 3x3 (8- or 4-connected) for images,
+    `(2 * window + 1) x 1` over the frame axis for video."""
+    if modality == "image":
+        kernel = torch.ones(3, 3)
+        if image_neighbors == 4:
+            kernel[0, 0] = kernel[0, 2] = kernel[2, 0] = kernel[2, 2] = 0.0
+        kernel[1, 1] = 0.0
+        return kernel
+    kernel = torch.ones(2 * video_window + 1, 1)
+    kernel[video_window, 0] = 0.0
+    return kernel
+
+
+def _fixed_neighbourhood_scores(
+    unit: torch.Tensor, saliency: torch.Tensor, grid: tuple[int, int], kernel: torch.Tensor
+) -> torch.Tensor:
+    """Image/video group scores without the `(batch, N, M, D)` neighbour tensor.
+
+    `sum_j w_ij s_j = (sum_j s_j + z_i . sum_j s_j z_j) / 2` for `w_ij = (1 + z_i . z_j) / 2`: one depthwise
+    convolution of `[s, s * z]` over the `grid` `(height, width)` with the 0/1 `kernel` gives both neighbour
+    sums, and the neighbour count is the same convolution of ones. `(batch, N, D)` unit tokens, `(batch, N)`
+    saliency -> `(batch, N)`."""
+    batch, n, dim = unit.shape
+    height, width = grid
+    channels = torch.cat([saliency.unsqueeze(-1), saliency.unsqueeze(-1) * unit], dim=-1)  # (batch, N, 1 + D)
+    planes = channels.transpose(1, 2).reshape(batch, 1 + dim, height, width)
+    weight = kernel.to(unit).expand(1 + dim, 1, *kernel.shape).contiguous()
+    padding = (kernel.shape[0] // 2, kernel.shape[1] // 2)
+    sums = F.conv2d(planes, weight, padding=padding, groups=1 + dim)  # (batch, 1 + D, H, W)
+    sums = sums.reshape(batch, 1 + dim, n).transpose(1, 2)  # (batch, N, 1 + D)
+    ones = torch.ones(1, 1, height, width, dtype=unit.dtype, device=unit.device)
+    count = F.conv2d(ones, kernel.to(unit).view(1, 1, *kernel.shape), padding=padding).reshape(1, n)
+    weighted = (sums[..., 0] + torch.linalg.vecdot(unit, sums[..., 1:])) / 2.0  # (batch, N)
+    return weighted / count.clamp(min=1.0)
+
+
 def group_scores(
     semantic_tokens: torch.Tensor,
     saliency: torch.Tensor,
@@ -86,6 +123,15 @@ def group_scores(
     """
     batch, n, dim = semantic_tokens.shape
     unit = F.normalize(semantic_tokens.float(), dim=-1)  # (batch, N, D)
+    if modality in ("image", "video") and token_mask is None:
+        # fixed neighbourhoods: one convolution instead of gathering M neighbours per token
+        kernel = _neighbour_kernel(modality, image_neighbors, video_window)
+        if modality == "image":
+            grid = (spatial_shape[0], spatial_shape[1])
+        else:
+            frame_size = spatial_shape[0] * spatial_shape[1]
+            grid = (n // frame_size, frame_size)  # frames x patches: the kernel runs along the frames
+        return _fixed_neighbourhood_scores(unit, saliency.float(), grid, kernel)
     if modality == "image":
         index, valid = _grid_neighbors(spatial_shape[0], spatial_shape[1], image_neighbors)
         index, valid = (

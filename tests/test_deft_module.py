@@ -282,3 +282,21 @@ def test_bad_constructor_arguments(kwargs):
 def test_hybrid_needs_rtd():
     with pytest.raises(ValueError, match="enable_rtd=True"):
         small(enable_rtd=False)(tokens=torch.randn(1, 16, 16), spatial_shape=(4, 4), inference_mode="hybrid")
+
+
+@pytest.mark.parametrize(
+    ("modality", "shape", "n"), [("image", (8, 8), 64), ("image", (3, 5), 15), ("video", (2, 3), 24)]
+)
+@pytest.mark.parametrize("neighbors", [8, 4])
+@pytest.mark.parametrize("window", [0, 2])
+def test_group_score_convolution_equals_the_neighbour_gather(modality, shape, n, neighbors, window):
+    """Images and videos score their fixed neighbourhoods with one convolution (no (batch, N, M, D) tensor);
+    the gather path (still used with a token mask) is the reference."""
+    from modeling_deft_llava.group_scorer import group_scores
+
+    gen = torch.Generator().manual_seed(n + neighbors + window)
+    semantic, saliency = torch.randn(3, n, 16, generator=gen), torch.rand(3, n, generator=gen)
+    kw = dict(image_neighbors=neighbors, video_window=window, text_neighbors=5)
+    fast = group_scores(semantic, saliency, modality, shape, None, **kw)
+    gathered = group_scores(semantic, saliency, modality, shape, torch.ones(3, n, dtype=torch.bool), **kw)
+    torch.testing.assert_close(fast, gathered, rtol=0, atol=1e-6)
