@@ -41,12 +41,24 @@ class TokenDictionary(nn.Module):
         return self.decoder(codes.to(self.decoder.weight.dtype))
 
     def reconstruction_loss(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean squared error of `decode(encode(tokens))` against the (detached) tokens, over `mask` rows."""
+        """Scaled mean squared error of `decode(encode(tokens))` against the (detached) tokens, over `mask` rows:
+
+            loss = MSE / max(1, mean(tokens ** 2))      (the denominator is detached: a constant per call)
+
+        Tokens of unit scale or smaller get the plain MSE. Larger tokens get the error relative to their own
+        power, of order 1 whatever their magnitude: projected LLaVA features of magnitude ~1e3 gave a plain MSE
+        of ~1e6, whose weight gradients overflowed float16 (max 65504) to inf, and which outweighed the language
+        model loss by orders of magnitude. The optimum is the plain MSE's (a constant factor).
+        """
         target = tokens.detach()
         err = (self.decode(self.encode(target)) - target).float().pow(2).mean(-1)  # (...,)
+        power = target.float().pow(2).mean(-1)  # (...,) mean square of each token
         if mask is None:
-            return err.mean()
-        return (err * mask).sum() / mask.sum().clamp(min=1)
+            mse, scale = err.mean(), power.mean()
+        else:
+            count = mask.sum().clamp(min=1)
+            mse, scale = (err * mask).sum() / count, (power * mask).sum() / count
+        return mse / scale.clamp(min=1.0)
 
 
 def uncertainty(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

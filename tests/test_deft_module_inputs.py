@@ -1,9 +1,11 @@
-"""DeFTModule's tensor arguments are checked against `tokens` (issue 13 B)."""
+"""DeFTModule's tensor arguments are checked against `tokens`, and training gradients stay finite (issue 13 B-D)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from modeling_deft_llava import DeFTModule
 
@@ -121,3 +123,92 @@ def test_tokens_of_another_dtype_are_cast_for_scoring(dtype):
     torch.testing.assert_close(
         out.reconstructed_tokens.float(), same.reconstructed_tokens, rtol=1e-2, atol=1e-2
     )
+
+
+# ----------------------------------------------------------------------------- C: finite gradients
+def assert_finite_gradients(deft):
+    bad = [
+        name for name, p in deft.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()
+    ]
+    assert not bad, f"non-finite gradients: {bad}"
+
+
+def test_padding_keeps_every_gradient_finite():
+    # before: the mixed score's -inf on the padded position went through the min-max normalisation of the
+    # feedback loss; its gradient there, 0 * inf, made every SAM, saliency and mixture gradient NaN
+    deft = small().train()
+    out = deft(
+        tokens=tokens(batch=1, n=4),
+        modality="text",
+        attention_mask=torch.tensor([[1, 1, 1, 0]]),
+        token_gradients=tokens(batch=1, n=4, seed=1),
+    )
+    (out.feedback_loss + out.rtd_loss + out.retained_tokens.sum()).backward()
+    assert_finite_gradients(deft)
+    assert deft.saliency_scorer.mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_large_tokens_train_in_float16():
+    # before: the RTD loss was the plain MSE, ~1e6 for tokens of magnitude 1e3, and its float16 weight
+    # gradients overflowed to inf (bfloat16 and float32 were fine)
+    deft = small().to(torch.float16).train()
+    out = deft(
+        tokens=tokens(dtype=torch.float16, scale=1e3),
+        token_gradients=tokens(dtype=torch.float16, seed=1),
+        **GRID,
+    )
+    assert out.rtd_loss < 10  # relative to the tokens' own power
+    (out.rtd_loss + out.feedback_loss).backward()
+    assert_finite_gradients(deft)
+    assert deft.token_dictionary.decoder.weight.grad.abs().sum() > 0
+
+
+def test_rtd_loss_is_the_plain_mse_for_unit_scale_tokens():
+    deft = small()
+    x = tokens(scale=0.5)
+    codes = deft.token_dictionary.decode(deft.token_dictionary.encode(x))
+    torch.testing.assert_close(deft.token_dictionary.reconstruction_loss(x), (codes - x).pow(2).mean())
+
+
+# ----------------------------------------------------------------------------- D: property
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    n=st.integers(1, 12),
+    modality=st.sampled_from(["text", "image"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    scale=st.sampled_from([1e-2, 1.0, 1e3]),
+    ratio=st.floats(0.05, 1.0),
+    feedback=st.sampled_from(["gradients", "task_loss"]),
+    mode=st.sampled_from(["fast", "hybrid"]),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_training_gradients_are_finite(batch, n, modality, dtype, scale, ratio, feedback, mode, seed, data):
+    deft = small(retention_ratio=ratio).to(dtype).train()
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(batch, n, 16, generator=gen) * scale).to(dtype).requires_grad_(True)
+    kwargs = dict(modality=modality, inference_mode=mode)
+    if modality == "image":
+        kwargs["spatial_shape"] = (1, n)
+    else:  # random right/left padding, at least one token per row
+        valid = [data.draw(st.integers(1, n)) for _ in range(batch)]
+        left = data.draw(st.booleans())
+        mask = torch.tensor([[1 if (i >= n - v if left else i < v) else 0 for i in range(n)] for v in valid])
+        kwargs["attention_mask"] = mask
+    if feedback == "gradients":
+        kwargs["token_gradients"] = torch.randn(batch, n, 16, generator=gen).to(dtype)
+    else:  # a task loss computed in float32, as the error messages advise
+        kwargs["task_loss"] = (x.float() * torch.randn(batch, n, 16, generator=gen)).tanh().mean()
+    if mode == "hybrid":
+        kwargs["logits"] = torch.randn(batch, n, 7, generator=gen).to(dtype)
+    out = deft(tokens=x, **kwargs)
+    downstream = out.retained_tokens.float().tanh().sum()
+    if out.reconstructed_tokens is not None:
+        downstream = downstream + out.reconstructed_tokens.float().tanh().sum()
+    losses = [loss for loss in (out.feedback_loss, out.rtd_loss) if loss is not None]
+    assert all(torch.isfinite(loss) for loss in losses)
+    (downstream + sum(losses)).backward()
+    assert_finite_gradients(deft)
+    assert deft.semantic_abstraction.fc1.weight.grad is not None
+    assert torch.isfinite(x.grad).all()
