@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig
 
-from .deft_settings import DEFAULTS, DeftSettings, placeholder_count, validate_deft_settings
+from .deft_settings import (
+    DEFAULTS,
+    DEFT_METHOD,
+    DeftSettings,
+    check_unknown_deft_keys,
+    placeholder_count,
+    validate_deft_settings,
+)
 from .supported_versions import check_transformers_version
 from .vision_towers import check_one_feature_per_patch
 
 check_transformers_version()  # a clear ImportError outside the tested range (also in a Hub folder)
 
-# methods the model can run; "deft" is the DeFT pipeline, the others are baselines (issue: baselines)
-DEFT_METHOD = "deft"
+# every setting of the DeFT namespace this config knows ("deft" is the DeFT pipeline, other methods are baselines)
+DEFT_CONFIG_KEYS = (*DeftSettings.field_names(), "compression_method", "compression_settings")
 
 
 @strict
@@ -66,12 +75,34 @@ class DeftLlavaConfig(LlavaConfig):
         self.model_type = "deft_llava"
         self.validate_deft()
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """`PreTrainedConfig.from_dict`, refusing override keys that look like a misspelt DeFT setting
+        (`from_pretrained(folder, deft_retension_ratio=0.25)`): the library would return them as unused, and a
+        model's `from_pretrained` would fail on them with a bare TypeError."""
+        check_unknown_deft_keys(kwargs, DEFT_CONFIG_KEYS, f"{cls.__name__}.from_pretrained")
+        return super().from_dict(config_dict, **kwargs)
+
     def validate_deft(self) -> None:
-        """Every DeFT and compression-method check. Runs at construction and again when a model is built:
-        `from_pretrained(folder, **overrides)` sets overrides after construction, past `__post_init__`."""
+        """Every DeFT and compression-method check. Runs at construction, again when a model is built
+        (`from_pretrained(folder, **overrides)` sets overrides after construction, past `__post_init__`), and at
+        every call of a built model (settings may be changed on `model.config`)."""
+        # a constructor keyword that is not a field is kept as an attribute: refuse misspelt DeFT settings
+        declared = {f.name for f in fields(self)}
+        check_unknown_deft_keys(
+            [key for key in vars(self) if key not in declared and not key.startswith("_")],
+            DEFT_CONFIG_KEYS,
+            type(self).__name__,
+        )
         validate_deft_settings(**self.deft_settings_dict())
         if not isinstance(self.compression_method, str) or not self.compression_method:
             raise ValueError(f"compression_method must be a method name, got {self.compression_method!r}")
+        if self.compression_method == DEFT_METHOD and self.compression_settings:
+            raise ValueError(
+                f"compression_settings={self.compression_settings!r} are settings of a baseline method and "
+                "compression_method='deft' would ignore them; DeFT reads the deft_* fields "
+                "(e.g. deft_retention_ratio). Leave compression_settings=None for 'deft'"
+            )
         if self.compression_method != DEFT_METHOD:
             from .method_validation import validate_method  # baselines register their settings there
 

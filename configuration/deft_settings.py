@@ -7,6 +7,7 @@ changed here changes everywhere. It imports nothing from the project.
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -86,8 +87,71 @@ def validate_inference_mode(value, name="deft_inference_mode"):
         raise ValueError(f"{name} must be one of {INFERENCE_MODES}, got {value!r}")
 
 
+# the DeFT namespace: a key that starts with one of these (case and "-" vs "_" ignored) is a DeFT setting or a
+# typo of one, never a setting of another library ("deft" also catches "deftretention_ratio")
+DEFT_NAMESPACES = ("deft", "use_deft", "compression")
+# the same settings under `DeFTModule`'s argument names, which seed users may pass to a config by habit
+MODULE_ARGUMENT_NAMES = {
+    "semantic_dim": "deft_semantic_dim",
+    "retention_ratio": "deft_retention_ratio",
+    "enable_rtd": "deft_enable_rtd",
+    "alpha_var": "deft_alpha_var",
+    "rtd_bottleneck_ratio": "deft_rtd_bottleneck_ratio",
+    "inference_mode": "deft_inference_mode",
+    "entropy_threshold": "deft_rtd_entropy_threshold",
+    "confidence_threshold": "deft_rtd_confidence_threshold",
+    "saliency_hidden_dim": "deft_saliency_hidden_dim",
+    "image_neighbors": "deft_group_image_neighbors",
+    "video_window": "deft_group_video_window",
+    "text_neighbors": "deft_group_text_neighbors",
+    "feedback_loss_weight": "deft_feedback_loss_weight",
+    "rtd_loss_weight": "deft_rtd_loss_weight",
+}
+
+
+def looks_like_deft_key(key: str, valid: tuple[str, ...] = ()) -> bool:
+    """True for a key in the DeFT namespace (`deft_*`, `use_deft*`, `compression_*`), a `DeFTModule` argument
+    name, or a near miss of one of `valid` (`def_retention_ratio`): a key that must not be kept silently."""
+    normal = key.lower().replace("-", "_")
+    return (
+        normal.startswith(DEFT_NAMESPACES)
+        or normal in MODULE_ARGUMENT_NAMES
+        or bool(difflib.get_close_matches(normal, valid, n=1, cutoff=0.9))
+    )
+
+
+def check_unknown_deft_keys(keys, valid: tuple[str, ...], where: str, *, every_key: bool = False) -> None:
+    """Raise `ValueError` for the first of `keys` that is not one of `valid` and looks like a DeFT setting
+    (`looks_like_deft_key`; any unknown key with `every_key=True`), naming the closest valid key: a typo such
+    as `deft_retension_ratio=0.25` would otherwise be stored and ignored, and the model would run at the
+    default ratio without a word.
+
+    Args:
+        keys: the keys given (constructor keywords, `from_pretrained` overrides, extra config attributes).
+        valid: the settings `where` knows.
+        where: who was given the keys, for the message (`"DeftLlavaConfig"`).
+    """
+    for key in keys:
+        if key in valid:
+            continue
+        if not isinstance(key, str):
+            raise TypeError(
+                f"{where} got a setting named {key!r} of type {type(key).__name__}; names are str"
+            )
+        if not every_key and not looks_like_deft_key(key, valid):
+            continue
+        guess = MODULE_ARGUMENT_NAMES.get(key.lower().replace("-", "_"))
+        if guess not in valid:
+            guess = difflib.get_close_matches(key.lower(), valid, n=1, cutoff=0.0)[0]
+        raise ValueError(
+            f"{where} got the unknown setting {key!r}; did you mean {guess!r}? (an unknown setting would be "
+            f"ignored and the default used). Valid settings: {sorted(valid)}"
+        )
+
+
 def validate_deft_settings(**values) -> None:
-    """Raise `TypeError`/`ValueError` naming the first invalid DeFT setting."""
+    """Raise `TypeError`/`ValueError` naming the first invalid DeFT setting (unknown keys included)."""
+    check_unknown_deft_keys(values, DeftSettings.field_names(), "the DeFT settings", every_key=True)
     for name in ("use_deft", "deft_enable_rtd", "deft_keep_original_positions"):
         if name in values:
             _check_type(name, values[name], (bool,), "True or False")
@@ -143,6 +207,37 @@ def num_kept_tokens(num_tokens: int, retention_ratio: float) -> int:
 
 DEFAULTS = DeftSettings()
 
+# every compression method: DeFT itself and the baselines that run inside the model (`method_validation`
+# checks a baseline's settings, `compression_registry` builds it)
+DEFT_METHOD = "deft"
+BASELINE_METHODS = (
+    "random",
+    "uniform",
+    "deco",
+    "divprune",
+    "visionzip",
+    "recoverable",
+    "tome",
+    "ficoco_v",
+    "fastv",
+    "ficoco_l",
+)
+COMPRESSION_METHODS = (DEFT_METHOD, *BASELINE_METHODS)
+
+
+def validate_compression_method(value, name="compression_method") -> None:
+    """Raise `ValueError` naming the valid methods (and the closest one) unless `value` is one of them."""
+    if isinstance(value, str) and value in COMPRESSION_METHODS:
+        return
+    close = (
+        difflib.get_close_matches(value.lower(), COMPRESSION_METHODS, n=1) if isinstance(value, str) else []
+    )
+    raise ValueError(
+        f"{name} {value!r} cannot run inside the model; valid: {DEFT_METHOD!r} or one of {BASELINE_METHODS}"
+        + (f"; did you mean {close[0]!r}?" if close else "")
+    )
+
+
 # methods whose processor writes every placeholder (their `stage` is "language_model" or "features_with_text";
 # `method_validation` checks the two lists agree)
 FULL_PLACEHOLDER_METHODS = ("fastv", "ficoco_l", "recoverable")
@@ -160,7 +255,12 @@ def placeholder_count(
     The model and the processor both call this, so their counts cannot drift apart: N without compression,
     for the content-dependent RTD modes (the model drops unused placeholders) and for the methods that decide
     inside the model's forward pass (`FULL_PLACEHOLDER_METHODS`: `fastv` prunes and `ficoco_l` merges inside the language model,
-    `recoverable` needs the prompt's text; both keep K per image there), K otherwise."""
+    `recoverable` needs the prompt's text; both keep K per image there), K otherwise.
+
+    Raises:
+        ValueError: `compression_method` is not a known method (a processor would write K placeholders for it).
+    """
+    validate_compression_method(compression_method)
     if (
         not use_deft
         or (compression_method == "deft" and inference_mode != "fast")

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import math
 
-from .deft_settings import FULL_PLACEHOLDER_METHODS, num_kept_tokens
+from .deft_settings import (
+    BASELINE_METHODS,
+    FULL_PLACEHOLDER_METHODS,
+    num_kept_tokens,
+    validate_compression_method,
+)
 from .vision_towers import check_cls_token
 
 # baselines that run inside DeftLlavaForConditionalGeneration; where each runs is its compressor's `stage`
-MODEL_METHODS = (
-    "random",
-    "uniform",
-    "deco",
-    "divprune",
-    "visionzip",
-    "recoverable",
-    "tome",
-    "ficoco_v",
-    "fastv",
-    "ficoco_l",
-)
+MODEL_METHODS = BASELINE_METHODS
 # stages whose processor writes all N placeholders (the model keeps K per image itself)
 FULL_PLACEHOLDER_STAGES = ("features_with_text", "language_model")
 
@@ -37,8 +31,9 @@ def validate_method(
     from ..compression_registry import ALL_METHODS, build_compressor
 
     if name not in MODEL_METHODS:
+        validate_compression_method(name)  # not a method at all: names the valid ones
         raise ValueError(
-            f"compression_method {name!r} cannot run inside the model; valid: 'deft' or one of {MODEL_METHODS}"
+            f"compression_method {name!r} is DeFT itself, not a baseline: nothing to validate here"
         )
     compressor = build_compressor(name, 8, settings)  # unknown keys and out-of-range values raise here
     full = ALL_METHODS[name].stage in FULL_PLACEHOLDER_STAGES

@@ -19,6 +19,13 @@ from .configuration.deft_settings import (
     validate_inference_mode,
     validate_retention_ratio,
 )
+from .deft_inputs import (
+    check_attention_mask,
+    check_logits,
+    check_task_loss,
+    check_token_gradients,
+    check_tokens,
+)
 from .feedback_scorer import feedback_scores, feedback_scores_from_gradients
 from .group_scorer import group_scores
 from .saliency_scorer import SaliencyScorer
@@ -85,6 +92,9 @@ class DeFTModule(nn.Module):
         entropy_threshold, confidence_threshold: the RTD rule (see `token_dictionary.py`).
         feedback_loss_weight, rtd_loss_weight: recorded for training code; the module returns the raw losses.
 
+    Tokens may have any floating dtype: the scorers and the RTD run in the dtype of their own weights (the
+    tokens are cast to it), and retained and reconstructed tokens come back in the tokens' dtype.
+
     Differences from the paper:
     - The feedback gradient is taken against the tokens given to this module (the encoder's tokens `x`), not
       against `z = SAM(x)`: the task loss is computed before this call, so it cannot depend on this call's `z`.
@@ -149,24 +159,19 @@ class DeFTModule(nn.Module):
 
     # ------------------------------------------------------------------ input checks
     def _check_inputs(
-        self, tokens, modality, spatial_shape, inference_mode, logits, attention_mask, retention_ratio
+        self,
+        tokens,
+        modality,
+        spatial_shape,
+        inference_mode,
+        logits,
+        attention_mask,
+        retention_ratio,
+        task_loss=None,
+        token_gradients=None,
     ):
-        if not isinstance(tokens, torch.Tensor):
-            raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
-        if tokens.dim() != 3:
-            raise ValueError(
-                f"tokens must have shape (batch_size, num_tokens, token_dim), got rank {tokens.dim()} "
-                f"shape {tuple(tokens.shape)}"
-            )
-        batch, n, dim = tokens.shape
-        if dim != self.token_dim:
-            raise ValueError(
-                f"tokens have {dim} features but this DeFTModule was built with token_dim={self.token_dim}"
-            )
-        if n < 1:
-            raise ValueError("tokens must hold at least one token (num_tokens >= 1)")
-        if not tokens.is_floating_point():
-            raise TypeError(f"tokens must be a floating-point tensor, got {tokens.dtype}")
+        check_tokens(tokens, self.token_dim)
+        n = tokens.shape[1]
         if modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         validate_inference_mode(inference_mode, name="inference_mode")
@@ -192,39 +197,19 @@ class DeFTModule(nn.Module):
                     f"{tuple(spatial_shape)} = {frame} patches"
                 )
         if attention_mask is not None:
-            if attention_mask.shape != (batch, n):
-                raise ValueError(
-                    f"attention_mask must have shape (batch_size, num_tokens) = {(batch, n)}, "
-                    f"got {tuple(attention_mask.shape)}"
-                )
-            if modality != "text" and not bool(attention_mask.bool().all()):
-                raise ValueError("attention_mask with padding is only supported for modality='text'")
-            if bool((attention_mask.bool().sum(1) == 0).any()):
-                raise ValueError("every row of attention_mask must keep at least one token")
+            check_attention_mask(attention_mask, tokens, modality)
+        if token_gradients is not None:
+            check_token_gradients(token_gradients, tokens)
+        if task_loss is not None:
+            check_task_loss(task_loss, tokens, token_gradients)
         if logits is not None:
-            if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
-                raise ValueError(
-                    "logits must be (batch_size, vocab) or (batch_size, num_tokens, vocab), got "
-                    f"{getattr(logits, 'shape', type(logits).__name__)}"
-                )
-            if logits.shape[0] != batch or (logits.dim() == 3 and logits.shape[1] != n):
-                raise ValueError(
-                    f"logits of shape {tuple(logits.shape)} do not fit tokens {tuple(tokens.shape)}: expected "
-                    f"({batch}, vocab) or ({batch}, {n}, vocab)"
-                )
+            check_logits(logits, tokens)
         if inference_mode == "adaptive" and logits is None:
             raise ValueError("inference_mode='adaptive' decides from the model's uncertainty: pass logits")
         if inference_mode != "fast" and not self.enable_rtd:
             raise ValueError(
                 f"inference_mode={inference_mode!r} reconstructs pruned tokens and needs enable_rtd=True; "
                 f"use inference_mode='fast' or build the module with enable_rtd=True"
-            )
-        nonfinite = ~torch.isfinite(tokens)
-        if bool(nonfinite.any()):
-            rows = nonfinite.any(-1).nonzero()[:5].tolist()
-            raise ValueError(
-                f"tokens contain {int(nonfinite.any(-1).sum())} non-finite token(s) (NaN/inf), first at "
-                f"(batch, token) {rows}: DeFT refuses to rank them"
             )
 
     # ------------------------------------------------------------------ stages
@@ -295,14 +280,28 @@ class DeFTModule(nn.Module):
             modality: "image", "video" or "text".
             spatial_shape: `(rows, cols)` patch grid of an image, or of one video frame.
             inference_mode: "fast", "hybrid" or "adaptive" (see `token_dictionary.py` for the exact rule).
-            task_loss: scalar loss computed from `tokens`; enables `s_fb` (gradient against `tokens`).
-            logits: `(batch, V)` or `(batch, N, V)` predictions that drive RTD reconstruction.
-            attention_mask: `(batch, N)`, 1 on real tokens and 0 on padding (text only).
-            token_gradients: precomputed `d loss / d tokens` `(batch, N, token_dim)`, instead of `task_loss`.
+            task_loss: finite scalar loss computed from `tokens`; enables `s_fb` (gradient against `tokens`).
+            logits: `(batch, V)` or `(batch, N, V)` predictions that drive RTD reconstruction (`-inf` marks an
+                impossible word; NaN and `+inf` are refused).
+            attention_mask: `(batch, N)` of 0/1 (or bool), 1 on real tokens and 0 on padding (text only).
+            token_gradients: precomputed `d loss / d tokens`, exactly the shape of `tokens`, instead of
+                `task_loss` (not both).
             retention_ratio: override of the module's ratio for this call.
+
+        Raises:
+            TypeError / ValueError: an argument of the wrong type, dtype, shape (named with the shape `tokens`
+                call for), device, or with non-finite values (see `deft_inputs.py`).
         """
         self._check_inputs(
-            tokens, modality, spatial_shape, inference_mode, logits, attention_mask, retention_ratio
+            tokens,
+            modality,
+            spatial_shape,
+            inference_mode,
+            logits,
+            attention_mask,
+            retention_ratio,
+            task_loss,
+            token_gradients,
         )
         ratio = self.retention_ratio if retention_ratio is None else float(retention_ratio)
         token_mask = attention_mask.bool() if attention_mask is not None else None
@@ -389,7 +388,9 @@ class DeFTModule(nn.Module):
         rec_mask = order < n
         rec_idx = order.masked_fill(~rec_mask, 0)
         codes = self.token_dictionary.encode(gather_tokens(tokens, rec_idx))  # (batch, r_max, code_dim)
-        rebuilt = self.token_dictionary.decode(codes) * rec_mask.unsqueeze(-1).to(tokens.dtype)
+        rebuilt = self.token_dictionary.decode(codes).to(tokens.dtype) * rec_mask.unsqueeze(-1).to(
+            tokens.dtype
+        )
         return rebuilt, rec_idx, rec_mask
 
 

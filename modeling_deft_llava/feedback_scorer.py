@@ -41,4 +41,11 @@ def feedback_scores(task_loss: torch.Tensor, tokens: torch.Tensor, alpha_var: fl
         raise ValueError(
             "task_loss does not depend on `tokens`: the feedback score needs d task_loss / d tokens"
         )
+    nonfinite = ~torch.isfinite(grads).all(-1)  # (batch, N)
+    if bool(nonfinite.any()):
+        raise ValueError(
+            f"d task_loss / d tokens is not finite (NaN/inf) for {int(nonfinite.sum())} token(s), first at (batch, "
+            f"token) {nonfinite.nonzero()[:5].tolist()}, although task_loss is finite: its backward pass overflowed "
+            f"in {grads.dtype} (compute the loss in float32)"
+        )
     return feedback_scores_from_gradients(grads, alpha_var)

@@ -11,8 +11,13 @@ COMPONENTS = ("semantic", "feedback", "group")
 def normalize_per_sample(scores: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     """Min-max normalise `(batch, N)` scores to [0, 1] over each sample's valid tokens (padding -> 0).
 
-    A sample whose valid scores are all equal maps to 0.5 everywhere (no preference)."""
+    A sample whose valid scores are all equal maps to 0.5 everywhere (no preference). Padding may hold anything,
+    -inf included (the mixed score): it is replaced by 0 before any arithmetic, because the gradient of
+    `(score - low) / span` at a -inf score is `0 * inf = NaN` even where the result is masked out afterwards,
+    and it would reach every weight behind `span`."""
     scores = scores.float()
+    if token_mask is not None:
+        scores = torch.where(token_mask, scores, torch.zeros_like(scores))
     if token_mask is None:
         low = scores.amin(dim=1, keepdim=True)
         high = scores.amax(dim=1, keepdim=True)

@@ -25,5 +25,6 @@ class SemanticAbstraction(nn.Module):
         self.fc2 = nn.Linear(semantic_dim, semantic_dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """`(batch_size, num_tokens, token_dim)` -> `(batch_size, num_tokens, semantic_dim)`."""
-        return self.fc2(self.act(self.fc1(self.norm(tokens))))
+        """`(batch_size, num_tokens, token_dim)` -> `(batch_size, num_tokens, semantic_dim)` in the weights' dtype
+        (tokens of another floating dtype are cast: bfloat16 tokens into a float32 module are scored in float32)."""
+        return self.fc2(self.act(self.fc1(self.norm(tokens.to(self.fc1.weight.dtype)))))

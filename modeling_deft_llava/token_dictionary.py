@@ -33,27 +33,43 @@ class TokenDictionary(nn.Module):
         self.decoder = nn.Linear(code_dim, token_dim)
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """`(..., token_dim)` -> codes `(..., code_dim)`."""
-        return self.encoder(tokens)
+        """`(..., token_dim)` -> codes `(..., code_dim)` in the weights' dtype (tokens are cast to it)."""
+        return self.encoder(tokens.to(self.encoder.weight.dtype))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """`(..., code_dim)` -> reconstructed tokens `(..., token_dim)`."""
-        return self.decoder(codes)
+        """`(..., code_dim)` -> reconstructed tokens `(..., token_dim)` in the weights' dtype."""
+        return self.decoder(codes.to(self.decoder.weight.dtype))
 
     def reconstruction_loss(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean squared error of `decode(encode(tokens))` against the (detached) tokens, over `mask` rows."""
+        """Scaled mean squared error of `decode(encode(tokens))` against the (detached) tokens, over `mask` rows:
+
+            loss = MSE / max(1, mean(tokens ** 2))      (the denominator is detached: a constant per call)
+
+        Tokens of unit scale or smaller get the plain MSE. Larger tokens get the error relative to their own
+        power, of order 1 whatever their magnitude: projected LLaVA features of magnitude ~1e3 gave a plain MSE
+        of ~1e6, whose weight gradients overflowed float16 (max 65504) to inf, and which outweighed the language
+        model loss by orders of magnitude. The optimum is the plain MSE's (a constant factor).
+        """
         target = tokens.detach()
         err = (self.decode(self.encode(target)) - target).float().pow(2).mean(-1)  # (...,)
+        power = target.float().pow(2).mean(-1)  # (...,) mean square of each token
         if mask is None:
-            return err.mean()
-        return (err * mask).sum() / mask.sum().clamp(min=1)
+            mse, scale = err.mean(), power.mean()
+        else:
+            count = mask.sum().clamp(min=1)
+            mse, scale = (err * mask).sum() / count, (power * mask).sum() / count
+        return mse / scale.clamp(min=1.0)
 
 
 def uncertainty(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised entropy and max probability over the last (vocabulary) axis."""
+    """Normalised entropy and max probability over the last (vocabulary) axis.
+
+    A `-inf` logit (an impossible word) has probability 0 and adds 0 to the entropy (`0 * log 0` is taken as 0,
+    not NaN: a NaN entropy compares False and would make the distribution look certain)."""
     logp = F.log_softmax(logits.float(), dim=-1)
     vocab = logits.shape[-1]
-    entropy = (-(logp.exp() * logp).sum(-1) / (math.log(vocab) if vocab > 1 else 1.0)).clamp(0.0, 1.0)
+    plogp = torch.where(logp > float("-inf"), logp.exp() * logp, torch.zeros_like(logp))
+    entropy = (-plogp.sum(-1) / (math.log(vocab) if vocab > 1 else 1.0)).clamp(0.0, 1.0)
     return entropy, logp.max(-1).values.exp()
 
 

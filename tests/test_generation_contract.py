@@ -143,7 +143,10 @@ def test_non_finite_scores_never_reach_the_top_k():
     deft = DeFTModule(token_dim=16, semantic_dim=8, saliency_hidden_dim=8, retention_ratio=0.5)
     tokens = torch.randn(2, 16, 16)
     gradients = torch.randn(2, 16, 16)
-    gradients[1, 3, 0] = float("nan")
+    gradients[1, 3, 0] = float("nan")  # refused on input, with its position
+    with pytest.raises(ValueError, match=r"token_gradients contain 1 non-finite gradient\(s\).*\[\[1, 3\]\]"):
+        deft(tokens=tokens, modality="image", spatial_shape=(4, 4), token_gradients=gradients)
+    gradients[1, 3, 0] = 3e38  # finite, but its squared norm overflows float32: the score is NaN
     with pytest.raises(ValueError, match=r"DeFT scores are not finite \(component\(s\) \['feedback'\]"):
         deft(tokens=tokens, modality="image", spatial_shape=(4, 4), token_gradients=gradients)
 
