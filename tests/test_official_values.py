@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from modeling_deft_llava.method_ficoco_l import FiCoCoLSettings, ficoco_l_merge
 from modeling_deft_llava.method_ficoco_v import (
     FiCoCoVSettings,
     ficoco_v_compress,
@@ -91,3 +92,22 @@ def test_ficoco_v_size_weighted_merge_is_a_setting():
     assert unit.tokens.flatten().tolist() == [0.0, 10.0, 25.0]
     assert weighted.tokens.flatten().tolist() == [0.0, 10.0, 22.5]
     assert unit.sizes.tolist() == weighted.sizes.tolist() == [[1.0, 1.0, 4.0]]
+
+
+# ------------------------------------------------------------ FiCoCo-L (kawhiiiileo/FiCoCo, FiCoCo_L.py)
+
+
+def test_ficoco_l_compress_rules():
+    """Visual tokens [1, 0], [0, 1], [0.1, 1] then 2 text tokens; token 2 is removed and merged into token 1
+    (its most similar kept token, weight 1). Released code: the raw sum [0.1, 2.0]; the paper's compression
+    (as FiCoCo-V, the default): [0.05, 1.0]."""
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.1, 1.0], [5.0, 5.0], [6.0, 6.0]]])  # (1, 5, 2)
+    scores = torch.tensor([[3.0, 2.0, 1.0, 0.0, 0.0]])
+    visual_items = torch.tensor([[0, 0, 0, -1, -1]])
+    assert FiCoCoLSettings().compress_rule == "average"
+    expected = {"sum": [0.1, 2.0], "average": [0.05, 1.0]}
+    for rule, token_1 in expected.items():
+        keep, out = ficoco_l_merge(hidden, scores, visual_items, 2, 0.998, rule)
+        assert keep.tolist() == [[True, True, False, True, True]]
+        torch.testing.assert_close(out[0, 1], torch.tensor(token_1))
+        assert torch.equal(out[0, [0, 3, 4]], hidden[0, [0, 3, 4]])  # untouched: bit-exact
