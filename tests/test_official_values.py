@@ -6,7 +6,11 @@ deliberately departs (or fixes an official bug), the test checks the documented 
 
 from __future__ import annotations
 
+import math
+
 import torch
+from transformers import CLIPVisionConfig
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from modeling_deft_llava.method_ficoco_l import FiCoCoLSettings, ficoco_l_merge
 from modeling_deft_llava.method_ficoco_v import (
@@ -15,6 +19,8 @@ from modeling_deft_llava.method_ficoco_v import (
     ficoco_v_schedule,
     head_mean_scores,
 )
+from modeling_deft_llava.method_recoverable import RecoverableSettings, merge_clusters, released_cls_attention
+from modeling_deft_llava.vision_attention import cls_attention
 
 # ----------------------------------------------------------------- FiCoCo-V (kawhiiiileo/FiCoCo, FiCoCo_V.py)
 
@@ -111,3 +117,37 @@ def test_ficoco_l_compress_rules():
         assert keep.tolist() == [[True, True, False, True, True]]
         torch.testing.assert_close(out[0, 1], torch.tensor(token_1))
         assert torch.equal(out[0, [0, 3, 4]], hidden[0, [0, 3, 4]])  # untouched: bit-exact
+
+
+# ---------------------------------- Recoverable Compression (banjiuyufen/Recoverable-Compression, clip_encoder.py)
+
+
+def test_recoverable_cluster_merge_rules():
+    """Centre [1, 0], members [0.9, 0.1] and [0.8, 0.2], CLS attention [0.5, 0.3, 0.2]: the released update
+    x_c + sum_j a_j x_j gives [1.43, 0.07] (the default); the plain mean [0.9, 0.1]."""
+    features = torch.tensor([[[1.0, 0.0], [0.9, 0.1], [0.8, 0.2]]])
+    attention = torch.tensor([[0.5, 0.3, 0.2]])
+    slots, members, assign = torch.tensor([[0]]), torch.tensor([[1, 2]]), torch.tensor([[0, 0]])
+    assert RecoverableSettings().cluster_merge == "released"
+    released = merge_clusters(features, slots, members, assign, attention[:, 1:], normalise=False)
+    torch.testing.assert_close(released[0, 0], torch.tensor([1.43, 0.07]))
+    mean = merge_clusters(features, slots, members, assign, torch.ones(1, 2), normalise=True)
+    torch.testing.assert_close(mean[0, 0], torch.tensor([0.9, 0.1]))
+
+
+def test_recoverable_released_cls_attention_is_one_full_width_head():
+    """The released code: softmax(q_cls . k / sqrt(width)) of the last layer's q_proj / k_proj outputs, all
+    heads as one; the model's `cls_attention` (per head, then averaged) differs."""
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_attention_heads=4)
+    layer = CLIPEncoderLayer(config).eval()
+    x = torch.randn(2, 5, 16)  # CLS + 4 patches
+    with torch.no_grad():
+        got = released_cls_attention(layer, x)
+        normed = layer.layer_norm1(x)
+        for b in range(2):
+            q = layer.self_attn.q_proj(normed[b, 0])
+            logits = [float(q @ layer.self_attn.k_proj(normed[b, j])) / math.sqrt(16) for j in range(5)]
+            want = torch.tensor(logits).softmax(0)[1:]
+            torch.testing.assert_close(got[b], want)
+        assert not torch.allclose(got, cls_attention(layer, x))
