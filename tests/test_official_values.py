@@ -20,6 +20,8 @@ from modeling_deft_llava.method_ficoco_v import (
     head_mean_scores,
 )
 from modeling_deft_llava.method_recoverable import RecoverableSettings, merge_clusters, released_cls_attention
+from modeling_deft_llava.method_tome import ToMeSettings
+from modeling_deft_llava.tome_merge import tome_bipartite_merge
 from modeling_deft_llava.vision_attention import cls_attention
 
 # ----------------------------------------------------------------- FiCoCo-V (kawhiiiileo/FiCoCo, FiCoCo_V.py)
@@ -151,3 +153,24 @@ def test_recoverable_released_cls_attention_is_one_full_width_head():
             want = torch.tensor(logits).softmax(0)[1:]
             torch.testing.assert_close(got[b], want)
         assert not torch.allclose(got, cls_attention(layer, x))
+
+
+# ------------------------------------------------------------------- ToMe (facebookresearch/ToMe, tome/merge.py)
+
+
+def tome_groups(order: str) -> list[list[int]]:
+    """Two merges of r = 1 on CLS [1, 0] + tokens [-3, -1], [-2, -1], [3, 0], [1, 2]; the groups formed."""
+    x = torch.tensor([[[1.0, 0.0], [-3.0, -1.0], [-2.0, -1.0], [3.0, 0.0], [1.0, 2.0]]])
+    first = tome_bipartite_merge(x, None, 1, protect_first=True, order=order)
+    second = tome_bipartite_merge(
+        first.tokens, first.sizes, 1, source=first.source, protect_first=True, order=order
+    )
+    return sorted(row.nonzero().flatten().tolist() for row in second.source[0])
+
+
+def test_tome_token_order_changes_the_second_merge():
+    """Both orders first merge token 2 into token 1. The official [unmerged A, B] order ([0, 4, 1', 3]) then
+    pairs 1' with token 4; in place ([0, 1', 3, 4]) token 3 goes to token 4."""
+    assert ToMeSettings().token_order == "released"
+    assert tome_groups("released") == [[0], [1, 2, 4], [3]]
+    assert tome_groups("positions") == [[0], [1, 2], [3, 4]]
