@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from .method_fastv import DeftLlavaFastVCompressor
-from .token_compressor import check_range
+from .token_compressor import check_choice, check_range
+
+COMPRESS_RULES = ("average", "sum")
 
 
 @dataclass(frozen=True)
@@ -27,21 +29,34 @@ class FiCoCoLSettings:
             built). Default 2, as FastV's setting for LLaVA-1.5.
         targets_quantile: a removed token merges into every kept token of its image whose cosine similarity
             to it is at least this quantile of its similarities to the kept tokens (token-adaptive number of
-            targets, always at least the most similar one). 0.998 as FiCoCo-V's official code.
+            targets, always at least the most similar one). 0.998 as the official code.
+        compress_rule: how a kept token j takes in the removed tokens i merged into it, with weights w_ij:
+            `"average"` (default, the paper): `x_j <- (x_j + sum_i w_ij x_i) / (1 + sum_i w_ij)`, the same
+            compression as FiCoCo-V (the paper: "the compression modules of FiCoCo-V and FiCoCo-L are
+            identical"; FiCoCo-V's official code divides by this size). `"sum"` (the released
+            `FiCoCo_L.py`): `x_j <- x_j + sum_i w_ij x_i`; its `merge_ficoco_l` computes the same size and
+            drops it.
     """
 
     ficoco_l_layer: int = 2
     targets_quantile: float = 0.998
+    compress_rule: str = "average"
 
     def __post_init__(self):
         value = self.ficoco_l_layer
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"ficoco_l_layer must be an int >= 1, got {value!r}")
         check_range("targets_quantile", self.targets_quantile, 0.0, 1.0)
+        check_choice("compress_rule", self.compress_rule, COMPRESS_RULES)
 
 
 def ficoco_l_merge(
-    hidden: torch.Tensor, scores: torch.Tensor, visual_items: torch.Tensor, num_kept: int, quantile: float
+    hidden: torch.Tensor,
+    scores: torch.Tensor,
+    visual_items: torch.Tensor,
+    num_kept: int,
+    quantile: float,
+    compress_rule: str = "average",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Filter, correlate and compress the visual tokens of every image (item) of `hidden` `(batch, seq, D)`.
 
@@ -50,9 +65,11 @@ def ficoco_l_merge(
     Correlate: removed token i's targets are the kept tokens j of the same item with cosine similarity
     `c_ij >= quantile_q(c_i)` (over the K kept tokens; always including its argmax), with weights
     `w_ij = softmax_j(c_ij)` over its targets (positive, summing to 1).
-    Compress: weighted scatter-add, every kept token starting with size 1:
-    `x_j <- (x_j + sum_i w_ij x_i) / (1 + sum_i w_ij)` (float32); a kept token that received nothing stays
-    bit-exact. Items' tokens are found in row-major order and all items have the same count N.
+    Compress: weighted scatter-add (float32), `compress_rule` `"average"`:
+    `x_j <- (x_j + sum_i w_ij x_i) / (1 + sum_i w_ij)`, or `"sum"`: `x_j <- x_j + sum_i w_ij x_i`; a kept
+    token that received nothing stays bit-exact. Example: visual tokens `[1, 0], [0, 1], [0.1, 1]`, token 2
+    merged into token 1: `"average"` gives `[0.05, 1.0]`, `"sum"` `[0.1, 2.0]`. Items' tokens are found in
+    row-major order and all items have the same count N.
 
     Returns:
         keep `(batch, seq)` bool (text and kept visual tokens) and the merged hidden states `(batch, seq, D)`.
@@ -79,8 +96,9 @@ def ficoco_l_merge(
     targets = (sim >= threshold) | best
     weights = sim.masked_fill(~targets, float("-inf")).softmax(dim=-1)  # (items, R, K)
     added = weights.transpose(1, 2) @ removed_x  # (items, K, D) the scatter-add, as one product
-    size = 1 + weights.sum(dim=1)  # (items, K)
-    merged = (kept_x + added) / size.unsqueeze(-1)
+    merged = kept_x + added
+    if compress_rule == "average":
+        merged = merged / (1 + weights.sum(dim=1)).unsqueeze(-1)  # (items, K, D)
     received = (weights > 0).any(dim=1).unsqueeze(-1)  # (items, K, 1)
     new_kept = torch.where(received, merged, kept_x).to(hidden.dtype)
     out = flat.clone()
@@ -101,12 +119,25 @@ class DeftLlavaFiCoCoLCompressor(DeftLlavaFastVCompressor):
     decoding continues as in FastV (the layer gather index travels in `deft_generation_state`). Every choice
     uses the prompt only (`deft_prompt_length`), so a cached generate equals a full recompute.
 
-    Departures from the paper: the filter score is the last prompt token's attention alone (the paper
-    combines the attention of the text tokens with a visual-redundancy term); correlation is the cosine
-    similarity of hidden states (the paper uses attention-derived correlations), with softmax weights over the
-    targets; the merge happens once, at the input of layer K (not spread over layers); merged tokens carry no
-    size in the later layers' attention (no proportional attention). Each image keeps exactly K_img tokens
-    and a batch is handled row by row image by image (the official code assumes one image, batch 1).
+    Differences from the official code (kawhiiiileo/FiCoCo, `FiCoCo_L.py` and `llava_llama.py`):
+    - official bugs fixed: the official code takes positions `[0, 576)` of the sequence as the visual tokens,
+      though LLaVA-1.5 places the image after the system prompt (so it merges system-prompt tokens and never
+      touches the last image tokens); here each image's own placeholders are used. `FiCoCo_L.py` as released
+      does not parse (its `Compress` mixes indentation levels); the notebook checkpoint next to it does.
+    - compress: `compress_rule="average"` (default) divides by `1 + sum_i w_ij`, as the paper (one
+      compression module for FiCoCo-V and FiCoCo-L) and FiCoCo-V's code; the released FiCoCo-L returns the
+      raw sum, available as `compress_rule="sum"`.
+    - deliberate departures (the method is FastV's single cut with a merge): the official code merges
+      r = 14 visual tokens in every layer after `control_encoding_layer` = 4, between attention and MLP; here
+      the merge happens once, at the input of layer K, to exactly K_img tokens per image. The official filter
+      score is `0.6 * sum_j A_vv[i, j] - 0.4 * mean_t A_vt[i, t]` on the head-mean q.k logits before the
+      softmax (visual-to-visual and visual-to-text, no causal mask); here it is the last prompt token's
+      attention probabilities, as FastV. The official correlation is `0.6 * A_vv + 0.4 * A_vt @ A_tv` on the
+      same logits (softmax weights over a top-k shared by all removed tokens, over every other visual token,
+      removed ones included); here the cosine similarity of the hidden states entering layer K over the kept
+      tokens of the same image, with a token-adaptive number of targets. Merged tokens carry no size in the later layers' attention (the
+      official code drops the sizes too). A batch is handled row by row, image by image (the official code
+      assumes one image, batch 1).
     """
 
     name = "ficoco_l"
@@ -121,4 +152,7 @@ class DeftLlavaFiCoCoLCompressor(DeftLlavaFastVCompressor):
         self, hidden: torch.Tensor, scores: torch.Tensor, visual_items: torch.Tensor, num_kept: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep each image's `num_kept` best-scored visual tokens and merge the others into them."""
-        return ficoco_l_merge(hidden, scores, visual_items, num_kept, self.settings.targets_quantile)
+        settings = self.settings
+        return ficoco_l_merge(
+            hidden, scores, visual_items, num_kept, settings.targets_quantile, settings.compress_rule
+        )

@@ -14,31 +14,49 @@ import torch.nn.functional as F
 from torch import nn
 
 from .method_tome import DeftLlavaToMeCompressor, tome_schedule
-from .token_compressor import CompressionContext, CompressionResult, TokenCompressor, check_range
+from .token_compressor import (
+    CompressionContext,
+    CompressionResult,
+    TokenCompressor,
+    check_choice,
+    check_range,
+)
+
+ATTENTION_SCORES = ("logits", "probabilities")
 
 
 @dataclass(frozen=True)
 class FiCoCoVSettings:
-    """Settings of FiCoCo-V (defaults: the paper's / official code's values for LLaVA-1.5).
+    """Settings of FiCoCo-V. The defaults reproduce the official code (kawhiiiileo/FiCoCo, LLaVA-1.5 setting).
 
     Args:
-        start_layer: 0-based index of the first encoder layer that reduces tokens (the official
-            `control_encoding_layer`, 11 for LLaVA-1.5's 24-layer CLIP). Layers before it see every token.
+        start_layer: 0-based index of the first encoder layer that reduces tokens. The official code reduces in
+            layer i when `i > control_encoding_layer` (11), so its first reducing layer is 12, the default.
+            Layers before it see every token.
         cls_weight: beta, weight of the CLS attention in the redundancy score
             `(1 - beta) * patch_to_patch - beta * cls` (0.35 in the official code).
-        window: side of the square windows of the local penalty (2: 2x2 windows).
+        window: side of the square windows of the local penalty (2: 2x2 windows, as the official code).
         targets_quantile: a filtered token merges into every kept patch whose attention from it is at least
             this quantile of its attention to the kept patches (token-adaptive number of targets; always at
             least its most-attended kept patch). 0.998 in the official code.
+        attention_scores: what the filter reads: `"logits"` (official): the head mean of the scaled q.k
+            logits before the softmax; the correlate weights are then the softmax of that head-mean row.
+            `"probabilities"`: the head mean of the per-head softmax probabilities, for both.
+        size_weighted_merge: weight every token of a merge by the number of patches it already stands for
+            (ToMe's size-weighted average). False (official): the official code never carries sizes from one
+            layer to the next, so each layer merges as if every token stood for one patch.
         proportional_attention: add `log(size)` of every key to the attention logits once tokens are merged
-            (as ToMe, on whose code FiCoCo's is built); passed as an additive mask, so SDPA stays on.
+            (ToMe's proportional attention); passed as an additive mask, so SDPA stays on. False (official):
+            the official code discards the sizes, so its attention never sees them.
     """
 
-    start_layer: int = 11
+    start_layer: int = 12
     cls_weight: float = 0.35
     window: int = 2
     targets_quantile: float = 0.998
-    proportional_attention: bool = True
+    attention_scores: str = "logits"
+    size_weighted_merge: bool = False
+    proportional_attention: bool = False
 
     def __post_init__(self):
         for name in ("start_layer", "window"):
@@ -48,10 +66,10 @@ class FiCoCoVSettings:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         check_range("cls_weight", self.cls_weight, 0.0, 1.0)
         check_range("targets_quantile", self.targets_quantile, 0.0, 1.0)
-        if not isinstance(self.proportional_attention, bool):
-            raise ValueError(
-                f"proportional_attention must be True or False, got {self.proportional_attention!r}"
-            )
+        check_choice("attention_scores", self.attention_scores, ATTENTION_SCORES)
+        for name in ("size_weighted_merge", "proportional_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 def ficoco_v_schedule(num_patches: int, num_kept: int, layers_run: int, start_layer: int) -> list[int]:
@@ -78,17 +96,30 @@ def ficoco_v_schedule(num_patches: int, num_kept: int, layers_run: int, start_la
     return [0] * start_layer + tail
 
 
-def head_mean_attention(layer: nn.Module, normed: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """`(batch, T, T)` float32 attention probabilities of a CLIP layer, averaged over heads.
+def attention_logits(layer: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+    """`(batch, heads, T, T)` float32 scaled q.k logits of a CLIP layer, before any mask and the softmax.
 
-    Recomputed from the layer's own q/k projections of its input `normed` (`layer_norm1(x)`), with the
-    same additive `mask` the layer got, so the layer itself can keep running with SDPA.
+    Recomputed from the layer's own q/k projections of its input `normed` (`layer_norm1(x)`), so the layer
+    itself can keep running with SDPA.
     """
     attn = layer.self_attn
     batch, length, _ = normed.shape
     q = attn.q_proj(normed).view(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2).float()
     k = attn.k_proj(normed).view(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2).float()
-    logits = q @ k.transpose(2, 3) * attn.scale  # (batch, heads, T, T)
+    return q @ k.transpose(2, 3) * attn.scale  # (batch, heads, T, T)
+
+
+def head_mean_scores(logits: torch.Tensor, mask: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """`(batch, T, T)` the attention scores FiCoCo-V's filter reads, from `(batch, heads, T, T)` logits.
+
+    `"logits"` (official): the head mean of the logits themselves, before the softmax and without `mask`
+    (the official code takes it before adding anything to the logits). `"probabilities"`: the head mean of
+    `softmax(logits + mask)`, the weights the layer attends with. The two can rank keys differently: for
+    logits `[[0, 10], [1.5, 0], [1.5, 0]]` (3 heads, 2 keys) the mean logit ranks key 1 first, the mean
+    probability key 0.
+    """
+    if kind == "logits":
+        return logits.mean(dim=1)
     if mask is not None:
         logits = logits + mask.float()
     return logits.softmax(dim=-1).mean(dim=1)
@@ -109,12 +140,13 @@ def ficoco_redundancy(
 ) -> torch.Tensor:
     """Filter score of every patch token, `(batch, P)` float32: higher = more redundant, filtered first.
 
-    `attention`: `(batch, 1 + P, 1 + P)` head-averaged probabilities, CLS first; `patch_index`: `(batch, P)`
-    original patch of every current token (raster order on `grid`).
+    `attention`: `(batch, 1 + P, 1 + P)` head-averaged attention scores, CLS first (`head_mean_scores`:
+    logits or probabilities); `patch_index`: `(batch, P)` original patch of every current token (raster order
+    on `grid`).
 
-    1. `s_i = (1 - beta) * p2p_i / ||p2p|| - beta * cls_i / ||cls||`, where `p2p_i` is the mean attention patch
-       i pays to the patches and `cls_i` the attention CLS pays to patch i (both L2-normalised per image, as
-       the official code).
+    1. `s_i = (1 - beta) * p2p_i / ||p2p|| - beta * cls_i / ||cls||`, where `p2p_i` is the mean score patch
+       i gives the patches and `cls_i` the score CLS gives patch i (both L2-normalised per image, as the
+       official code).
     2. Local penalty: the original grid is cut into `window x window` windows; in each window the token with
        the highest score (the first by patch index among ties) has it amplified (`2s` if `s > 0`, else `s/2`),
        so that the first discards are spread over the image rather than concentrated in one region.
@@ -137,10 +169,69 @@ def ficoco_redundancy(
     return torch.where(top, amplified, score)
 
 
+def ficoco_v_correlate(
+    probs: torch.Tensor, filtered: torch.Tensor, kept_patches: torch.Tensor, quantile: float
+) -> torch.Tensor:
+    """Merge weights `(batch, r, M)` of every filtered token over the kept patches (rows sum to 1).
+
+    `probs`: `(batch, T, T)` attention probabilities; `filtered` `(batch, r)` and `kept_patches` `(batch, M)`
+    token positions. Filtered token i's targets are the kept patches j with `P_ij >= quantile_q(P_i, kept)`
+    (and always its argmax); `w_ij = P_ij / sum_targets P_ik`.
+    """
+    length = probs.shape[-1]
+    r = filtered.shape[1]
+    rows = probs.gather(1, filtered.unsqueeze(-1).expand(-1, -1, length))  # (batch, r, T)
+    sim = rows.gather(2, kept_patches.unsqueeze(1).expand(-1, r, -1))  # (batch, r, M)
+    threshold = torch.quantile(sim, quantile, dim=-1, keepdim=True)  # (batch, r, 1)
+    argmax = F.one_hot(sim.argmax(dim=-1), sim.shape[-1]).bool()  # (batch, r, M)
+    weights = torch.where((sim >= threshold) | argmax, sim, torch.zeros_like(sim))
+    return weights / weights.sum(dim=-1, keepdim=True)  # (batch, r, M)
+
+
+def ficoco_v_compress(
+    x: torch.Tensor,
+    size: torch.Tensor,
+    filtered: torch.Tensor,
+    kept_patches: torch.Tensor,
+    weights: torch.Tensor,
+    size_weighted: bool,
+) -> FiCoCoStep:
+    """Fold the filtered tokens into the kept patches they correlate with; CLS (token 0) stays first, untouched.
+
+    `x` `(batch, T, D)`, `size` `(batch, T)`; `filtered` `(batch, r)`, `kept_patches` `(batch, M)` ascending
+    token positions; `weights` `(batch, r, M)`. Weighted scatter-add into each kept patch j:
+    `x_j <- (m_j x_j + sum_i w_ij m_i x_i) / (m_j + sum_i w_ij m_i)`, with masses `m = size` when
+    `size_weighted`, else `m = 1` (the official code). Sizes add up either way:
+    `s_j <- s_j + sum_i w_ij s_i`. Kept tokens keep their places; those that received nothing stay bit-exact.
+    Example (1-D tokens, CLS first): `x = [0, 10, 20, 30, 40]`, token 2 merged into token 3 with weight 1:
+    `[0, 10, 25, 40]` (the official code, whose kept rows are in score order `[4, 3, 1, 0]` and which adds
+    token 2 at row 3 of that list, returns `[40, 30, 10, 10]`).
+    """
+    width = x.shape[-1]
+    sizes = size.float()
+    mass = sizes if size_weighted else torch.ones_like(sizes)  # (batch, T)
+    src_mass = weights * mass.gather(1, filtered).unsqueeze(-1)  # (batch, r, M)
+    src = x.float().gather(1, filtered.unsqueeze(-1).expand(-1, -1, width))  # (batch, r, D)
+    added = src_mass.transpose(1, 2) @ src  # (batch, M, D) the scatter-add, as one product
+    keep_x = x.float().gather(1, kept_patches.unsqueeze(-1).expand(-1, -1, width))  # (batch, M, D)
+    keep_mass = mass.gather(1, kept_patches)  # (batch, M)
+    merged = (keep_x * keep_mass.unsqueeze(-1) + added) / (keep_mass + src_mass.sum(dim=1)).unsqueeze(-1)
+    received = (weights > 0).any(dim=1).unsqueeze(-1)  # (batch, M, 1)
+    patches = torch.where(received, merged, keep_x).to(x.dtype)
+    new_size = sizes.gather(1, kept_patches) + (weights * sizes.gather(1, filtered).unsqueeze(-1)).sum(dim=1)
+    kept = torch.cat([torch.zeros_like(kept_patches[:, :1]), kept_patches], dim=1)  # (batch, 1 + M)
+    return FiCoCoStep(
+        tokens=torch.cat([x[:, :1], patches], dim=1),  # (batch, 1 + M, D)
+        sizes=torch.cat([sizes[:, :1], new_size], dim=1),  # (batch, 1 + M)
+        kept_positions=kept,
+    )
+
+
 def ficoco_v_reduce(
     x: torch.Tensor,
     size: torch.Tensor,
-    attention: torch.Tensor,
+    scores: torch.Tensor,
+    probs: torch.Tensor,
     patch_index: torch.Tensor,
     r: int,
     grid: tuple[int, int],
@@ -148,40 +239,15 @@ def ficoco_v_reduce(
 ) -> FiCoCoStep:
     """One FiCoCo-V step: remove r patch tokens per row (CLS, token 0, is never touched).
 
-    Filter: the r patches with the highest `ficoco_redundancy` (stable order among ties).
-    Correlate: filtered token i's targets are the kept patches j with `A_ij >= quantile_q(A_i, kept)` (and
-    always its argmax), weighted `w_ij = A_ij / sum_targets A_ij`.
-    Compress: weighted scatter-add of sizes and size-weighted tokens,
-    `x_j <- (s_j x_j + sum_i w_ij s_i x_i) / (s_j + sum_i w_ij s_i)`, `s_j <- s_j + sum_i w_ij s_i`; kept
-    tokens keep their places (tokens that received nothing stay bit-exact).
+    Filter: the r patches with the highest `ficoco_redundancy` of `scores` `(batch, T, T)` (stable order
+    among ties). Correlate: `ficoco_v_correlate` on `probs` `(batch, T, T)`. Compress: `ficoco_v_compress`.
     """
-    batch, length, width = x.shape
-    score = ficoco_redundancy(attention, patch_index, grid, settings.cls_weight, settings.window)
-    order = score.sort(dim=1, descending=True, stable=True).indices + 1  # (batch, P) token positions
+    redundancy = ficoco_redundancy(scores, patch_index, grid, settings.cls_weight, settings.window)
+    order = redundancy.sort(dim=1, descending=True, stable=True).indices + 1  # (batch, P) token positions
     filtered = order[:, :r]  # (batch, r)
     kept_patches = order[:, r:].sort(dim=1).values  # (batch, M) ascending, M = P - r
-    kept = torch.cat([torch.zeros_like(kept_patches[:, :1]), kept_patches], dim=1)  # (batch, 1 + M)
-
-    rows_attn = attention.gather(1, filtered.unsqueeze(-1).expand(-1, -1, length))  # (batch, r, T)
-    sim = rows_attn.gather(2, kept_patches.unsqueeze(1).expand(-1, r, -1))  # (batch, r, M)
-    threshold = torch.quantile(sim, settings.targets_quantile, dim=-1, keepdim=True)  # (batch, r, 1)
-    argmax = F.one_hot(sim.argmax(dim=-1), sim.shape[-1]).bool()  # (batch, r, M)
-    weights = torch.where((sim >= threshold) | argmax, sim, torch.zeros_like(sim))
-    weights = weights / weights.sum(dim=-1, keepdim=True)  # (batch, r, M)
-
-    sizes = size.float()
-    src_size = sizes.gather(1, filtered)  # (batch, r)
-    contrib = weights * src_size.unsqueeze(-1)  # (batch, r, M) patches moved from i to j
-    src = x.float().gather(1, filtered.unsqueeze(-1).expand(-1, -1, width))  # (batch, r, D)
-    added = contrib.transpose(1, 2) @ src  # (batch, M, D) the scatter-add, as one product
-    keep_x = x.float().gather(1, kept_patches.unsqueeze(-1).expand(-1, -1, width))  # (batch, M, D)
-    keep_size = sizes.gather(1, kept_patches)  # (batch, M)
-    new_size = keep_size + contrib.sum(dim=1)  # (batch, M)
-    merged = (keep_x * keep_size.unsqueeze(-1) + added) / new_size.unsqueeze(-1)
-    received = (contrib > 0).any(dim=1).unsqueeze(-1)  # (batch, M, 1)
-    patches = torch.where(received, merged, keep_x).to(x.dtype)
-    tokens = torch.cat([x[:, :1], patches], dim=1)  # (batch, 1 + M, D)
-    return FiCoCoStep(tokens=tokens, sizes=torch.cat([sizes[:, :1], new_size], dim=1), kept_positions=kept)
+    weights = ficoco_v_correlate(probs, filtered, kept_patches, settings.targets_quantile)
+    return ficoco_v_compress(x, size, filtered, kept_patches, weights, settings.size_weighted_merge)
 
 
 class DeftLlavaFiCoCoVCompressor(TokenCompressor):
@@ -192,21 +258,39 @@ class DeftLlavaFiCoCoVCompressor(TokenCompressor):
     it attends to most, and compresses it into them by a weighted scatter-add (`ficoco_v_reduce`). r_i is
     `ficoco_v_schedule`, so the feature layer holds exactly K = `config.num_kept_tokens(N)` patch tokens.
     Kept tokens keep their place and their original patch (`kept_indices`), which gives their position id.
+    The defaults follow the official code (kawhiiiileo/FiCoCo, `clip_encoder.py` and `FiCoCo_V.py`):
+    start at layer 12, filter on the head mean of the q.k logits, no size weighting, no proportional attention.
 
-    Departures from the paper / official code:
-    - schedule: exact (ToMe's rule: near-constant r, at most half a layer's patches, sum N - K) instead of a
-      constant r = 42, so every budget K is met exactly; unreachable budgets raise at config time.
-    - attention: recomputed in float32 from the layer's q/k projections (head average) so the encoder keeps
-      SDPA; the official code reads the eager attention weights.
-    - local penalty: windows are laid on the original patch grid and hold the current tokens by their
-      original patch; partial windows at the edges count (the official code ignores them and keeps a global
-      score buffer shared across images, not batch-safe). Only one token per window is amplified; ties go to
-      the lowest patch index.
-    - correlate: targets are kept PATCH tokens only (never CLS, which LLaVA drops); each filtered token has
-      its own number of targets (quantile over the kept patches, at least one) instead of one shared top-k
-      over all tokens; weights are the attention probabilities normalised over the targets (the official
-      code applies a second softmax to the probabilities).
-    - merged tokens carry fractional sizes, used in proportional attention as ToMe's integer ones.
+    Differences from the official code:
+    - official bugs fixed (no setting restores them):
+      - compress: the official code gathers the kept tokens in score order, then scatter-adds each filtered
+        token at its target's ORIGINAL index into that score-ordered list, so merged information lands on
+        whichever token occupies that row, in general not the target. Here it is added to the intended token. Example: tokens `[0, 10, 20, 30, 40]` (0 is CLS), token 2 merged into 3,
+        kept order `[4, 3, 1, 0]`: official `[40, 30, 10, 10]`; here token 3 becomes 25
+        (`ficoco_v_compress`).
+      - order: the official code appends CLS (score +inf) last, so from the first reducing layer on row 0 is
+        a patch: its later filters read that patch as CLS, and LLaVA's `[:, 1:]` drops a patch and keeps CLS
+        as a visual token. Here CLS stays first and kept tokens keep their order.
+      - local penalty: the official code keeps one module-level score buffer of 576 entries, shared by every
+        layer and every image (never reset), and indexes the current tokens with its window positions; it
+        assumes one image, a 24x24 grid, and that no token moved. Here windows are laid on the original patch
+        grid and hold the current tokens by their original patch, per image; partial windows at the edges
+        count (the official code ignores them). One token per window is amplified; ties go to the lowest
+        patch index.
+    - deliberate departures:
+      - schedule: exact (ToMe's rule: near-constant r, at most half a layer's patches, sum N - K) instead of
+        a constant r = 42, so every budget K is met exactly; unreachable budgets raise at config time. The
+        official setting, 42 tokens in each of the 11 layers 12..22, is `ficoco_v_schedule(576, 114, 23, 12)`.
+      - attention: recomputed in float32 from the layer's q/k projections (`attention_logits`) so the
+        encoder keeps SDPA; the official code computes the layer's attention eagerly and takes the mean of
+        its logits over heads (and over the batch: it assumes one image).
+      - correlate: targets are kept PATCH tokens only (the official code ranks all tokens of the layer: CLS,
+        other filtered tokens and the token itself included); each filtered token has its own number of
+        targets (`sim >= quantile` over the kept patches, at least one) instead of one shared top-k (the
+        largest count of logits strictly above the quantile over all tokens, taken by every filtered token).
+        The weights are the same rule: the softmax of the head-mean logits, normalised over the targets.
+      - settings beyond the official code: `attention_scores="probabilities"`, `size_weighted_merge`,
+        `proportional_attention` (ToMe's size tracking, on which FiCoCo's code is built but which it drops).
     """
 
     name = "ficoco_v"
@@ -226,7 +310,10 @@ class DeftLlavaFiCoCoVCompressor(TokenCompressor):
         return ficoco_v_schedule(num_patches, num_kept, layers_run, self.settings.start_layer)
 
     def reduce(self, layer, x, normed, mask, size, index, r, grid):
-        """Filter-correlate-compress `r` tokens with the layer's recomputed (head-averaged) attention."""
-        attention = head_mean_attention(layer, normed, mask)  # (batch, T, T)
-        step = ficoco_v_reduce(x, size, attention, index[:, 1:] - 1, r, grid, self.settings)
+        """Filter-correlate-compress `r` tokens with the layer's recomputed attention."""
+        kind = self.settings.attention_scores
+        scores = head_mean_scores(attention_logits(layer, normed), mask, kind)  # (batch, T, T)
+        # the official correlate weights are the softmax of the head-mean logits
+        probs = scores.softmax(dim=-1) if kind == "logits" else scores
+        step = ficoco_v_reduce(x, size, scores, probs, index[:, 1:] - 1, r, grid, self.settings)
         return step.tokens, step.sizes, step.kept_positions

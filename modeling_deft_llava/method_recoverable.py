@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .token_compressor import (
     CompressionContext,
@@ -17,6 +18,7 @@ from .token_compressor import (
 )
 
 VISUAL_SCORES = ("cls_similarity", "cls_attention")
+CLUSTER_MERGES = ("released", "mean")
 
 
 @dataclass(frozen=True)
@@ -24,19 +26,77 @@ class RecoverableSettings:
     """Settings of Recoverable Compression.
 
     Args:
-        visual_score: what ranks patches in the visual filter: `cls_similarity` (cosine between
-            `context.cls_embedding` and each patch feature, as the paper's text) or `cls_attention`
-            (`context.cls_attention`, as the released code).
+        visual_score: what ranks patches in the visual filter. `cls_similarity` (default, the paper's text:
+            the similarity of the class token to each patch): the cosine between `context.cls_embedding` and
+            each patch feature. `cls_attention`: `context.cls_attention`. The released code uses the CLS row
+            of the LAST encoder layer's attention computed as ONE full-width head
+            (`softmax(q_cls . k / sqrt(width))`, `released_cls_attention`); the model passes instead the CLS
+            attention of the FEATURE layer (`vision_feature_layer`, -2 for LLaVA-1.5), per head and averaged
+            over heads (`vision_attention.cls_attention`).
         iqr_multiplier: the outlier fence is `Q3 + iqr_multiplier * (Q3 - Q1)` of the scores, in [0, 10];
             1.5 is Tukey's rule.
+        cluster_merge: how each cluster becomes one token. `"released"` (default, the released code; the paper
+            only says each cluster is merged into one token): centre `x_c + sum_j a_j x_j` over its members,
+            `a_j` the CLS attention of member j (`context.cls_attention`), not normalised, plus one summary
+            token `sum_j a_j x_j` over every patch that is neither kept nor a centre, in the last of the K
+            slots. `"mean"`: the plain mean of the centre and its members, no summary token.
     """
 
     visual_score: str = "cls_similarity"
     iqr_multiplier: float = 1.5
+    cluster_merge: str = "released"
 
     def __post_init__(self):
         check_choice("visual_score", self.visual_score, VISUAL_SCORES)
         check_range("iqr_multiplier", self.iqr_multiplier, 0.0, 10.0)
+        check_choice("cluster_merge", self.cluster_merge, CLUSTER_MERGES)
+
+
+def released_cls_attention(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`(batch, N)` float32 CLS attention as the released code computes it: one full-width head.
+
+    The released code hooks `q_proj` and `k_proj` of the last CLIP layer (`encoder.layers[23]` of
+    CLIP-L/336) and takes `softmax(q k^T / sqrt(width))` over all `1 + N` keys, without splitting heads.
+
+    Args:
+        layer: a `transformers` `CLIPEncoderLayer` (the released code: the encoder's last layer).
+        hidden_states: `(batch, 1 + N, width)` the states ENTERING `layer` (for the last layer of a 24-layer
+            encoder, `hidden_states[-2]`, LLaVA-1.5's feature layer); index 0 is CLS.
+    """
+    normed = layer.layer_norm1(hidden_states)  # (batch, 1 + N, width)
+    query = layer.self_attn.q_proj(normed[:, :1]).float()  # (batch, 1, width)
+    keys = layer.self_attn.k_proj(normed).float()  # (batch, 1 + N, width)
+    logits = query @ keys.transpose(1, 2) * keys.shape[-1] ** -0.5  # (batch, 1, 1 + N)
+    return logits.softmax(dim=-1)[:, 0, 1:]  # (batch, N)
+
+
+def merge_clusters(
+    features: torch.Tensor,
+    slots: torch.Tensor,
+    members: torch.Tensor,
+    assign: torch.Tensor,
+    weights: torch.Tensor,
+    normalise: bool,
+) -> torch.Tensor:
+    """`(batch, K, D)` float32: every slot token plus the members assigned to it.
+
+    `features` `(batch, N, D)`; `slots` `(batch, K)` and `members` `(batch, M)` patch indices; `assign`
+    `(batch, M)` the slot (0..K-1) of each member; `weights` `(batch, M)` (0: the member joins nothing).
+    Slot s becomes `x_s + sum_m w_m x_m`, divided by `1 + sum_m w_m` when `normalise` (with unit weights,
+    the mean of the slot and its members). Slots that receive nothing stay bit-exact.
+    Example: centre `[1, 0]`, members `[0.9, 0.1]` and `[0.8, 0.2]` with CLS attention 0.3 and 0.2:
+    not normalised (released) `[1.43, 0.07]`; unit weights, normalised (mean) `[0.9, 0.1]`.
+    """
+    features = features.float()
+    width = features.shape[-1]
+    added = gather_tokens(features, members) * weights.unsqueeze(-1)  # (batch, M, D)
+    sums = gather_tokens(features, slots).scatter_add(1, assign.unsqueeze(-1).expand(-1, -1, width), added)
+    if not normalise:
+        return sums  # (batch, K, D)
+    mass = torch.ones(slots.shape, device=features.device).scatter_add(
+        1, assign, weights.float()
+    )  # (batch, K)
+    return sums / mass.unsqueeze(-1)
 
 
 def outlier_fence(scores: torch.Tensor, valid: torch.Tensor, multiplier: float) -> torch.Tensor:
@@ -74,20 +134,37 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
        patches outside V with `t_i` above the fence of the scores outside V. A row with no valid text
        recovers nothing.
     3. Secondary recovery: the remaining patches are clustered around centres and each cluster is merged to
-       one token (the mean of its centre and its members).
+       one token (`RecoverableSettings.cluster_merge`: by default the released rule, centre plus the
+       CLS-attention-weighted sum of its members, and one summary token of all non-kept, non-centre patches).
 
     Exact K (so every method gets the same budget): patches are ranked V (by v, descending), then T (by t,
     descending), then the rest (by v, descending); ties go to the lower index. The first
-    `k_keep = min(|V| + |T|, K - 1)` are kept unchanged (at least one cluster token always summarises the
-    dropped patches); the next `K - k_keep` are cluster centres; every later patch joins the centre of largest
-    cosine similarity on `context.vision_keys` (or on the features when no keys are given; ties go to the
-    higher-ranked centre). Representative index: the patch itself, or the cluster centre. `scores` is v.
+    `k_keep = min(|V| + |T|, K - 1)` are kept unchanged (at least one slot always summarises the dropped
+    patches). With `cluster_merge="released"` the next `K - k_keep - 1` are cluster centres and the last slot
+    holds the summary token; with `"mean"` the next `K - k_keep` are centres. Every later patch joins the
+    centre of largest cosine similarity on `context.vision_keys` (or on the features when no keys are given;
+    ties go to the higher-ranked centre). Representative index: the patch itself, the cluster centre, or for
+    the summary token the patch of its slot. `scores` is v.
 
-    Differences from the paper/official code: the paper's "dynamic scale filter" (the released code: the
-    outlier ratio of sklearn's LocalOutlierFactor on the 1-D scores) is replaced by the parameter-free IQR
-    fence, which is batched and deterministic; the released KNN step lets each centre absorb its 32 nearest
-    tokens (overlapping, weighted by CLS attention, with a text term), here clusters are a partition by
-    nearest centre with a plain mean; the count of clusters is set by K instead of a third outlier ratio.
+    Differences from the paper / released code (banjiuyufen/Recoverable-Compression, `clip_encoder.py`,
+    `token_recycling_with_text_in_vision_and_clustring`):
+    - dynamic scale filter: the released code sets each count with the outlier ratio of sklearn's
+      LocalOutlierFactor on the 1-D scores (and takes the number of centres as that ratio times the feature
+      width, 1024, instead of the token count); here the parameter-free IQR fence, batched and deterministic,
+      and the number of centres follows from K.
+    - clusters: the released code lets each centre absorb its 32 nearest tokens (overlapping, other centres
+      included, ranked by key cosine plus 50 x the text score); here the clusters partition the remaining
+      patches by nearest centre. The model passes no `vision_keys`, so inside the model clusters are formed on
+      the projected features (the released code: the last layer's keys).
+    - CLS attention (`visual_score="cls_attention"` and the released merge weights): the model passes the
+      feature layer's head-averaged attention, not the released code's last-layer full-width head (see
+      `released_cls_attention`); reproducing it needs the model to pass
+      `released_cls_attention(encoder.layers[-1], hidden_states[-2])` as `context.cls_attention`.
+    - text score: the released code compares the CLIP text encoder's projected embedding of the question with
+      CLIP's projected patch features; here the question is the language model's input embeddings of the
+      prompt text after the image (mean of the valid tokens), compared with the projected patch features.
+    - output order: the released code feeds the LLM [kept (ascending), centres (by CLS attention), summary];
+      here every token sits at its representative patch (`kept_indices`), which gives its position id.
     """
 
     name = "recoverable"
@@ -98,8 +175,10 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
 
     def __init__(self, token_dim: int, settings: RecoverableSettings | None = None):
         super().__init__(token_dim, settings)
-        # the visual score decides which input the model must provide
-        self.needs_cls_attention = self.settings.visual_score == "cls_attention"
+        # the visual score and the released merge weights decide which input the model must provide
+        self.needs_cls_attention = (
+            self.settings.visual_score == "cls_attention" or self.settings.cluster_merge == "released"
+        )
 
     def check_inputs(self, image_features: torch.Tensor, context: CompressionContext) -> None:
         super().check_inputs(image_features, context)
@@ -119,6 +198,7 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
         batch, num_patches, _ = image_features.shape
         k = context.num_kept
         multiplier = self.settings.iqr_multiplier
+        released = self.settings.cluster_merge == "released"
         everything = torch.ones(batch, num_patches, dtype=torch.bool, device=image_features.device)
 
         visual = self.visual_scores(image_features, context)  # (batch, N)
@@ -136,7 +216,9 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
 
         k_keep = (in_v.sum(1) + in_t.sum(1)).clamp(max=k - 1)  # (batch,)
         slots, members = order[:, :k], order[:, k:]  # (batch, K), (batch, N - K)
-        is_centre = torch.arange(k, device=slots.device).unsqueeze(0) >= k_keep.unsqueeze(1)  # (batch, K)
+        rank = torch.arange(k, device=slots.device).unsqueeze(0)  # (1, K)
+        last_centre = k - int(released)  # released: the last slot is the summary token
+        is_centre = (rank >= k_keep.unsqueeze(1)) & (rank < last_centre)  # (batch, K)
 
         metric = context.vision_keys if context.vision_keys is not None else image_features
         metric = F.normalize(metric.float(), dim=-1)
@@ -145,14 +227,19 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
         )  # (batch, N-K, K)
         similarity = similarity.masked_fill(~is_centre.unsqueeze(1), float("-inf"))
         assign = similarity.argmax(dim=2)  # (batch, N - K), slot of each member
-
-        features = image_features.float()
-        sums = gather_tokens(features, slots).clone()  # (batch, K, D), every slot starts with itself
-        sums.scatter_add_(
-            1, assign.unsqueeze(-1).expand(-1, -1, features.shape[-1]), gather_tokens(features, members)
-        )
-        counts = torch.ones(batch, k, device=features.device).scatter_add_(
-            1, assign, torch.ones_like(assign, dtype=torch.float32)
-        )
-        tokens = (sums / counts.unsqueeze(-1)).to(image_features.dtype)  # (batch, K, D)
-        return CompressionResult(tokens=tokens, kept_indices=slots, scores=visual)
+        if released:
+            attention = context.cls_attention.float()  # (batch, N)
+            has_centre = is_centre.any(dim=1, keepdim=True)  # (batch, 1) False when K - k_keep == 1
+            weights = attention.gather(1, members) * has_centre  # (batch, N - K)
+        else:
+            weights = torch.ones(members.shape, device=members.device)  # (batch, N - K)
+        tokens = merge_clusters(image_features, slots, members, assign, weights, normalise=not released)
+        if released:
+            # summary token: every patch neither kept nor a centre, i.e. all but the first K - 1 slots
+            leftover = torch.ones(batch, num_patches, device=attention.device).scatter(
+                1, slots[:, : k - 1], 0.0
+            )
+            tokens[:, k - 1] = ((attention * leftover).unsqueeze(1) @ image_features.float())[
+                :, 0
+            ]  # (batch, D)
+        return CompressionResult(tokens=tokens.to(image_features.dtype), kept_indices=slots, scores=visual)

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .token_compressor import CompressionContext, CompressionResult, TokenCompressor
+from .token_compressor import CompressionContext, CompressionResult, TokenCompressor, check_choice
 from .tome_merge import tome_bipartite_merge
+
+TOKEN_ORDERS = ("released", "positions")
 
 
 @dataclass(frozen=True)
@@ -25,15 +27,24 @@ class ToMeSettings:
             so a token standing for s patches weighs as s copies (the paper's proportional attention, on by
             default in the released code for off-the-shelf models). Passed to the layer as an additive
             attention mask, so SDPA stays on.
+        token_order: order of the tokens after each merge, which decides the next layer's alternating A/B
+            split and so, from the second merging layer on, which tokens merge. `"released"` (default, the
+            official `merge`): `[unmerged A (ascending, CLS first), B]`. `"positions"`: every token keeps
+            its place. Either way the encoder's output is put back in the raster order of the
+            representative patches, so every output token keeps its original patch's position id. Example,
+            CLS + tokens `[-3, -1], [-2, -1], [3, 0], [1, 2]` (CLS `[1, 0]`), two merges of r = 1: released
+            groups `{0} {1, 2, 4} {3}`, positions `{0} {1, 2} {3, 4}`.
     """
 
     proportional_attention: bool = True
+    token_order: str = "released"
 
     def __post_init__(self):
         if not isinstance(self.proportional_attention, bool):
             raise ValueError(
                 f"proportional_attention must be True or False, got {self.proportional_attention!r}"
             )
+        check_choice("token_order", self.token_order, TOKEN_ORDERS)
 
 
 def tome_layers_run(num_layers: int, vision_feature_layer: int) -> int:
@@ -110,14 +121,16 @@ class DeftLlavaToMeCompressor(TokenCompressor):
     averaged over heads (size-weighted average; CLS is never merged away). The schedule r_i is
     `tome_schedule`, so the feature layer holds exactly K = `config.num_kept_tokens(N)` patch tokens.
 
-    Representative index: a merged token takes the place of its destination token (`kept_positions`), so
-    following destinations back through the layers gives the original patch it stands at; the model gives
-    the token that patch's position id. The output is in raster order of those patches.
+    Representative index: a merged token stands at its destination token, so following destinations back
+    through the layers gives the original patch it stands at; the model gives the token that patch's
+    position id. Between layers the tokens are in the official `[unmerged A, B]` order (`token_order`); the
+    output is put back in raster order of the representative patches.
 
-    Differences from the paper/official code: the official code keeps [unmerged A, B] order (here tokens keep
-    their place, for position ids); the schedule is exact rather than a constant r; the merge metric is
-    recomputed from the layer's input (`k_proj(layer_norm1(x))`, the same keys the layer uses) so that the
-    encoder keeps SDPA attention.
+    Differences from the paper/official code: the schedule is exact rather than a constant r; the merge
+    metric is recomputed from the layer's input (`k_proj(layer_norm1(x))`, the same keys the layer uses) so
+    that the encoder keeps SDPA attention; the official code has no LLaVA integration, so the output order
+    and position ids (representative patches, raster order) are this project's; `token_order="positions"`
+    keeps every token in place between layers, which changes the later merges (see `ToMeSettings`).
     """
 
     name = "tome"
@@ -157,7 +170,11 @@ class DeftLlavaToMeCompressor(TokenCompressor):
                 index = index.gather(1, kept_positions)  # (batch, T - r)
                 merged_yet = True
             x = x + layer.mlp(layer.layer_norm2(x))
+        # back to the raster order of the representative patches (a no-op when tokens kept their places);
         # index 0 is CLS (protected, stays first); patch j is token j + 1
+        order = index.argsort(dim=1)  # (batch, 1 + K)
+        x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (batch, 1 + K, width)
+        size, index = size.gather(1, order), index.gather(1, order)  # (batch, 1 + K) each
         return ToMeEncoding(hidden_states=x, kept_indices=index[:, 1:] - 1, sizes=size[:, 1:])
 
     def schedule(self, num_patches: int, num_kept: int, layers_run: int) -> list[int]:
@@ -170,5 +187,7 @@ class DeftLlavaToMeCompressor(TokenCompressor):
         Returns the new tokens, their sizes and, per row, the positions in `x` of the tokens that remain."""
         attn = layer.self_attn
         keys = attn.k_proj(normed).view(x.shape[0], x.shape[1], attn.num_heads, attn.head_dim)
-        merged = tome_bipartite_merge(x, size, r, metric=keys.mean(dim=2), protect_first=True)
+        merged = tome_bipartite_merge(
+            x, size, r, metric=keys.mean(dim=2), protect_first=True, order=self.settings.token_order
+        )
         return merged.tokens, merged.sizes, merged.kept_positions

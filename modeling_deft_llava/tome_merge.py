@@ -1,6 +1,6 @@
 """ToMe bipartite soft matching: merge the r most similar token pairs (https://arxiv.org/abs/2210.09461).
 
-A pure function meant to run between vision-encoder layers; it is not wired into any model here.
+A pure function run between vision-encoder layers by `method_tome` (and, for its encoder loop, FiCoCo-V).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ class TomeMergeResult:
         sizes: `(batch_size, num_tokens - r)` float32, how many original tokens each token stands for.
         source: `(batch_size, num_tokens - r, num_original)` bool, `source[b, i, j]`: original token j was
             merged into token i. Rows partition the original tokens (ToMe's source map; enables unmerging).
-        kept_positions: `(batch_size, num_tokens - r)` long, ascending: the input position of each output
-            token (for a merged token, its destination).
+        kept_positions: `(batch_size, num_tokens - r)` long: the input position of each output token (for a
+            merged token, its destination); ascending with `order="positions"`.
     """
 
     tokens: torch.Tensor
@@ -38,6 +38,7 @@ def tome_bipartite_merge(
     metric: torch.Tensor | None = None,
     source: torch.Tensor | None = None,
     protect_first: bool = False,
+    order: str = "positions",
 ) -> TomeMergeResult:
     """Merge r tokens per row into their most similar partner by ToMe's bipartite soft matching.
 
@@ -57,15 +58,21 @@ def tome_bipartite_merge(
         source: `(batch_size, num_tokens, num_original)` bool source map of earlier merges, or None
             (identity: every token is its own source).
         protect_first: never merge token 0 away (CLS), as ToMe's `class_token` flag.
+        order: order of the output tokens. `"positions"`: every surviving token keeps its input order (a
+            merged token takes its destination's place). `"released"`: the official `merge` output,
+            `[unmerged A, B]`: the unmerged A tokens ascending when `protect_first` (the official code sorts
+            them so CLS stays first), else in similarity order, then every B token in order. The order decides
+            the next layer's A/B split, so from the second merge on the two orders merge different tokens.
 
     Returns:
-        `TomeMergeResult`; surviving tokens keep their input order.
+        `TomeMergeResult`.
 
-    Differences from the paper/official code: the official code outputs [unmerged A, B], with the unmerged A
-    tokens in similarity order; here every surviving token keeps its place (a merged token takes its
-    destination's place), which keeps raster order for position ids. Ties in similarity go to the lower
-    position, in score order to the earlier A token.
+    Differences from the official code: `order="positions"` is not the official output order (see `order`).
+    Ties in similarity go to the lower position, in score order to the earlier A token (the official code's
+    `argsort` is not stable).
     """
+    if order not in ("positions", "released"):
+        raise ValueError(f"order must be 'positions' or 'released', got {order!r}")
     batch, num_tokens, _ = x.shape
     device = x.device
     if size is None:
@@ -82,8 +89,8 @@ def tome_bipartite_merge(
     if protect_first:
         scores[:, 0, :] = float("-inf")  # token 0 is A's first
     best, partner = scores.max(dim=2)  # (batch, |A|) each; max returns the first maximum
-    order = best.sort(dim=1, descending=True, stable=True).indices  # (batch, |A|)
-    src_a = order[:, :r]  # (batch, r) positions within A
+    order_a = best.sort(dim=1, descending=True, stable=True).indices  # (batch, |A|)
+    src_a = order_a[:, :r]  # (batch, r) positions within A
     src = 2 * src_a  # (batch, r) input positions
     dst = 2 * partner.gather(1, src_a) + 1  # (batch, r) input positions of their B partners
 
@@ -106,8 +113,15 @@ def tome_bipartite_merge(
         1, dst.unsqueeze(-1).expand(-1, -1, n0), src_map.gather(1, src.unsqueeze(-1).expand(-1, -1, n0))
     )
 
-    removed = torch.zeros(batch, num_tokens, dtype=torch.uint8, device=device).scatter_(1, src, 1)
-    kept = removed.sort(dim=1, stable=True).indices[:, : num_tokens - r]  # (batch, T - r) ascending
+    if order == "released":
+        unmerged_a = order_a[:, r:]  # (batch, |A| - r) in similarity order
+        if protect_first:
+            unmerged_a = unmerged_a.sort(dim=1).values  # CLS (A's first) stays first
+        b_positions = torch.arange(1, num_tokens, 2, device=device).expand(batch, -1)  # (batch, |B|)
+        kept = torch.cat([2 * unmerged_a, b_positions], dim=1)  # (batch, T - r) [unmerged A, B]
+    else:
+        removed = torch.zeros(batch, num_tokens, dtype=torch.uint8, device=device).scatter_(1, src, 1)
+        kept = removed.sort(dim=1, stable=True).indices[:, : num_tokens - r]  # (batch, T - r) ascending
     return TomeMergeResult(
         tokens=merged.gather(1, kept.unsqueeze(-1).expand(-1, -1, width)).to(x.dtype),
         sizes=new_size.gather(1, kept),

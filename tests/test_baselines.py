@@ -138,6 +138,7 @@ def test_unknown_method_lists_valid_ones():
         ("recoverable", {"visual_score": "attention"}, r"visual_score must be one of \('cls_similarity'"),
         ("recoverable", {"iqr_multiplier": -1.0}, r"iqr_multiplier must be in \[0.0, 10.0\], got -1.0"),
         ("recoverable", {"iqr_multiplier": float("nan")}, r"iqr_multiplier must be in"),
+        ("recoverable", {"cluster_merge": "sum"}, r"cluster_merge must be one of \('released', 'mean'\)"),
     ],
 )
 def test_bad_settings_values_raise(name, settings, message):
@@ -167,8 +168,22 @@ def test_missing_inputs_raise():
         build_compressor("recoverable", DIM)(features, context)
     # the attention variant needs attention instead, and says so through its flag
     by_attention = build_compressor("recoverable", DIM, {"visual_score": "cls_attention"})
-    assert by_attention.needs_cls_attention and not build_compressor("recoverable", DIM).needs_cls_attention
+    assert by_attention.needs_cls_attention
     assert by_attention(features, context).tokens.shape == (3, 9, DIM)
+    # the released cluster merge weighs members by CLS attention; the plain mean needs none
+    assert build_compressor("recoverable", DIM).needs_cls_attention
+    assert not build_compressor("recoverable", DIM, {"cluster_merge": "mean"}).needs_cls_attention
+    features, context = make_inputs()
+    context.cls_attention = None
+    with pytest.raises(ValueError, match="recoverable needs context.cls_attention"):
+        build_compressor("recoverable", DIM)(features, context)
+    assert build_compressor("recoverable", DIM, {"cluster_merge": "mean"})(
+        features, context
+    ).tokens.shape == (
+        3,
+        9,
+        DIM,
+    )
 
 
 def test_bad_context_shape_raises():
@@ -273,8 +288,12 @@ def fence(values, multiplier):
     return q3 + multiplier * (q3 - q1)
 
 
-def ref_recoverable(x, visual, text, text_mask, keys, k, multiplier):
-    """Visual filter, text recovery (IQR fences), then partition the rest around K - kept centres."""
+def ref_recoverable(x, visual, text, text_mask, keys, k, multiplier, attention=None, rule="mean"):
+    """Visual filter, text recovery (IQR fences), then partition the rest around the centres.
+
+    `rule="mean"`: K - kept centres, each the mean of itself and its members. `"released"`: K - kept - 1
+    centres, each itself plus its members weighted by `attention`, and a summary token in the last slot:
+    the attention-weighted sum of every patch neither kept nor a centre."""
     n = x.shape[0]
     v = [float(s) for s in visual]
     in_v = {i for i in range(n) if v[i] > fence(v, multiplier)}
@@ -289,13 +308,18 @@ def ref_recoverable(x, visual, text, text_mask, keys, k, multiplier):
     group = [0 if i in in_v else 1 if i in in_t else 2 for i in range(n)]
     ranked = sorted(range(n), key=lambda i: (group[i], -(t[i] if group[i] == 1 else v[i]), i))
     k_keep = min(len(in_v) + len(in_t), k - 1)
-    kept, centres, members = ranked[:k_keep], ranked[k_keep:k], ranked[k:]
+    released = rule == "released"
+    kept, centres, members = ranked[:k_keep], ranked[k_keep : k - int(released)], ranked[k:]
     clusters = {c: [x[c]] for c in centres}
-    for i in members:
+    for i in members if centres else []:
         sims = [cos(keys[i], keys[c]) for c in centres]
-        clusters[centres[sims.index(max(sims))]].append(x[i])
+        weight = float(attention[i]) if released else 1.0
+        clusters[centres[sims.index(max(sims))]].append(weight * x[i])
     out = {i: x[i] for i in kept}
-    out.update({c: sum(m) / len(m) for c, m in clusters.items()})
+    out.update({c: sum(m) if released else sum(m) / len(m) for c, m in clusters.items()})
+    if released:
+        rest = [i for i in range(n) if i not in kept and i not in centres]
+        out[ranked[k - 1]] = sum(float(attention[i]) * x[i] for i in rest)
     order = sorted(out)
     return torch.stack([out[i] for i in order]), order
 
@@ -430,22 +454,31 @@ def test_visionzip_dominant_tokens_are_the_most_attended():
     seed=st.integers(0, 999),
     multiplier=st.sampled_from([0.0, 0.5, 1.5]),
     use_keys=st.booleans(),
+    rule=st.sampled_from(["released", "mean"]),
     data=st.data(),
 )
-def test_recoverable_matches_reference(grid, seed, multiplier, use_keys, data):
+def test_recoverable_matches_reference(grid, seed, multiplier, use_keys, rule, data):
     rows, cols = grid
     n = rows * cols
     k = data.draw(st.integers(1, n - 1))
     features, context = make_inputs(
         batch=2, rows=rows, cols=cols, num_kept=k, seed=seed, key_dim=4 if use_keys else None
     )
-    compressor = build_compressor("recoverable", DIM, {"iqr_multiplier": multiplier})
+    compressor = build_compressor("recoverable", DIM, {"iqr_multiplier": multiplier, "cluster_merge": rule})
     result = compressor(features, context)
     for b in range(2):
         visual = F.cosine_similarity(features[b], context.cls_embedding[b].unsqueeze(0), dim=-1)
         keys = context.vision_keys[b] if use_keys else features[b]
         tokens, kept = ref_recoverable(
-            features[b], visual, context.text_embeds[b], context.text_mask[b], keys, k, multiplier
+            features[b],
+            visual,
+            context.text_embeds[b],
+            context.text_mask[b],
+            keys,
+            k,
+            multiplier,
+            context.cls_attention[b],
+            rule,
         )
         assert result.kept_indices[b].tolist() == kept
         torch.testing.assert_close(result.tokens[b], tokens)
@@ -463,6 +496,8 @@ def test_recoverable_attention_variant_matches_reference():
             features[b],
             20,
             1.5,
+            context.cls_attention[b],
+            "released",
         )
         assert result.kept_indices[b].tolist() == kept
         torch.testing.assert_close(result.tokens[b], tokens)
@@ -483,15 +518,41 @@ def test_recoverable_keeps_outliers_and_text_matches_unchanged():
 
 
 def test_recoverable_output_groups_partition_the_patches():
-    """Every patch lands in exactly one output token (kept alone, or in one cluster mean)."""
+    """With the mean merge every patch lands in exactly one output token (kept alone, or in one cluster)."""
     n = 36
     features, context = make_inputs(batch=2, num_kept=9, dim=n, seed=7)
     # near one-hot features: an output's nonzero coordinates name the patches it averages
     features = torch.eye(n).expand(2, -1, -1) + 1e-4 * features
-    result = build_compressor("recoverable", n)(features, context)
+    result = build_compressor("recoverable", n, {"cluster_merge": "mean"})(features, context)
     for b in range(2):
         groups = [set((result.tokens[b, i] > 1e-2).nonzero().flatten().tolist()) for i in range(9)]
         assert sorted(j for g in groups for j in g) == list(range(n))
         for i, g in enumerate(groups):
             assert result.kept_indices[b, i].item() in g
             torch.testing.assert_close(result.tokens[b, i], features[b, sorted(g)].mean(0))
+
+
+def test_recoverable_released_merge_centres_and_summary():
+    """Released merge, one-hot features: a centre holds itself (1) and its members (their CLS attention);
+    the last slot is the summary of every patch neither kept nor a centre, weighted by CLS attention."""
+    n = 36
+    features, context = make_inputs(batch=2, num_kept=9, dim=n, seed=7)
+    features = torch.eye(n).expand(2, -1, -1).clone()
+    result = build_compressor("recoverable", n)(features, context)
+    attention = context.cls_attention
+    for b in range(2):
+        rows = result.tokens[b]  # (9, n): row i's coordinate j = weight of patch j in output token i
+        own = [rows[i, result.kept_indices[b, i]].item() for i in range(9)]
+        summary = [i for i in range(9) if own[i] != 1.0]
+        assert len(summary) == 1, "exactly one output is not anchored on its own patch with weight 1"
+        s = summary[0]
+        in_summary = rows[s] > 0
+        torch.testing.assert_close(rows[s][in_summary], attention[b][in_summary])
+        centres = [i for i in range(9) if i != s and (rows[i] > 0).sum() > 1]
+        for i in centres:  # members are a subset of the summary, at their CLS attention
+            members = (rows[i] > 0) & (torch.arange(n) != result.kept_indices[b, i])
+            assert bool(in_summary[members].all())
+            torch.testing.assert_close(rows[i][members], attention[b][members])
+        # the summary covers every patch that is not an anchor of a kept or centre token
+        anchors = {result.kept_indices[b, i].item() for i in range(9) if i != s}
+        assert set(in_summary.nonzero().flatten().tolist()) == set(range(n)) - anchors

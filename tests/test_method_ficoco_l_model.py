@@ -13,16 +13,16 @@ import torch
 from test_model import GEN, batch_inputs
 
 
-def settings(quantile=0.998):
+def settings(quantile=0.998, rule="average"):
     return dict(
         use_deft=True,
         deft_retention_ratio=0.25,
         compression_method="ficoco_l",
-        compression_settings={"ficoco_l_layer": 1, "targets_quantile": quantile},
+        compression_settings={"ficoco_l_layer": 1, "targets_quantile": quantile, "compress_rule": rule},
     )
 
 
-def merge_image(h, b, block, scores, k, quantile):
+def merge_image(h, b, block, scores, k, quantile, rule):
     """Filter / correlate / compress one image (token columns `block` of row b) in place; returns kept j."""
     best = sorted(range(len(block)), key=lambda j: (-scores[j], j))[:k]
     kept = [block[j] for j in sorted(best)]
@@ -38,13 +38,14 @@ def merge_image(h, b, block, scores, k, quantile):
         for t, w in zip(targets, weights):
             added[kept[t]] += w * h[b, i]
             size[kept[t]] += float(w)
-    new = {j: (h[b, j] + added[j]) / (1 + size[j]) for j in kept if size[j] > 0}
+    divide = (lambda j: 1 + size[j]) if rule == "average" else (lambda j: 1.0)  # "sum": the released code
+    new = {j: (h[b, j] + added[j]) / divide(j) for j in kept if size[j] > 0}
     for j, value in new.items():
         h[b, j] = value
     return torch.tensor(sorted(best)), removed
 
 
-def reference(model, inputs, prompt_length=None, cut=1, k=4, quantile=0.998):
+def reference(model, inputs, prompt_length=None, cut=1, k=4, quantile=0.998, rule="average"):
     """Logits `(batch, seq, vocab)` and keep `(batch, seq)` and the kept patch indices, per image."""
     lm = model.model.language_model
     ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
@@ -70,7 +71,7 @@ def reference(model, inputs, prompt_length=None, cut=1, k=4, quantile=0.998):
                     for start in range(0, len(cols), 16):
                         block = cols[start : start + 16]
                         scores = [float(attention_row[b, c]) for c in block]
-                        kept, removed = merge_image(h, b, block, scores, k, quantile)
+                        kept, removed = merge_image(h, b, block, scores, k, quantile, rule)
                         for c in removed:
                             key_ok[b, c] = False
                         kept_per_image.append(kept)
@@ -96,11 +97,13 @@ def reference(model, inputs, prompt_length=None, cut=1, k=4, quantile=0.998):
     return logits, key_ok, kept_per_image
 
 
-@pytest.mark.parametrize("quantile", [0.998, 0.5, 0.0])
-def test_ficoco_l_matches_slow_reference(quantile):
-    model, processor = tiny.model(**settings(quantile)), tiny.processor(**settings(quantile))
+@pytest.mark.parametrize(
+    ("quantile", "rule"), [(0.998, "average"), (0.5, "average"), (0.0, "average"), (0.5, "sum")]
+)
+def test_ficoco_l_matches_slow_reference(quantile, rule):
+    model, processor = tiny.model(**settings(quantile, rule)), tiny.processor(**settings(quantile, rule))
     inputs = batch_inputs(processor, n_images=(2, 1))
-    ref_logits, ref_keep, ref_kept = reference(model, inputs, quantile=quantile)
+    ref_logits, ref_keep, ref_kept = reference(model, inputs, quantile=quantile, rule=rule)
     with torch.no_grad():
         out = model(**inputs)
     assert len(out.kept_indices) == 3

@@ -14,18 +14,19 @@ from modeling_deft_llava.method_ficoco_v import ficoco_v_schedule
 
 
 def ref_layer_attention(layer, x, size, proportional):
-    """Eager attention of one CLIP layer on `x` `(T, width)`: output and head-averaged probabilities."""
+    """Eager attention of one CLIP layer on `x` `(T, width)`: output, head-mean logits and probabilities."""
     attn = layer.self_attn
     heads, hd = attn.num_heads, attn.head_dim
     q = attn.q_proj(x).view(-1, heads, hd).transpose(0, 1)  # (heads, T, hd)
     k = attn.k_proj(x).view(-1, heads, hd).transpose(0, 1)
     v = attn.v_proj(x).view(-1, heads, hd).transpose(0, 1)
     logits = q @ k.transpose(1, 2) * attn.scale
+    mean_logits = logits.mean(0)  # taken before the size bias, as the official code
     if proportional:
         logits = logits + size.log()
     probs = logits.softmax(-1)  # (heads, T, T)
     out = (probs @ v).transpose(0, 1).reshape(x.shape[0], -1)
-    return attn.out_proj(out), probs.mean(0)
+    return attn.out_proj(out), mean_logits, probs.mean(0)
 
 
 def ref_quantile(values, q):
@@ -37,12 +38,14 @@ def ref_quantile(values, q):
     return v[lo] + (pos - lo) * (v[hi] - v[lo])
 
 
-def ref_reduce(x, size, index, probs, r, cols, s):
-    """Filter -> correlate -> compress with plain loops. `index[t]`: original token (0 = CLS, patch p = p + 1)."""
+def ref_reduce(x, size, index, scores, probs, r, cols, s):
+    """Filter (on `scores`) -> correlate (on `probs`) -> compress with plain loops.
+
+    `index[t]`: original token (0 = CLS, patch p = p + 1)."""
     t_count = x.shape[0]
     patches = list(range(1, t_count))
-    p2p = {i: sum(float(probs[i, j]) for j in patches) / len(patches) for i in patches}
-    cls = {i: float(probs[0, i]) for i in patches}
+    p2p = {i: sum(float(scores[i, j]) for j in patches) / len(patches) for i in patches}
+    cls = {i: float(scores[0, i]) for i in patches}
     n_p2p = math.sqrt(sum(v * v for v in p2p.values()))
     n_cls = math.sqrt(sum(v * v for v in cls.values()))
     score = {i: (1 - s.cls_weight) * p2p[i] / n_p2p - s.cls_weight * cls[i] / n_cls for i in patches}
@@ -55,8 +58,8 @@ def ref_reduce(x, size, index, probs, r, cols, s):
         score[top] = score[top] * 2 if score[top] > 0 else score[top] / 2
     filtered = sorted(patches, key=lambda i: -score[i])[:r]  # stable: ties keep the earlier token
     kept = [i for i in patches if i not in filtered]
-    x, size = x.clone(), size.clone()
-    moved = {j: [] for j in kept}  # j -> [(weight * size_i, i)]
+    mass = size if s.size_weighted_merge else torch.ones_like(size)
+    moved = {j: [] for j in kept}  # j -> [(weight, i)]
     for i in filtered:
         sims = {j: float(probs[i, j]) for j in kept}
         threshold = ref_quantile(list(sims.values()), s.targets_quantile)
@@ -64,13 +67,13 @@ def ref_reduce(x, size, index, probs, r, cols, s):
         targets = [j for j in kept if sims[j] >= threshold or j == best]
         total = sum(sims[j] for j in targets)
         for j in targets:
-            moved[j].append((sims[j] / total * float(size[i]), i))
+            moved[j].append((sims[j] / total, i))
     new_x, new_size = x.clone(), size.clone()
     for j, sources in moved.items():
         if sources:
-            mass = float(size[j]) + sum(c for c, _ in sources)
-            new_x[j] = (size[j] * x[j] + sum(c * x[i] for c, i in sources)) / mass
-            new_size[j] = mass
+            total = float(mass[j]) + sum(w * float(mass[i]) for w, i in sources)
+            new_x[j] = (mass[j] * x[j] + sum(w * mass[i] * x[i] for w, i in sources)) / total
+            new_size[j] = float(size[j]) + sum(w * float(size[i]) for w, i in sources)
     keep = [0] + kept
     return new_x[keep], new_size[keep], index[keep]
 
@@ -90,10 +93,14 @@ def ref_encode(model, pixel_values, num_kept, settings):
         schedule = ficoco_v_schedule(n, num_kept, len(layers), settings.start_layer)
         for layer, r in zip(layers, schedule):
             proportional = settings.proportional_attention and merged_yet
-            out, probs = ref_layer_attention(layer, layer.layer_norm1(x), size, proportional)
+            out, mean_logits, probs = ref_layer_attention(layer, layer.layer_norm1(x), size, proportional)
             x = x + out
+            if settings.attention_scores == "logits":  # official: filter on logits, weights their softmax
+                scores, probs = mean_logits, mean_logits.softmax(-1)
+            else:
+                scores = probs
             if r:
-                x, size, index = ref_reduce(x, size, index, probs, r, cols, settings)
+                x, size, index = ref_reduce(x, size, index, scores, probs, r, cols, settings)
                 merged_yet = True
             x = x + layer.mlp(layer.layer_norm2(x))
         features.append(model.model.multi_modal_projector(x[1:]))
@@ -106,8 +113,9 @@ def ref_encode(model, pixel_values, num_kept, settings):
     "extra",
     [
         {},
-        {"targets_quantile": 0.5, "proportional_attention": False},
-        {"start_layer": 1, "window": 3, "cls_weight": 0.8},
+        {"targets_quantile": 0.5, "proportional_attention": True},
+        {"attention_scores": "probabilities", "size_weighted_merge": True, "proportional_attention": True},
+        {"start_layer": 1, "window": 3, "cls_weight": 0.8, "size_weighted_merge": True},
     ],
 )
 def test_ficoco_v_matches_slow_reference(ratio, extra):
@@ -151,7 +159,10 @@ def test_keep_all_is_the_stock_encoder():
 
 
 def test_schedule_starts_at_start_layer_and_raises_out_of_range():
-    assert ficoco_v_schedule(576, 144, 23, 11) == [0] * 11 + [36] * 12  # LLaVA-1.5, the paper's start
+    # LLaVA-1.5 (feature layer = output of layer 22): the official r = 42 in the 11 layers 12..22 leaves 114
+    assert ficoco_v_schedule(576, 114, 23, 12) == [0] * 12 + [42] * 11
+    assert ficoco_v_schedule(576, 144, 23, 12) == [0] * 12 + [40] * 10 + [32]
+    assert ficoco_v_schedule(576, 144, 23, 11) == [0] * 11 + [36] * 12
     assert sum(ficoco_v_schedule(16, 4, 2, 0)) == 12
     with pytest.raises(ValueError, match=r"start_layer must be in \[0, 22\]"):
         ficoco_v_schedule(576, 144, 23, 23)

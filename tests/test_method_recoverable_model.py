@@ -1,31 +1,39 @@
 """Recoverable Compression inside the model against a hand-built reference (arXiv 2409.01179).
 
 The reference takes one sample at a time, without padding: the plain LLaVA features (all N), the CLS token of
-the feature layer through the projector, the model's own input embeddings of the text after each image, the
-standalone compressor, and then the stock language model fed the K tokens of each image at the positions of
+the feature layer through the projector, the CLS attention of the feature layer (head average, for the released
+cluster merge), the model's own input embeddings of the text after each image, the standalone compressor, and then the stock language model fed the K tokens of each image at the positions of
 their representative patches (the text after an image resumes after all N)."""
 
 from __future__ import annotations
 
+import pytest
 import tiny
 import torch
 from test_model import GEN, batch_inputs
 
 from modeling_deft_llava.compression_registry import build_compressor
 from modeling_deft_llava.token_compressor import CompressionContext
+from modeling_deft_llava.vision_attention import cls_attention
 
 SETTINGS = dict(use_deft=True, deft_retention_ratio=0.25, compression_method="recoverable")
 IMAGE = 4  # <image> id in the tiny vocabulary
 
 
-def reference_last_logits(model, ids, pixel_values):
+def reference_last_logits(model, ids, pixel_values, merge):
     """Last-position logits and kept indices for ONE unpadded sample `ids` `(seq,)`."""
     lm = model.model.language_model
+    vision = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
     with torch.no_grad(), model.model.compression_disabled():
         feats = model.model.get_image_features(pixel_values)
         cls = model.model.multi_modal_projector(feats.hidden_states[-1][:, :1])[:, 0]  # (images, D)
+        # the tiny feature layer is -1: the last encoder layer, fed hidden_states[-2]
+        layer_input = vision(pixel_values, output_hidden_states=True).hidden_states[
+            -2
+        ]  # (images, 1 + N, width)
+        attention = cls_attention(vision.encoder.layers[-1], layer_input)  # (images, N)
         embeds = lm.embed_tokens(ids)  # (seq, D)
-        compressor = build_compressor("recoverable", embeds.shape[-1])
+        compressor = build_compressor("recoverable", embeds.shape[-1], {"cluster_merge": merge})
         pieces, positions, kept_all, pos, t, item = [], [], [], 0, 0, 0
         while t < len(ids):
             if ids[t] != IMAGE:
@@ -38,6 +46,7 @@ def reference_last_logits(model, ids, pixel_values):
                 spatial_shape=(4, 4),
                 num_kept=4,
                 cls_embedding=cls[item : item + 1],
+                cls_attention=attention[item : item + 1],
                 text_embeds=embeds[after][None],
             )
             out = compressor(feats.pooler_output[item][None], context)
@@ -53,8 +62,10 @@ def reference_last_logits(model, ids, pixel_values):
         return model.lm_head(hidden[0, -1]), kept_all
 
 
-def test_recoverable_matches_hand_built_reference():
-    model, processor = tiny.model(**SETTINGS), tiny.processor(**SETTINGS)
+@pytest.mark.parametrize("merge", ["released", "mean"])
+def test_recoverable_matches_hand_built_reference(merge):
+    settings = dict(SETTINGS, compression_settings={"cluster_merge": merge})
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
     questions = ("what is in the picture ?", "a cat and a dog ?")
     inputs = batch_inputs(processor, n_images=(2, 1), questions=questions)
     assert ((inputs["input_ids"] == IMAGE).sum(1) == torch.tensor([32, 16])).all()  # N placeholders
@@ -66,7 +77,7 @@ def test_recoverable_matches_hand_built_reference():
         valid = inputs["attention_mask"][b].bool()
         ids = inputs["input_ids"][b][valid]
         pixels = inputs["pixel_values"][first_image : first_image + n_images]
-        logits, kept = reference_last_logits(model, ids, pixels)
+        logits, kept = reference_last_logits(model, ids, pixels, merge)
         torch.testing.assert_close(out.logits[b, -1], logits, rtol=1e-4, atol=1e-5)
         for got, want in zip(out.kept_indices[first_image : first_image + n_images], kept):
             assert torch.equal(got, want)

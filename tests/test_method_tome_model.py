@@ -25,8 +25,10 @@ def ref_attention(layer, x, size, proportional):
     return attn.out_proj(out), k.transpose(0, 1).mean(1)  # output, head-averaged keys (T, hd)
 
 
-def ref_merge(x, size, index, keys, r):
-    """Bipartite soft matching with plain loops: A = even tokens (not CLS), B = odd tokens."""
+def ref_merge(x, size, index, keys, r, order):
+    """Bipartite soft matching with plain loops: A = even tokens (not CLS), B = odd tokens.
+
+    Output order: `"positions"` every token in place; `"released"` [CLS, unmerged A ascending, B]."""
     unit = F.normalize(keys, dim=-1)
     a_set, b_set = list(range(2, x.shape[0], 2)), list(range(1, x.shape[0], 2))
     best = {}
@@ -42,10 +44,12 @@ def ref_merge(x, size, index, keys, r):
         x[b] = sum(size[t] * x[t] for t in group) / total
         size[b] = total
     keep = [t for t in range(x.shape[0]) if t not in chosen]
+    if order == "released":
+        keep = [0] + [a for a in a_set if a not in chosen] + b_set
     return x[keep], size[keep], index[keep]
 
 
-def ref_encode(model, pixel_values, num_kept, proportional=True):
+def ref_encode(model, pixel_values, num_kept, proportional=True, order="released"):
     """Per image: embeddings, then every layer with attention -> merge -> MLP; projector on the patches."""
     tower = model.model.vision_tower
     vision = getattr(tower, "vision_model", tower)  # CLIPVisionModel is the transformer itself in 5.x
@@ -59,28 +63,32 @@ def ref_encode(model, pixel_values, num_kept, proportional=True):
             out, keys = ref_attention(layer, layer.layer_norm1(x), size, proportional)
             x = x + out
             if r:
-                x, size, index = ref_merge(x, size, index, keys, r)
+                x, size, index = ref_merge(x, size, index, keys, r, order)
             x = x + layer.mlp(layer.layer_norm2(x))
+        raster = sorted(range(len(index)), key=lambda t: int(index[t]))  # by representative patch, CLS first
+        x, index = x[raster], index[raster]
         features.append(model.model.multi_modal_projector(x[1:]))
         kept.append(index[1:] - 1)
     return features, kept
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
-@pytest.mark.parametrize("proportional", [True, False])
-def test_tome_matches_slow_reference(ratio, proportional):
+@pytest.mark.parametrize(
+    ("proportional", "order"), [(True, "released"), (False, "released"), (True, "positions")]
+)
+def test_tome_matches_slow_reference(ratio, proportional, order):
     settings = dict(
         use_deft=True,
         deft_retention_ratio=ratio,
         compression_method="tome",
-        compression_settings={"proportional_attention": proportional},
+        compression_settings={"proportional_attention": proportional, "token_order": order},
     )
     model = tiny.model(**settings)
     inputs = batch_inputs(tiny.processor(**settings), n_images=(2, 1))
     k = model.config.num_kept_tokens(tiny.NUM_PATCHES)
     with torch.no_grad():
         out = model.model.get_image_features(inputs["pixel_values"])
-        ref_features, ref_kept = ref_encode(model, inputs["pixel_values"], k, proportional)
+        ref_features, ref_kept = ref_encode(model, inputs["pixel_values"], k, proportional, order)
     assert [len(f) for f in out.pooler_output] == [k] * 3
     for got, want in zip(out.source_indices, ref_kept):
         assert torch.equal(got, want)

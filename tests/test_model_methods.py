@@ -63,7 +63,7 @@ def test_bad_method_settings_fail_at_config_time():
     with pytest.raises(ValueError, match="smallest reachable count is 4"):
         tiny.config(use_deft=True, deft_retention_ratio=0.0625, compression_method="tome")
     with pytest.raises(ValueError, match=r"start_layer must be in \[0, 1\]"):
-        tiny.config(use_deft=True, compression_method="ficoco_v")  # default 11 needs 12+ layers
+        tiny.config(use_deft=True, compression_method="ficoco_v")  # default 12 needs 13+ layers
     with pytest.raises(ValueError, match="ficoco_v cannot reach 4 of 16 tokens"):
         tiny.config(
             use_deft=True,

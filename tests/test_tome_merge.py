@@ -11,8 +11,11 @@ from hypothesis import strategies as st
 from modeling_deft_llava.tome_merge import tome_bipartite_merge
 
 
-def ref_tome(x, size, r, metric, protect_first):
-    """One row: A = even, B = odd positions; the r A tokens most similar to B merge into their best B."""
+def ref_tome(x, size, r, metric, protect_first, order="positions"):
+    """One row: A = even, B = odd positions; the r A tokens most similar to B merge into their best B.
+
+    Output order: `"positions"` in place; `"released"` [unmerged A (ascending with protect_first, else by
+    similarity), B]."""
     t = x.shape[0]
     r = min(r, (t - int(protect_first)) // 2)
     a_pos, b_pos = list(range(0, t, 2)), list(range(1, t, 2))
@@ -21,7 +24,8 @@ def ref_tome(x, size, r, metric, protect_first):
         sims = [float(F.cosine_similarity(metric[a].double(), metric[b].double(), dim=0)) for b in b_pos]
         best[a] = float("-inf") if (protect_first and a == 0) else max(sims)
         partner[a] = b_pos[sims.index(max(sims))]
-    src = sorted(a_pos, key=lambda a: (-best[a], a))[: max(r, 0)]
+    ranked = sorted(a_pos, key=lambda a: (-best[a], a))
+    src = ranked[: max(r, 0)]
     acc = {p: x[p].double() * float(size[p]) for p in range(t)}
     sizes = {p: float(size[p]) for p in range(t)}
     sources = {p: {p} for p in range(t)}
@@ -31,6 +35,9 @@ def ref_tome(x, size, r, metric, protect_first):
         sizes[d] += float(size[s])
         sources[d] |= sources[s]
     kept = [p for p in range(t) if p not in src]
+    if order == "released" and r > 0:
+        unmerged = ranked[r:]
+        kept = (sorted(unmerged) if protect_first else unmerged) + b_pos
     tokens = torch.stack([(acc[p] / sizes[p]).float() for p in kept])
     return tokens, [sizes[p] for p in kept], [sorted(sources[p]) for p in kept], kept
 
@@ -41,17 +48,18 @@ def ref_tome(x, size, r, metric, protect_first):
     r=st.integers(-1, 10),
     protect_first=st.booleans(),
     use_metric=st.booleans(),
+    order=st.sampled_from(["positions", "released"]),
     seed=st.integers(0, 999),
 )
-def test_matches_reference(num_tokens, r, protect_first, use_metric, seed):
+def test_matches_reference(num_tokens, r, protect_first, use_metric, order, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, num_tokens, 6, generator=g)
     size = torch.randint(1, 4, (2, num_tokens), generator=g).float()
     metric = torch.randn(2, num_tokens, 5, generator=g) if use_metric else None
-    out = tome_bipartite_merge(x, size, r, metric=metric, protect_first=protect_first)
+    out = tome_bipartite_merge(x, size, r, metric=metric, protect_first=protect_first, order=order)
     for b in range(2):
         tokens, sizes, sources, kept = ref_tome(
-            x[b], size[b], r, metric[b] if use_metric else x[b], protect_first
+            x[b], size[b], r, metric[b] if use_metric else x[b], protect_first, order
         )
         assert out.kept_positions[b].tolist() == kept
         torch.testing.assert_close(out.tokens[b], tokens)
@@ -114,3 +122,12 @@ def test_duplicate_partners_share_a_destination(r):
     out = tome_bipartite_merge(x, None, r)
     dst = out.kept_positions[0].tolist().index(1)
     assert out.sizes[0, dst].item() == 1 + r
+
+
+def test_released_order_keeps_cls_first_and_rejects_unknown_orders():
+    x = torch.randn(2, 9, 4)
+    out = tome_bipartite_merge(x, None, 3, protect_first=True, order="released")
+    assert (out.kept_positions[:, 0] == 0).all()
+    assert (out.kept_positions[:, -4:] == torch.tensor([1, 3, 5, 7])).all()  # every B token, last
+    with pytest.raises(ValueError, match="order must be 'positions' or 'released', got 'raster'"):
+        tome_bipartite_merge(x, None, 3, order="raster")
