@@ -276,14 +276,16 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             )
         captured = {}
         hooks = []
-        compressor = self.compressor if self.compression_stage == "features" else None
-        if compressor is not None and (compressor.needs_cls_attention or compressor.needs_vision_keys):
+        stage, compressor = self.compression_stage, self.compressor
+        if stage in ("features", "features_with_text") and (
+            compressor.needs_cls_attention or compressor.needs_vision_keys
+        ):
             # keep the input of the feature layer: the method's attention slice is recomputed from it (SDPA-safe)
             def keep_input(module, args, kwargs):
                 captured["x"] = args[0] if args else kwargs["hidden_states"]
 
             hooks.append(self._feature_layer_module().register_forward_pre_hook(keep_input, with_kwargs=True))
-        if compressor is not None and compressor.feature_space == "vision":
+        if stage == "features" and compressor.feature_space == "vision":
             # compress the vision features that enter the projector; the projector sees the K kept rows
             def compress_before_projection(module, args):
                 selected = args[0]  # (images, N, vision width)
