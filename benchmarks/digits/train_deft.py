@@ -1,7 +1,7 @@
 """Stage 3 of the digits benchmark: train the DeFT modules with feedback-guided scoring.
 
     python -m benchmarks.digits.train_deft [--base checkpoints/digits-llava-base] [--retention 0.25] \
-        [--steps 600] [--out checkpoints/digits-deft-llava]
+        [--steps 600] [--semantic-dim 128] [--saliency-hidden-dim 64] [--out checkpoints/digits-deft-llava]
 
 1. Writes training-split canvases as PNG files and a LLaVA conversation JSONL (`_work/deft_data/`).
 2. Converts the all-token base model into a DeFT-LLaVA folder (`modeling_deft_llava.convert`; fresh DeFT
@@ -61,6 +61,13 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--semantic-dim",
+        type=int,
+        default=128,
+        help="width of DeFT's semantic space (the seed's 512 is 4x this model's 128-wide features)",
+    )
+    parser.add_argument("--saliency-hidden-dim", type=int, default=64, help="hidden width of the saliency MLP")
     parser.add_argument("--out", default="checkpoints/digits-deft-llava")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -71,7 +78,15 @@ def main(argv=None) -> None:
     start = time.time()
     data = write_training_data(os.path.join(WORK_DIR, "deft_data"), args.samples)
     init = os.path.join(WORK_DIR, "deft_init")
-    convert(args.base, init, overwrite=True, use_deft=True, deft_retention_ratio=args.retention)
+    convert(
+        args.base,
+        init,
+        overwrite=True,
+        use_deft=True,
+        deft_retention_ratio=args.retention,
+        deft_semantic_dim=args.semantic_dim,
+        deft_saliency_hidden_dim=args.saliency_hidden_dim,
+    )
     run = os.path.join(WORK_DIR, "deft_run")
     shutil.rmtree(run, ignore_errors=True)
 
@@ -117,6 +132,8 @@ def main(argv=None) -> None:
             "samples": args.samples,
             "train_seed": TRAIN_SEED,
             "seed": args.seed,
+            "semantic_dim": args.semantic_dim,
+            "saliency_hidden_dim": args.saliency_hidden_dim,
             "wall_time_s": time.time() - start,
             "log": log,
         },
