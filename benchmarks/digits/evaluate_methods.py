@@ -62,7 +62,9 @@ def method_settings(method: str, ratio: float) -> dict:
             "compression_method": "deft",
         }
     settings = {"use_deft": True, "deft_retention_ratio": ratio, "compression_method": method}
-    if method == "ficoco_v":  # the official code reduces after layer 11 of CLIP-L's 24; this tower has 3 layers
+    if (
+        method == "ficoco_v"
+    ):  # the official code reduces after layer 11 of CLIP-L's 24; this tower has 3 layers
         settings["compression_settings"] = {"start_layer": 1}
     return settings
 

@@ -67,7 +67,9 @@ def main(argv=None) -> None:
         default=128,
         help="width of DeFT's semantic space (the seed's 512 is 4x this model's 128-wide features)",
     )
-    parser.add_argument("--saliency-hidden-dim", type=int, default=64, help="hidden width of the saliency MLP")
+    parser.add_argument(
+        "--saliency-hidden-dim", type=int, default=64, help="hidden width of the saliency MLP"
+    )
     parser.add_argument("--out", default="checkpoints/digits-deft-llava")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
