@@ -283,8 +283,9 @@ def _child(argv=None) -> None:
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     for what, obj in (("config", config), ("processor", processor)):
         summary[f"{what}_class"] = f"{type(obj).__module__}.{type(obj).__name__}"
-    if args.image:
-        image = Image.open(args.image).convert("RGB")
+    if args.image:  # as the shipped processor converts (16-bit grey scaled to 8 bits, not clipped)
+        package = type(processor).__module__.rpartition(".")[0]
+        image = importlib.import_module(f"{package}.image_depth").to_rgb(Image.open(args.image))
     else:
         crop = getattr(processor.image_processor, "crop_size", None) or {"height": 336, "width": 336}
         pixels = np.random.default_rng(0).integers(0, 255, (crop["height"], crop["width"], 3), dtype=np.uint8)

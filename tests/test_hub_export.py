@@ -16,6 +16,7 @@ import textwrap
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiny
 import torch
@@ -28,6 +29,7 @@ from modeling_deft_llava.hub_card.export import (
     export_for_hub,
     flatten_imports,
 )
+from modeling_deft_llava.processing.image_depth import to_rgb
 from PIL import Image
 from transformers import pipeline
 
@@ -46,8 +48,11 @@ def exported(tmp_path_factory):
     model.generation_config.suppress_tokens = SUPPRESS
     processor = tiny.processor(use_deft=True)
     image_path = root / "image.png"
-    tiny.images(1, seed=3)[0].save(image_path)  # PNG: lossless, so both sides see the same pixels
-    image = Image.open(image_path).convert("RGB")
+    # a 16-bit grey PNG (lossless, so both sides see the same pixels): the isolated child must convert it as the
+    # shipped processor does (scaled to 8 bits, not clipped)
+    ramp = np.linspace(0, 65535, tiny.IMAGE_SIZE**2).round().astype(np.uint16).reshape(tiny.IMAGE_SIZE, -1)
+    Image.fromarray(ramp).save(image_path)
+    image = to_rgb(Image.open(image_path))
 
     config_before = model.config.to_dict()
     folder = export_for_hub(model, processor, root / "tiny-deft-llava")

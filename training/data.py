@@ -32,6 +32,7 @@ from pathlib import Path
 
 import datasets
 import torch
+from modeling_deft_llava.processing.image_depth import to_rgb
 from PIL import Image
 
 logger = logging.getLogger(__name__)
@@ -158,7 +159,8 @@ def _image_refs(row: dict) -> list:
 
 
 def _open_image(ref, image_folder: Path, source: str) -> Image.Image:
-    """Open one image reference (a path, or a `datasets.Image` dict with bytes/path) as RGB."""
+    """Open one image reference (a path, or a `datasets.Image` dict with bytes/path) as RGB (16-bit grey images
+    scaled to 8 bits, `processing/image_depth.py`)."""
     if isinstance(ref, dict) and ref.get("bytes"):
         handle = io.BytesIO(ref["bytes"])
         name = ref.get("path") or "<bytes>"
@@ -174,7 +176,7 @@ def _open_image(ref, image_folder: Path, source: str) -> Image.Image:
         handle, name = full, str(full)
     try:
         with Image.open(handle) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except (OSError, ValueError) as error:
         raise BadRowError(source, f"image {name!r} cannot be read: {error}", "bad image") from error
 
