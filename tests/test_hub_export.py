@@ -204,6 +204,46 @@ def test_audit_catches_unsafe_code(tmp_path, source, fragment):
     assert problems and any(fragment in p for p in problems), problems
 
 
+# Each runs code, reaches the network or the file system, or unpickles, and none is needed by a model's code.
+RISKY = {
+    "os.system": "import os\nos.system('id')\n",
+    "from os import system": "from os import system\nsystem('id')\n",
+    "os.popen": "import os\nos.popen('id')\n",
+    "os.environ write": "import os\nos.environ['HF_ENDPOINT'] = 'http://x'\n",
+    "from torch import load": "from torch import load\nload('w.bin')\n",
+    "torch alias .load": "import torch as t\nt.load('w.bin')\n",
+    "torch.serialization.load": "from torch.serialization import load\nload('w.bin')\n",
+    "torch.hub.load": "import torch\ntorch.hub.load('someone/repo', 'model')\n",
+    "torch.jit.load": "import torch\ntorch.jit.load('m.pt')\n",
+    "torch.ops.load_library": "import torch\ntorch.ops.load_library('x.so')\n",
+    "cpp_extension": "from torch.utils.cpp_extension import load_inline\n",
+    "np.load pickle": "import numpy as np\nnp.load('a.npy', allow_pickle=True)\n",
+    "getattr on a module": "import torch\ngetattr(torch, 'lo' + 'ad')('w.bin')\n",
+    "module as a value": "import torch\nm = torch\nm.load('w.bin')\n",
+    "importlib": "import importlib\nimportlib.import_module('subprocess')\n",
+    "builtins module": "import builtins\nbuiltins.eval('1')\n",
+    "__builtins__": "__builtins__['ev' + 'al']('1')\n",
+    "subclasses walk": "x = ().__class__.__base__.__subclasses__()\n",
+    "globals()": "globals()['__builtins__']\n",
+    "open": "open('/tmp/x', 'w').write('x')\n",
+    "pathlib write": "from pathlib import Path\nPath('/tmp/x').write_text('x')\n",
+    "shutil.rmtree": "import shutil\nshutil.rmtree('/tmp/x')\n",
+    "sys.modules": "import sys\nsys.modules['torch'] = None\n",
+    "from_pretrained of another repo": (
+        "from transformers import AutoModel\nAutoModel.from_pretrained('someone/else', trust_remote_code=True)\n"
+    ),
+    "transformers cached_file": "from transformers.utils import cached_file\n",
+    "hf_hub_download": "from huggingface_hub import hf_hub_download\n",
+    "PIL plugin loading": "from PIL import Image\nImage.open('x.png')\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(RISKY))
+def test_audit_refuses_risky_constructs(tmp_path, name):
+    (tmp_path / "bad.py").write_text(RISKY[name])
+    assert audit_published_code(tmp_path), f"{name} passed the audit"
+
+
 # ------------------------------------------------------------------------------------------ flattening
 def test_collect_code_files_follows_lazy_imports():
     found = collect_code_files()
