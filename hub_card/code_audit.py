@@ -33,146 +33,94 @@ from pathlib import Path
 
 ANY = "*"
 # module (or class) -> names allowed in it; `*`: every name (pure modules)
-ALLOWED: dict[str, frozenset[str]] = {
-    name: frozenset(names)
-    for name, names in {
-        # standard library: computation only
-        "__future__": {"annotations"},
-        "abc": {ANY},
-        "collections": {ANY},
-        "contextlib": {"contextmanager", "nullcontext"},
-        "copy": {"copy", "deepcopy"},
-        "dataclasses": {ANY},
-        "enum": {ANY},
-        "functools": {"cached_property", "lru_cache", "partial", "reduce", "wraps"},
-        "itertools": {ANY},
-        "math": {ANY},
-        "numbers": {ANY},
-        "operator": {ANY},
-        "typing": {ANY},
-        "warnings": {"warn"},
-        "zlib": {"adler32", "crc32"},
-        # third party
-        "huggingface_hub": {"dataclasses"},
-        "huggingface_hub.dataclasses": {"strict"},
-        "numpy": {
-            "asarray",
-            "array",
-            "clip",
-            "float32",
-            "float64",
-            "int32",
-            "int64",
-            "ndarray",
-            "rint",
-            "stack",
-            "uint8",
-            "uint16",
-        },
-        "packaging": {"version"},
-        "packaging.version": {"Version"},
-        "PIL": {"Image"},
-        "PIL.Image": {"Image", "fromarray"},
-        "torch": {
-            # classes, dtypes and grad modes (tensor operations: `torch_tensor_operations`)
-            "Generator",
-            "LongTensor",
-            "Tensor",
-            "autograd",
-            "bool",
-            "device",
-            "dtype",
-            "enable_grad",
-            "finfo",
-            "float16",
-            "bfloat16",
-            "float32",
-            "float64",
-            "iinfo",
-            "inference_mode",
-            "int32",
-            "int64",
-            "is_grad_enabled",
-            "long",
-            "nn",
-            "no_grad",
-            "uint8",
-            # factories (not overridable, so not in the tensor-operation group)
-            "arange",
-            "as_tensor",
-            "empty",
-            "eye",
-            "full",
-            "full_like",
-            "linspace",
-            "ones",
-            "ones_like",
-            "rand",
-            "randn",
-            "randperm",
-            "tensor",
-            "zeros",
-            "zeros_like",
-        },
-        "torch.autograd": {"grad"},
-        "torch.nn": {ANY},
-        "torch.nn.functional": {ANY},
-        "transformers": {
-            "AutoModel",
-            "LlavaConfig",
-            "LlavaForConditionalGeneration",
-            "LlavaModel",
-            "LlavaProcessor",
-            "__version__",
-            "cache_utils",
-            "image_utils",
-            "initialization",
-            "modeling_outputs",
-            "models",
-            "utils",
-        },
-        # loading a model by name would fetch other code: only building one from a config
-        "transformers.AutoModel": {"from_config"},
-        "transformers.cache_utils": {"Cache", "DynamicCache"},
-        "transformers.image_utils": {"get_image_size", "to_numpy_array"},
-        "transformers.initialization": {ANY},
-        "transformers.modeling_outputs": {ANY},
-        "transformers.models": {"llava"},
-        "transformers.models.llava": {"modeling_llava"},
-        "transformers.models.llava.modeling_llava": {
-            "LlavaCausalLMOutputWithPast",
-            "LlavaModelOutputWithPast",
-            "LlavaMultiModalProjector",
-            "LlavaPreTrainedModel",
-        },
-        "transformers.utils": {"generic"},
-        "transformers.utils.generic": {"can_return_tuple"},
-    }.items()  # fmt: skip
-}
+# fmt: off
+ALLOWED: dict[str, frozenset[str]] = {name: frozenset(names) for name, names in {
+    # standard library: computation only
+    "__future__": {"annotations"},
+    "abc": {ANY},
+    "collections": {ANY},
+    "contextlib": {"contextmanager", "nullcontext"},
+    "copy": {"copy", "deepcopy"},
+    "dataclasses": {ANY},
+    "difflib": {"get_close_matches"},  # "did you mean" suggestions in error messages
+    "enum": {ANY},
+    "functools": {"cached_property", "lru_cache", "partial", "reduce", "wraps"},
+    "itertools": {ANY},
+    "logging": {"getLogger"},
+    "math": {ANY},
+    "numbers": {ANY},
+    "operator": {ANY},
+    "typing": {ANY},
+    "warnings": {"warn"},
+    "zlib": {"adler32", "crc32"},
+    # third party
+    "huggingface_hub": {"dataclasses"},
+    "huggingface_hub.dataclasses": {"strict"},
+    "numpy": {
+        "asarray", "array", "clip", "float32", "float64", "int32", "int64", "ndarray", "rint", "stack", "uint8",
+        "uint16",
+    },
+    "packaging": {"version"},
+    "packaging.version": {"Version"},
+    "PIL": {"Image"},
+    "PIL.Image": {"Image", "fromarray"},
+    "torch": {
+        # classes, dtypes, grad modes and pure-math namespaces (tensor operations: `torch_tensor_operations`)
+        "Generator", "LongTensor", "Tensor", "autograd", "bfloat16", "bool", "device", "dtype", "enable_grad",
+        "finfo", "float16", "float32", "float64", "iinfo", "inference_mode", "int32", "int64", "is_grad_enabled",
+        "linalg", "long", "nn", "no_grad", "uint8",
+        # factories (not overridable, so not in the tensor-operation group)
+        "arange", "as_tensor", "empty", "eye", "full", "full_like", "linspace", "ones", "ones_like", "rand",
+        "randn", "randperm", "tensor", "zeros", "zeros_like",
+    },
+    "torch.autograd": {"grad"},
+    "torch.linalg": {ANY},
+    "torch.nn": {ANY},
+    "torch.nn.functional": {ANY},
+    "transformers": {
+        "AutoModel", "LlavaConfig", "LlavaForConditionalGeneration", "LlavaModel", "LlavaProcessor",
+        "__version__", "cache_utils", "image_utils", "initialization", "modeling_outputs", "models", "utils",
+    },
+    # loading a model by name would fetch other code: only building one from a config
+    "transformers.AutoModel": {"from_config"},
+    "transformers.cache_utils": {"Cache", "DynamicCache"},
+    "transformers.image_utils": {"get_image_size", "to_numpy_array"},
+    "transformers.initialization": {ANY},
+    "transformers.modeling_outputs": {ANY},
+    "transformers.models": {"llava"},
+    "transformers.models.llava": {"modeling_llava"},
+    "transformers.models.llava.modeling_llava": {
+        "LlavaCausalLMOutputWithPast", "LlavaModelOutputWithPast", "LlavaMultiModalProjector",
+        "LlavaPreTrainedModel",
+    },
+    "transformers.utils": {"generic", "logging"},
+    "transformers.utils.generic": {"can_return_tuple"},
+    "transformers.utils.logging": {"get_logger"},
+}.items()}
 # never allowed in a resolved name, whatever the allow-list says about the rest: they load files or code
 LOADERS = frozenset(
     {
         "from_pretrained", "load", "loads", "load_library", "load_inline", "hf_hub_download", "snapshot_download",
         "cached_file", "urlopen",
     }
-)  # fmt: skip
+)
 ALLOWED_BUILTINS = frozenset(
     {
         "abs", "all", "any", "bool", "bytes", "callable", "chr", "classmethod", "dict", "divmod", "enumerate",
         "filter", "float", "format", "frozenset", "getattr", "hasattr", "hash", "int", "isinstance", "issubclass",
         "iter", "len", "list", "map", "max", "min", "next", "object", "ord", "pow", "print", "property", "range",
         "repr", "reversed", "round", "set", "setattr", "slice", "sorted", "staticmethod", "str", "sum", "super",
-        "tuple", "type", "zip", "None", "True", "False", "NotImplemented", "Ellipsis", "__name__", "__debug__",
+        "tuple", "type", "vars", "zip", "None", "True", "False", "NotImplemented", "Ellipsis", "__name__", "__debug__",
     }
     | {name for name, value in vars(builtins).items() if isinstance(value, type) and issubclass(value, BaseException)}
-)  # fmt: skip
+)
 FORBIDDEN_ATTRIBUTES = frozenset(
     {
         "__subclasses__", "__globals__", "__builtins__", "__code__", "__closure__", "__import__", "__loader__",
         "__spec__", "__base__", "__bases__", "__mro__", "__getattribute__", "__reduce__", "__reduce_ex__",
         "f_globals", "f_locals", "f_back", "gi_frame", "tb_frame",
     }
-)  # fmt: skip
+)
 # why a few well-known names are refused (for the message)
 _REASONS = {
     "load": "unpickles or loads files",
@@ -194,8 +142,9 @@ FORBIDDEN_STDLIB = frozenset(
         "xmlrpc", "webbrowser", "asyncio", "subprocess", "multiprocessing", "ctypes", "pickle", "_pickle",
         "cPickle", "marshal", "shelve", "copyreg", "os", "sys", "importlib", "builtins", "shutil", "pathlib", "io",
     }
-)  # fmt: skip
+)
 ALLOWED_PACKAGES = frozenset({"torch", "transformers", "huggingface_hub", "numpy", "PIL", "packaging"})
+# fmt: on
 
 
 @functools.lru_cache(maxsize=1)
