@@ -7,8 +7,10 @@ entry modules need, transitively, into the folder root and rewrites each relativ
 `modeling_deft_llava/__init__.py` (which registers the Auto classes) is not copied: `config.auto_map` and the
 processor's `auto_map` do its job on the Hub.
 
-The folder is built in a temporary sibling directory and renamed into place, so a failure never leaves a
-half-written folder behind.
+The folder is built in a hidden staging folder next to the target and renamed into place with
+`atomic_write.place` (with `overwrite`, the old folder is swapped out in one step and deleted afterwards), so a
+failure or a kill never leaves a half-written or half-deleted folder under the target's name, and a file that
+another program writes into an empty target meanwhile is never deleted.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
+from .atomic_write import place, staged
 from .code_audit import audit_published_code
 
 # the three files the Auto classes name; everything else is found by following their relative imports
@@ -178,9 +179,7 @@ def export_for_hub(model, processor, folder: str | os.PathLike, overwrite: bool 
         raise FileExistsError(f"{target} exists and is not a folder")
     if not overwrite and not _folder_is_empty(target):
         raise FileExistsError(f"{target} is not empty; pass overwrite=True to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
-    try:
+    with staged(target) as staging:
         _save_model(model, staging)
         processor.save_pretrained(staging)
         _set_processor_auto_map(staging)
@@ -191,18 +190,8 @@ def export_for_hub(model, processor, folder: str | os.PathLike, overwrite: bool 
         problems = audit_published_code(staging)
         if problems:
             raise ValueError("the published code fails the audit:\n" + "\n".join(problems))
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the export is an ordinary folder
-        _move_into_place(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        place(staging, target, overwrite=overwrite)
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _save_model(model, folder: Path) -> None:
@@ -229,22 +218,6 @@ def _set_processor_auto_map(folder: Path) -> None:
     data["auto_map"] = dict(PROCESSOR_AUTO_MAP)
     data.setdefault("processor_class", "DeftLlavaProcessor")
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    """Rename `staging` to `target`; an existing target is moved aside first and removed only afterwards."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    backup.rmdir()
-    os.replace(target, backup)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        os.replace(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 __all__ = ["ENTRY_MODULES", "MODEL_AUTO_MAP", "PROCESSOR_AUTO_MAP", "collect_code_files", "export_for_hub"]

@@ -12,6 +12,10 @@
    hidden states, and the pipeline's text, and saves them (`torch.save`) to `out`;
 4. checks that no module was imported from the project roots.
 
+The child dies with its parent: it holds the read end of a pipe whose only write end the parent keeps, and a
+thread that sees the pipe close (the parent was killed) deletes the child's temporary folder and exits, so a
+killed `publish` leaves neither a running validation nor its files behind.
+
 This file imports only the standard library at module level, so the child can run it without the project.
 """
 
@@ -26,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 PROJECT_PACKAGE = "modeling_deft_llava"
@@ -86,7 +91,7 @@ def run_isolated_check(
         if prompt is not None:
             cmd += ["--prompt", prompt]
         try:
-            proc = subprocess.run(cmd, cwd=home, env=env, capture_output=True, text=True, timeout=timeout)
+            proc = _run_tied(cmd, cwd=home, env=env, timeout=timeout)
         except subprocess.TimeoutExpired as err:
             raise IsolatedCheckError(f"the isolated load of {folder} ran past {timeout} s") from err
     if proc.returncode != 0:
@@ -109,7 +114,34 @@ def run_isolated_script(script, cwd, forbidden_roots=None, timeout: float = 600,
         cmd = [python or sys.executable, "-I", str(runner), "--run-script", str(Path(script).resolve())]
         for root in forbidden_roots if forbidden_roots is not None else project_roots():
             cmd += ["--forbid-root", str(root)]
-        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        return _run_tied(cmd, cwd=cwd, env=env, timeout=timeout)
+
+
+def _run_tied(cmd: list[str], cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, capture_output=True, text=True)` for a child that exits when this process dies: the
+    child gets `--parent-pipe FD`, the read end of a pipe whose write end only this process holds."""
+    read_end, write_end = os.pipe()  # both non-inheritable; only read_end is passed on
+    try:
+        process = subprocess.Popen(
+            [*cmd[:3], "--parent-pipe", str(read_end), *cmd[3:]],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            pass_fds=(read_end,),
+        )
+    finally:
+        os.close(read_end)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except BaseException:
+        process.kill()
+        process.communicate()
+        raise
+    finally:
+        os.close(write_end)
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
 
 
 def _child_env() -> dict:
@@ -196,8 +228,25 @@ def _imported_from(roots: list[str]) -> list[str]:
     return bad
 
 
+def _exit_with_parent(argv: list[str]) -> list[str]:
+    """In the child: start the thread that ends this process (and deletes its temporary folder, the one this
+    script was copied to) once the parent's end of `--parent-pipe FD` closes; returns the other arguments."""
+    if not argv or argv[0] != "--parent-pipe":
+        return argv
+    pipe, home = int(argv[1]), Path(__file__).resolve().parent
+
+    def watch() -> None:
+        while os.read(pipe, 1):  # the parent never writes: this returns b"" once it is gone
+            pass
+        shutil.rmtree(home, ignore_errors=True)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    return argv[2:]
+
+
 def _child(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _exit_with_parent(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--run-script":
         _run_script_child(argv[1:])
         return
@@ -234,8 +283,9 @@ def _child(argv=None) -> None:
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     for what, obj in (("config", config), ("processor", processor)):
         summary[f"{what}_class"] = f"{type(obj).__module__}.{type(obj).__name__}"
-    if args.image:
-        image = Image.open(args.image).convert("RGB")
+    if args.image:  # as the shipped processor converts (16-bit grey scaled to 8 bits, not clipped)
+        package = type(processor).__module__.rpartition(".")[0]
+        image = importlib.import_module(f"{package}.image_depth").to_rgb(Image.open(args.image))
     else:
         crop = getattr(processor.image_processor, "crop_size", None) or {"height": 336, "width": 336}
         pixels = np.random.default_rng(0).integers(0, 255, (crop["height"], crop["width"], 3), dtype=np.uint8)

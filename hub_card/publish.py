@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +28,8 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
-from .export import _folder_is_empty, _move_into_place, export_for_hub
+from .atomic_write import place, staged
+from .export import _folder_is_empty, export_for_hub
 from .isolated_check import IsolatedCheckError, run_isolated_check
 from .model_card import build_model_card
 
@@ -91,8 +91,8 @@ def build_hub_folder(
     target.parent.mkdir(parents=True, exist_ok=True)
     model = DeftLlavaForConditionalGeneration.from_pretrained(source).eval()
     processor = DeftLlavaProcessor.from_pretrained(source)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.publish-", dir=target.parent))
-    try:
+    # the work folder sits next to OUT (a killed run's is removed by the next one) and holds the Hub folder
+    with staged(target) as work:
         hub = export_for_hub(model, processor, work / "hub")
         card = build_model_card(model.config, results, base_model, license=license, repo_id=repo_id)
         card.save(hub / "README.md")
@@ -102,9 +102,10 @@ def build_hub_folder(
             raise PublishError(
                 f"the exported folder failed validation; nothing was uploaded.\n{err}"
             ) from err
-        _move_into_place(hub, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        try:
+            place(hub, target)  # refused if another program wrote into OUT meanwhile
+        except FileExistsError as err:
+            raise PublishError(f"{err}; the validated folder was not written") from err
     return target
 
 

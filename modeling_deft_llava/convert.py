@@ -4,8 +4,10 @@
 
 Reads both key layouts (transformers 5 `model.language_model.*` and the older `language_model.model.*` that
 the public llava-hf repos and stock `save_pretrained` write). The DeFT modules are new: they are initialised
-fresh, listed in the log, and should be trained (see `training/`). The output folder is written atomically
-(built next to it, then renamed) and an existing non-empty folder is never overwritten without `--overwrite`.
+fresh, listed in the log, and should be trained (see `training/`). The output folder is written with
+`hub_card/atomic_write.py` (built next to it, then renamed into place; `--overwrite` swaps the old folder out in
+one step and deletes it afterwards): a kill at any point leaves the old folder or the new one, and an existing
+non-empty folder is never touched without `--overwrite`.
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
-import tempfile
 
 from .configuration.deft_settings import DeftSettings
+from .hub_card.atomic_write import place, staged
 from .modeling_deft_llava import DeftLlavaForConditionalGeneration
 from .processing.processing_deft_llava import PROCESSOR_DEFT_KEYS, DeftLlavaProcessor
 
@@ -30,10 +31,9 @@ def convert(stock_folder: str, out_folder: str, overwrite: bool = False, **deft_
     unknown = sorted(set(deft_settings) - set(DeftSettings.field_names()) - {"compression_method"})
     if unknown:
         raise ValueError(f"unknown DeFT settings {unknown}; valid: {sorted(DeftSettings.field_names())}")
+    not_empty = f"{out_folder!r} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
     if os.path.isdir(out_folder) and os.listdir(out_folder) and not overwrite:
-        raise ValueError(
-            f"{out_folder!r} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
-        )
+        raise ValueError(not_empty)
     model, info = DeftLlavaForConditionalGeneration.from_pretrained(
         stock_folder, output_loading_info=True, **deft_settings
     )
@@ -49,18 +49,13 @@ def convert(stock_folder: str, out_folder: str, overwrite: bool = False, **deft_
     processor = DeftLlavaProcessor.from_pretrained(
         stock_folder, **{k: v for k, v in deft_settings.items() if k in PROCESSOR_DEFT_KEYS}
     )
-    parent = os.path.dirname(os.path.abspath(out_folder)) or "."
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=".convert-")
-    try:
+    with staged(os.path.abspath(out_folder)) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        if os.path.isdir(out_folder):
-            shutil.rmtree(out_folder)
-        os.replace(staging, out_folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        try:
+            place(staging, os.path.abspath(out_folder), overwrite=overwrite)
+        except FileExistsError as error:  # another program wrote into the empty folder meanwhile
+            raise ValueError(f"{not_empty} ({error})") from error
     logger.warning("initialised %d new DeFT weights (train them): %s", len(new), new)
     return new
 

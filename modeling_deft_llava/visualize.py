@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .modeling_deft_llava import DeftLlavaForConditionalGeneration
+from .processing.image_depth import to_rgb
 from .processing.processing_deft_llava import DeftLlavaProcessor
 
 
@@ -33,7 +34,7 @@ def overlay_kept_tokens(
     bad = [i for i in kept if not 0 <= i < rows * cols]
     if bad:
         raise ValueError(f"kept indices {bad[:5]} are outside the {rows}x{cols} patch grid")
-    base = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
+    base = to_rgb(image).resize((image.width * scale, image.height * scale), Image.NEAREST)
     pixels = np.asarray(base).astype(np.float32)
     ph, pw = base.height / rows, base.width / cols
     for index in range(rows * cols):
@@ -143,7 +144,7 @@ def main(argv=None) -> None:
     missing = [p for p in args.images if not os.path.isfile(p)]
     if missing:
         parser.error(f"image file(s) not found: {missing}")
-    images = [Image.open(p).convert("RGB") for p in args.images]
+    images = [to_rgb(Image.open(p)) for p in args.images]
     results = answer_images(args.folder, images, args.question, args.max_new_tokens, args.repeats)
     for path, r in zip(args.images, results):
         saved = 1 - r["prefill_on_s"] / r["prefill_off_s"]

@@ -9,6 +9,7 @@ from transformers.image_utils import get_image_size, to_numpy_array
 
 from ..configuration.deft_settings import DEFAULTS, placeholder_count, validate_deft_settings
 from ..configuration.supported_versions import check_transformers_version
+from .image_depth import images_to_eight_bit
 
 check_transformers_version()  # a clear ImportError outside the tested range (also in a Hub folder)
 
@@ -136,7 +137,10 @@ class DeftLlavaProcessor(LlavaProcessor):
 
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """As `LlavaProcessor.__call__`, plus `videos`: a list of videos, each a list of frames (PIL images or
-        arrays); returns `pixel_values_videos` `(num_videos, frames, channels, height, width)`."""
+        arrays); returns `pixel_values_videos` `(num_videos, frames, channels, height, width)`. 16-bit images and
+        frames are scaled to 8 bits first (`image_depth.py`), not clipped by the RGB conversion."""
+        images = images_to_eight_bit(images) if images is not None else None
+        videos = images_to_eight_bit(videos) if videos is not None else None
         texts = None if text is None else [text] if isinstance(text, str) else list(text)
         n_placeholders = sum(t.count(self.video_token) for t in texts) if texts and self.video_token else 0
         # the video checks word their errors as ProcessorMixin.validate_inputs does for images (tools match on it)

@@ -16,6 +16,7 @@ import textwrap
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiny
 import torch
@@ -28,6 +29,7 @@ from modeling_deft_llava.hub_card.export import (
     export_for_hub,
     flatten_imports,
 )
+from modeling_deft_llava.processing.image_depth import to_rgb
 from PIL import Image
 from transformers import pipeline
 
@@ -46,8 +48,11 @@ def exported(tmp_path_factory):
     model.generation_config.suppress_tokens = SUPPRESS
     processor = tiny.processor(use_deft=True)
     image_path = root / "image.png"
-    tiny.images(1, seed=3)[0].save(image_path)  # PNG: lossless, so both sides see the same pixels
-    image = Image.open(image_path).convert("RGB")
+    # a 16-bit grey PNG (lossless, so both sides see the same pixels): the isolated child must convert it as the
+    # shipped processor does (scaled to 8 bits, not clipped)
+    ramp = np.linspace(0, 65535, tiny.IMAGE_SIZE**2).round().astype(np.uint16).reshape(tiny.IMAGE_SIZE, -1)
+    Image.fromarray(ramp).save(image_path)
+    image = to_rgb(Image.open(image_path))
 
     config_before = model.config.to_dict()
     folder = export_for_hub(model, processor, root / "tiny-deft-llava")
@@ -197,6 +202,46 @@ def test_audit_catches_unsafe_code(tmp_path, source, fragment):
     (tmp_path / "bad.py").write_text(source)
     problems = audit_published_code(tmp_path)
     assert problems and any(fragment in p for p in problems), problems
+
+
+# Each runs code, reaches the network or the file system, or unpickles, and none is needed by a model's code.
+RISKY = {
+    "os.system": "import os\nos.system('id')\n",
+    "from os import system": "from os import system\nsystem('id')\n",
+    "os.popen": "import os\nos.popen('id')\n",
+    "os.environ write": "import os\nos.environ['HF_ENDPOINT'] = 'http://x'\n",
+    "from torch import load": "from torch import load\nload('w.bin')\n",
+    "torch alias .load": "import torch as t\nt.load('w.bin')\n",
+    "torch.serialization.load": "from torch.serialization import load\nload('w.bin')\n",
+    "torch.hub.load": "import torch\ntorch.hub.load('someone/repo', 'model')\n",
+    "torch.jit.load": "import torch\ntorch.jit.load('m.pt')\n",
+    "torch.ops.load_library": "import torch\ntorch.ops.load_library('x.so')\n",
+    "cpp_extension": "from torch.utils.cpp_extension import load_inline\n",
+    "np.load pickle": "import numpy as np\nnp.load('a.npy', allow_pickle=True)\n",
+    "getattr on a module": "import torch\ngetattr(torch, 'lo' + 'ad')('w.bin')\n",
+    "module as a value": "import torch\nm = torch\nm.load('w.bin')\n",
+    "importlib": "import importlib\nimportlib.import_module('subprocess')\n",
+    "builtins module": "import builtins\nbuiltins.eval('1')\n",
+    "__builtins__": "__builtins__['ev' + 'al']('1')\n",
+    "subclasses walk": "x = ().__class__.__base__.__subclasses__()\n",
+    "globals()": "globals()['__builtins__']\n",
+    "open": "open('/tmp/x', 'w').write('x')\n",
+    "pathlib write": "from pathlib import Path\nPath('/tmp/x').write_text('x')\n",
+    "shutil.rmtree": "import shutil\nshutil.rmtree('/tmp/x')\n",
+    "sys.modules": "import sys\nsys.modules['torch'] = None\n",
+    "from_pretrained of another repo": (
+        "from transformers import AutoModel\nAutoModel.from_pretrained('someone/else', trust_remote_code=True)\n"
+    ),
+    "transformers cached_file": "from transformers.utils import cached_file\n",
+    "hf_hub_download": "from huggingface_hub import hf_hub_download\n",
+    "PIL plugin loading": "from PIL import Image\nImage.open('x.png')\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(RISKY))
+def test_audit_refuses_risky_constructs(tmp_path, name):
+    (tmp_path / "bad.py").write_text(RISKY[name])
+    assert audit_published_code(tmp_path), f"{name} passed the audit"
 
 
 # ------------------------------------------------------------------------------------------ flattening

@@ -213,6 +213,45 @@ def test_bad_input_names_file_and_row(tmp_path):
         ConversationDataset(tmp_path / "odd.jsonl")
 
 
+@pytest.mark.parametrize(
+    "layout, answers",
+    [
+        ("conversations", ["  \n "]),
+        ("messages", ["\t"]),
+        ("question+answer", [" "]),
+        ("conversations", ["a cat", ""]),  # a second answer with nothing to learn, after a good one
+        ("messages", ["a cat", "\u3000"]),  # an ideographic space is whitespace too
+    ],
+)
+def test_an_answer_of_only_whitespace_is_refused(tmp_path, layout, answers):
+    """Such an answer would teach only the end-of-turn token: the row is refused, naming row and turn."""
+    write_images(tmp_path / "images", 2)
+    rows = llava_rows(2)
+    for row in rows:
+        turns = [{"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": answers[0]}]
+        for answer in answers[1:]:
+            turns += [{"from": "human", "value": "and ?"}, {"from": "gpt", "value": answer}]
+        row["conversations"] = turns
+    rows[0]["conversations"] = llava_rows(1)[0]["conversations"]  # row 0 is fine, row 1 is bad
+    if layout == "messages":
+        for row in rows:
+            row["messages"] = [
+                {"role": {"human": "user", "gpt": "assistant"}[t["from"]], "content": t["value"]}
+                for t in row.pop("conversations")
+            ]
+    elif layout == "question+answer":
+        for row in rows:
+            turns = row.pop("conversations")
+            row["question"], row["answer"] = QUESTION, turns[1]["value"]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows))
+    turn = 2 * len(answers) - 1
+    with pytest.raises(ValueError, match=rf"d\.json:row 1: the assistant answer in turn {turn} is empty"):
+        ConversationDataset(path)
+    data = ConversationDataset(path, skip_bad_rows=True)
+    assert len(data) == 1 and data.skipped == {"empty answer": 1}
+
+
 # ----------------------------------------------------------------------------- LoRA targets
 def test_lora_reaches_the_language_model_only():
     model = prepare_model_for_finetuning(tiny.model(use_deft=True, deft_retention_ratio=RATIO), lora_r=4)

@@ -83,8 +83,18 @@ class DeftLlavaFinetuneArguments:
     resume: bool = field(
         default=False,
         metadata={
-            "help": "Resume from the newest complete checkpoint-* in output_dir (starts fresh, with a warning, "
-            "when there is none)."
+            "help": "Resume from the newest complete checkpoint-* in output_dir (its save_complete.json matches "
+            "its files), after repairing what a killed run left. Starts fresh, with a warning, when output_dir "
+            "holds no checkpoint folder; refused when it holds only incomplete ones."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a new run in a non-empty output_dir: its previous contents (checkpoints, adapter, "
+            "anything else), and those of merge_output_dir, are deleted first. Without it (or --resume), a "
+            "non-empty output_dir or merge_output_dir is refused, so a second run never overwrites a first one. "
+            "(TrainingArguments dropped this flag in transformers 5.)"
         },
     )
     merge_output_dir: str | None = field(
@@ -102,6 +112,10 @@ class DeftLlavaFinetuneArguments:
             raise ValueError(f"feedback_every_n_steps must be >= 0, got {self.feedback_every_n_steps}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.overwrite_output_dir and self.resume:
+            raise ValueError(
+                "resume=True continues the run in output_dir; overwrite_output_dir=True deletes it"
+            )
         if self.lora_r < 1:
             raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
 

@@ -17,7 +17,8 @@ default the data file's folder), a list of paths, or a `datasets.Image` value (i
 
 Every row is validated once, before training starts (`ConversationDataset.__init__`): a missing image file,
 an unreadable image, a placeholder count that does not match the images, a conversation without an
-assistant answer, or a prompt too long for `max_length` raises `ValueError` naming the file and row. With
+assistant answer, an answer of only whitespace (it would teach nothing but the end-of-turn token), or a prompt
+too long for `max_length` raises `ValueError` naming the file and row. With
 `skip_bad_rows=True` such rows are skipped instead and counted in the log (one warning per reason).
 """
 
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import datasets
 import torch
+from modeling_deft_llava.processing.image_depth import to_rgb
 from PIL import Image
 
 logger = logging.getLogger(__name__)
@@ -157,7 +159,8 @@ def _image_refs(row: dict) -> list:
 
 
 def _open_image(ref, image_folder: Path, source: str) -> Image.Image:
-    """Open one image reference (a path, or a `datasets.Image` dict with bytes/path) as RGB."""
+    """Open one image reference (a path, or a `datasets.Image` dict with bytes/path) as RGB (16-bit grey images
+    scaled to 8 bits, `processing/image_depth.py`)."""
     if isinstance(ref, dict) and ref.get("bytes"):
         handle = io.BytesIO(ref["bytes"])
         name = ref.get("path") or "<bytes>"
@@ -173,7 +176,7 @@ def _open_image(ref, image_folder: Path, source: str) -> Image.Image:
         handle, name = full, str(full)
     try:
         with Image.open(handle) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except (OSError, ValueError) as error:
         raise BadRowError(source, f"image {name!r} cannot be read: {error}", "bad image") from error
 
@@ -182,8 +185,17 @@ def normalize_row(row: dict, layout: str, image_folder: Path, source: str, load_
     """One raw row -> `{"messages", "images", "source"}`; `BadRowError` for an unusable row."""
     refs = _image_refs(row)
     messages = _messages(row, layout, len(refs), source)
-    if not any(m["role"] == "assistant" and m["content"] for m in messages):
+    if not any(m["role"] == "assistant" for m in messages):
         raise BadRowError(source, "the conversation has no assistant answer to learn", "no answer")
+    for number, message in enumerate(messages):
+        # an answer of nothing but whitespace would teach only the end-of-turn token
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise BadRowError(
+                source,
+                f"the assistant answer in turn {number} is empty ({message['content']!r}): write the answer, or "
+                "drop the turn",
+                "empty answer",
+            )
     if any(IMAGE_TOKEN in m["content"] for m in messages if m["role"] == "assistant"):
         raise BadRowError(
             source, f"an assistant turn holds {IMAGE_TOKEN}; images go in user turns", "bad conversation"

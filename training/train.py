@@ -11,12 +11,14 @@ command runs under `torchrun --nproc_per_node 2 -m modeling_deft_llava.training.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import datasets
 import torch
 import transformers
 from modeling_deft_llava.configuration.configuration_deft_llava import DEFT_METHOD
+from modeling_deft_llava.hub_card.atomic_write import remove_tree
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
@@ -26,7 +28,13 @@ from .collator import DeftLlavaDataCollator
 from .data import ConversationDataset
 from .lora import prepare_model_for_finetuning
 from .saving import merge_and_export
-from .trainer import DeftLlavaTrainer, last_complete_checkpoint, remove_stale_staging
+from .trainer import (
+    DeftLlavaTrainer,
+    final_save_complete,
+    last_complete_checkpoint,
+    recover_output_dir,
+    unmarked_checkpoints,
+)
 
 logger = logging.getLogger("modeling_deft_llava.training")
 
@@ -114,17 +122,71 @@ def build_trainer(
     )
 
 
+def _listing(folder: str) -> list[str]:
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def check_output_folders(args: DeftLlavaFinetuneArguments, training_args: TrainingArguments) -> None:
+    """Refuse to start a run whose `output_dir` (or `merge_output_dir`) holds something, unless it continues the
+    run there (`--resume`, `--resume_from_checkpoint`) or replaces it (`--overwrite_output_dir`). Read-only, so
+    every process takes the same decision."""
+    if args.overwrite_output_dir or args.resume or training_args.resume_from_checkpoint:
+        return
+    for flag, folder in (
+        ("output_dir", training_args.output_dir),
+        ("merge_output_dir", args.merge_output_dir),
+    ):
+        names = _listing(folder) if folder else []
+        if names:
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            raise ValueError(
+                f"--{flag} {folder!r} is not empty ({shown}): pass --resume true to continue the run in it, or "
+                "--overwrite_output_dir true to start a new run there (deleting what it holds)"
+            )
+
+
+def _clear(folder: str) -> None:
+    """Delete what `folder` holds, each entry through trash (a kill part-way leaves whole entries)."""
+    for name in _listing(folder):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            remove_tree(path)
+        else:
+            os.unlink(path)
+    if os.path.isdir(folder):
+        logger.warning("--overwrite_output_dir: deleted the previous contents of %s", folder)
+
+
 def train(
     args: DeftLlavaFinetuneArguments, training_args: TrainingArguments, callbacks=None
 ) -> DeftLlavaTrainer:
     """Run one fine-tuning: train, save the adapter, DeFT modules and processor to `output_dir`, optionally
-    merge into `merge_output_dir`. Returns the trainer (its `state.log_history` holds the logged losses)."""
+    merge into `merge_output_dir`. Returns the trainer (its `state.log_history` holds the logged losses).
+
+    `output_dir` must be empty unless resuming or `overwrite_output_dir` (`check_output_folders`). Resuming first
+    repairs what a killed run left (`recover_output_dir`), continues from the newest complete checkpoint, and
+    changes nothing when that checkpoint is already at the last step and the final save is complete."""
     _setup_logging(training_args)
+    check_output_folders(args, training_args)
+    with training_args.main_process_first(desc="preparing output_dir"):
+        if training_args.process_index == 0:
+            if args.overwrite_output_dir:
+                _clear(training_args.output_dir)
+                if args.merge_output_dir:
+                    _clear(args.merge_output_dir)
+            elif args.resume:
+                recover_output_dir(training_args.output_dir)
     resume_from = training_args.resume_from_checkpoint
     if args.resume:
-        if training_args.process_index == 0:
-            remove_stale_staging(training_args.output_dir)
         resume_from = last_complete_checkpoint(training_args.output_dir)
+        unmarked = unmarked_checkpoints(training_args.output_dir)
+        if resume_from is None and unmarked:  # starting over would replace them: let the user decide
+            raise ValueError(
+                f"--resume: {training_args.output_dir!r} holds no complete checkpoint, only {unmarked} without a "
+                "matching save_complete.json (half-written or half-deleted, or written by an older version); pass "
+                "--resume_from_checkpoint <folder> to continue from one of them, or --overwrite_output_dir true "
+                "(without --resume) to start over"
+            )
         if resume_from is None:
             logger.warning(
                 "--resume: no complete checkpoint in %s; starting from scratch", training_args.output_dir
@@ -133,13 +195,23 @@ def train(
             logger.info("resuming from %s", resume_from)
     trainer = build_trainer(args, training_args, callbacks)
     trainer.train(resume_from_checkpoint=resume_from)
-    trainer.save_model()  # adapter (LoRA + modules_to_save) and processor in output_dir
+    unchanged = trainer.finished_before and final_save_complete(training_args.output_dir)
+    if unchanged:
+        logger.info("%s already holds the finished run: nothing was changed", training_args.output_dir)
+    else:
+        trainer.save_model()  # adapter (LoRA + modules_to_save) and processor in output_dir
     trainer.accelerator.wait_for_everyone()
     if args.merge_output_dir and trainer.is_world_process_zero():
-        folder = merge_and_export(
-            training_args.output_dir, args.merge_output_dir, base_model=args.model_name_or_path
-        )
-        logger.info("merged model written to %s", folder)
+        if unchanged and _listing(args.merge_output_dir):
+            logger.info("%s already holds the merged model: left as it is", args.merge_output_dir)
+        else:
+            folder = merge_and_export(
+                training_args.output_dir,
+                args.merge_output_dir,
+                base_model=args.model_name_or_path,
+                overwrite=bool(_listing(args.merge_output_dir)),  # allowed by check_output_folders
+            )
+            logger.info("merged model written to %s", folder)
     return trainer
 
 

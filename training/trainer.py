@@ -29,21 +29,39 @@ the answer tokens (`lm_loss`) or images (the DeFT terms) of the logging window, 
 Activation checkpointing must be non-reentrant when the feedback pass is on (it takes `torch.autograd.grad`,
 which reentrant checkpointing refuses): the trainer raises a `ValueError` at construction otherwise.
 
-Checkpoints are written to `<output_dir>/.tmp-checkpoint-<step>/` and renamed to `checkpoint-<step>` only
-once every process has finished writing, so a killed run never leaves a half-written `checkpoint-*` folder;
-`resume` picks the newest complete one.
+Checkpoints and the final adapter are kill-safe (`hub_card/atomic_write.py`; README "Reliability"):
+
+- a checkpoint is written to `<output_dir>/.tmp-checkpoint-<step>/checkpoint-<step>`; once every process has
+  written its part, `save_complete.json` (every file and its size) is written last and the folder is moved to
+  `checkpoint-<step>` (swapped in one step when that step is saved again, e.g. after resuming from an older
+  checkpoint). Only folders whose marker matches their files count as checkpoints (`last_complete_checkpoint`);
+- rotation (`save_total_limit`) renames an old checkpoint to a hidden trash name before deleting it;
+- the final `save_model()` goes to `<output_dir>/.tmp-final/`, is marked complete, then its files are moved into
+  `output_dir` one by one (the weights last, the marker after them); a kill part-way is finished by the next run;
+- `recover_output_dir` (run by `train` before resuming) finishes or undoes what a killed run left;
+- resuming from a checkpoint at or past the run's last step trains nothing (`finished_before` is then True).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
+import re
 
 import torch
 import torch.distributed as dist
+from modeling_deft_llava.hub_card.atomic_write import (
+    MARKER,
+    fsync_dir,
+    is_complete,
+    mark_complete,
+    marker,
+    place,
+    recover_all,
+    remove_tree,
+)
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from modeling_deft_llava.modeling_outputs_deft_llava import DeftVisualFeaturesOutput
 
@@ -53,6 +71,8 @@ logger = logging.getLogger(__name__)
 
 LOSS_COMPONENTS = ("lm_loss", "rtd_loss", "feedback_loss")
 STAGING_PREFIX = ".tmp-checkpoint-"
+FINAL_STAGING = ".tmp-final"
+_CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 NUM_IMAGES_KEY = "deft_num_images_in_batch"  # added to each micro-batch by `get_batch_samples`
 
 
@@ -61,23 +81,119 @@ def unwrap_deft_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def last_complete_checkpoint(output_dir) -> str | None:
-    """Newest `checkpoint-<step>` folder of `output_dir` (staging folders of killed saves are not named so)."""
-    if not os.path.isdir(output_dir):
-        return None
-    return get_last_checkpoint(output_dir)
-
-
-def remove_stale_staging(output_dir) -> list[str]:
-    """Delete staging folders left by a save that was killed; returns their names."""
+def complete_checkpoints(output_dir) -> list[tuple[int, str]]:
+    """`(step, path)` of every complete `checkpoint-<step>` folder of `output_dir`, oldest first; folders whose
+    `save_complete.json` is missing or does not match their files are left out (and named in a warning)."""
     if not os.path.isdir(output_dir):
         return []
-    stale = sorted(n for n in os.listdir(output_dir) if n.startswith(STAGING_PREFIX))
-    for name in stale:
-        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-    if stale:
-        logger.warning("removed %d half-written checkpoint(s) of a killed run: %s", len(stale), stale)
-    return stale
+    found, incomplete = [], []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT.fullmatch(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isdir(path):
+            (found if is_complete(path) else incomplete).append((int(match.group(1)), path))
+    if incomplete:
+        logger.warning(
+            "ignoring incomplete checkpoint folder(s) %s (no %s matching their files: half-written, half-deleted, "
+            "or written by an older version; pass --resume_from_checkpoint to use one anyway)",
+            sorted(os.path.basename(p) for _, p in incomplete),
+            MARKER,
+        )
+    return sorted(found)
+
+
+def unmarked_checkpoints(output_dir) -> list[str]:
+    """Names of the `checkpoint-<step>` folders of `output_dir` that are not complete (`complete_checkpoints`)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(
+        name
+        for name in os.listdir(output_dir)
+        if _CHECKPOINT.fullmatch(name)
+        and os.path.isdir(os.path.join(output_dir, name))
+        and not is_complete(os.path.join(output_dir, name))
+    )
+
+
+def last_complete_checkpoint(output_dir) -> str | None:
+    """Newest complete `checkpoint-<step>` folder of `output_dir` (checked by content, see `complete_checkpoints`)."""
+    found = complete_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def final_save_complete(output_dir) -> bool:
+    """The final `save_model()` of a run finished in `output_dir` (its marker matches the files)."""
+    return is_complete(output_dir)
+
+
+def recover_output_dir(output_dir) -> list[str]:
+    """Finish or undo what a killed run left in `output_dir`; returns one line per action (also logged).
+
+    - a staged checkpoint whose marker matches its files is moved into place when no complete folder holds its
+      step (the work is kept); any other staged checkpoint is deleted;
+    - a marked final save is moved into place (finishing a killed move); an unmarked one is deleted;
+    - a folder renamed aside while being replaced is put back; trash is deleted (`atomic_write.recover`)."""
+    if not os.path.isdir(output_dir):
+        return []
+    done = recover_all(output_dir)  # asides back first: a staged copy then only replaces a missing step
+    for name in sorted(os.listdir(output_dir)):
+        staging = os.path.join(output_dir, name)
+        if name.startswith(STAGING_PREFIX):
+            step = name[len(STAGING_PREFIX) :]
+            staged = os.path.join(staging, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+            final = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+            if is_complete(staged) and not is_complete(final):
+                place(staged, final, overwrite=True)
+                done.append(f"moved the complete staged {PREFIX_CHECKPOINT_DIR}-{step} into place")
+            remove_tree(staging, owner=final)
+            done.append(f"deleted {name}")
+        elif name == FINAL_STAGING:
+            if marker(staging) is not None:
+                _commit_final(staging, output_dir)
+                done.append("finished moving the final save into place")
+            remove_tree(staging)
+            done.append(f"deleted {name}")
+    if done:
+        logger.warning("recovered %s after a killed run: %s", output_dir, "; ".join(done))
+    return done
+
+
+def _commit_final(staging: str, output_dir: str) -> None:
+    """Move the marked final save in `staging` into `output_dir`: its marker first leaves `output_dir`, the files
+    follow (weights last), the marker comes last. Restartable: it moves whatever is still in `staging`."""
+    stale = os.path.join(output_dir, MARKER)
+    if os.path.exists(stale):
+        os.unlink(stale)
+        fsync_dir(output_dir)
+    names = sorted(n for n in os.listdir(staging) if n != MARKER)
+    names.sort(key=lambda n: n.endswith(".safetensors"))  # the weights last
+    for name in names:
+        source, target = os.path.join(staging, name), os.path.join(output_dir, name)
+        if os.path.isdir(source):
+            place(source, target, overwrite=True)
+        else:
+            os.replace(source, target)
+    fsync_dir(output_dir)
+    os.replace(os.path.join(staging, MARKER), stale)
+    fsync_dir(output_dir)
+
+
+def rotate_complete_checkpoints(output_dir, save_total_limit, best_model_checkpoint=None) -> None:
+    """Keep the newest `save_total_limit` complete checkpoints (and the best one); delete the others through trash
+    (`remove_tree`), so a kill never leaves a half-deleted checkpoint under its name."""
+    if not save_total_limit or save_total_limit <= 0:
+        return
+    found = [os.path.abspath(path) for _, path in complete_checkpoints(output_dir)]
+    protected = set(found[-1:])  # the newest, to resume from
+    if best_model_checkpoint:
+        protected.add(os.path.abspath(best_model_checkpoint))
+    excess = len(found) - max(save_total_limit, len(protected))
+    for path in found:
+        if excess <= 0:
+            break
+        if path not in protected:
+            remove_tree(path)
+            excess -= 1
 
 
 def checkpointing_settings(args) -> tuple[str, bool, dict | None]:
@@ -135,6 +251,7 @@ class DeftLlavaTrainer(Trainer):
         self._component_sums = torch.zeros(len(LOSS_COMPONENTS), dtype=torch.float64)
         self._component_counts = torch.zeros(len(LOSS_COMPONENTS), dtype=torch.float64)
         self._staging_dir = None
+        self.finished_before = False  # set in `train()`: resumed at or past the last step, nothing trained
 
     # ------------------------------------------------------------------ loss
     def feedback_step(self) -> bool:
@@ -237,6 +354,30 @@ class DeftLlavaTrainer(Trainer):
             self._component_counts.zero_()
         super().log(logs, start_time)
 
+    # ------------------------------------------------------------------ the end of a run
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs):
+        """As `Trainer`, but a run resumed at (or past) its last step trains nothing: `Trainer` would enter the
+        epoch loop and train one step more before checking `max_steps` whenever the end is not an epoch end."""
+        epochs_trained, steps_in_epoch = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs
+        )
+        self.finished_before = self.state.global_step >= max_steps
+        if self.finished_before:
+            logger.info(
+                "the checkpoint is at step %d of %d: nothing left to train", self.state.global_step, max_steps
+            )
+            return num_train_epochs, 0  # the epoch loop `range(epochs_trained, num_train_epochs)` is empty
+        return epochs_trained, steps_in_epoch
+
+    def _finalize_training(self, *args, **kwargs):
+        # Trainer deletes every checkpoint but the best with save_total_limit=1 using rmtree: through trash here
+        if self.args.should_save and self.state.best_model_checkpoint and self.args.save_total_limit == 1:
+            best = os.path.abspath(self.state.best_model_checkpoint)
+            for _, path in complete_checkpoints(self.args.output_dir):
+                if os.path.abspath(path) != best:
+                    remove_tree(path)
+        return super()._finalize_training(*args, **kwargs)
+
     # ------------------------------------------------------------------ atomic checkpoints
     def _get_output_dir(self, trial):
         return self._staging_dir if self._staging_dir is not None else super()._get_output_dir(trial)
@@ -253,43 +394,50 @@ class DeftLlavaTrainer(Trainer):
         self._barrier()  # every process has written its part (RNG states are per process)
         if self.args.should_save:
             final = os.path.join(run_dir, name)
-            if os.path.exists(final):  # the same step saved again (a resumed run): replace it
-                shutil.rmtree(final)
-            os.replace(os.path.join(staging, name), final)
-            shutil.rmtree(staging, ignore_errors=True)
-            _fsync_dir(run_dir)
+            mark_complete(os.path.join(staging, name), global_step=self.state.global_step)
+            # the same step saved again (resumed from an older checkpoint): swapped in one step, old one deleted
+            place(os.path.join(staging, name), final, overwrite=True)
+            remove_tree(staging, owner=final)
             if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
                 self.state.best_model_checkpoint = final
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=False,
-            )
+            rotate_complete_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
         self._barrier()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """As `Trainer.save_model`; a save into the run's `output_dir` (the final adapter) is staged in
+        `.tmp-final/`, marked complete, then moved into place (module docstring)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir):
+            return super().save_model(output_dir, _internal_call)  # e.g. a checkpoint's staging folder
+        staging = os.path.join(output_dir, FINAL_STAGING)
+        if self.args.should_save and os.path.exists(staging):
+            remove_tree(staging)  # left by a failed save of this process
+        self._barrier()
+        super().save_model(staging, _internal_call=True)
+        self._barrier()
+        if self.args.should_save:
+            mark_complete(staging, global_step=self.state.global_step)
+            _commit_final(staging, output_dir)
+            remove_tree(staging)
+        self._barrier()
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=getattr(self.args, "hub_revision", None))
 
     def _barrier(self):
         if self.args.world_size > 1 and dist.is_available() and dist.is_initialized():
             dist.barrier()
 
 
-def _fsync_dir(path) -> None:
-    try:
-        handle = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass
-    finally:
-        os.close(handle)
-
-
 __all__ = [
     "DeftLlavaTrainer",
+    "FINAL_STAGING",
     "LOSS_COMPONENTS",
+    "STAGING_PREFIX",
+    "complete_checkpoints",
+    "final_save_complete",
     "last_complete_checkpoint",
-    "remove_stale_staging",
+    "recover_output_dir",
+    "rotate_complete_checkpoints",
+    "unmarked_checkpoints",
     "unwrap_deft_model",
 ]
