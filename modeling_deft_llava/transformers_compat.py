@@ -48,8 +48,11 @@ Stable across the supported range (relied on, re-checked on every supported vers
 11. Processor hooks (`processing/processing_deft_llava.py`): `LlavaProcessor.replace_image_token`,
    `_get_num_multimodal_tokens`, `validate_inputs`; `ProcessorMixin.to_dict` saves only named `__init__`
    arguments.
-12. Trainer (`training/trainer.py`): overrides `_save_checkpoint` and `_get_output_dir`, uses
-    `trainer_utils.PREFIX_CHECKPOINT_DIR`, `get_last_checkpoint`, `rotate_checkpoints`.
+12. Trainer (`training/trainer.py`): overrides the private `_save_checkpoint`, `_get_output_dir`,
+    `_init_training_state` and `_finalize_training` (same signatures in 5.18-5.24), and the public
+    `get_batch_samples` / `compute_loss`; relies on `model_accepts_loss_kwargs` being detected from `forward`'s
+    `**kwargs` (then `num_items_in_batch` reaches the loss); reads `activation_checkpointing*` (5.23+) or
+    `gradient_checkpointing*` (5.18) arguments; uses `trainer_utils.PREFIX_CHECKPOINT_DIR`.
 13. Config (`configuration/configuration_deft_llava.py`): `LlavaConfig` is a `huggingface_hub` strict dataclass
     with `__post_init__`.
 """
