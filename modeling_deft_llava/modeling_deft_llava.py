@@ -531,6 +531,29 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         token = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
         return (inputs_embeds == token).all(-1)
 
+    @staticmethod
+    def _check_rows_per_sample(modality: str, per_sample: list[int], per_item: list[int]) -> None:
+        """Every sample's placeholders must hold whole images: the images, in order, fill the samples one after
+        the other. A matching total alone is not enough (5 + 3 placeholders for two images of 4 rows would put
+        one image's tokens into the other sample).
+
+        Raises:
+            ValueError: names the placeholders per sample and the rows per image.
+        """
+        item = 0
+        for sample, wanted in enumerate(per_sample):
+            filled = 0
+            while filled < wanted and item < len(per_item):
+                filled += per_item[item]
+                item += 1
+            if filled != wanted:
+                raise ValueError(
+                    f"{modality.capitalize()} features and {modality} tokens do not match per sample: the samples "
+                    f"hold {per_sample} <{modality}> placeholders, but the {len(per_item)} {modality}(s), in "
+                    f"order, produce {per_item} rows, so sample {sample} would get part of a {modality}; each "
+                    f"sample needs the placeholders of its own {modality}s (build inputs with DeftLlavaProcessor)"
+                )
+
     def _place(self, modality, features_output, input_ids, inputs_embeds, token_id, reconstruct):
         """Scatter one modality's rows into its placeholders; returns embeds and per-token bookkeeping."""
         mask = self._placeholder_mask(input_ids, inputs_embeds, token_id)  # (batch, seq)
@@ -547,6 +570,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 f"(use_deft={self.config.use_deft}, retention={self.config.deft_retention_ratio}, "
                 f"mode={self.config.deft_inference_mode})"
             )
+        self._check_rows_per_sample(modality, mask.sum(dim=1).tolist(), counts)
         device = inputs_embeds.device
         flat = torch.cat(list(rows), dim=0).to(device, inputs_embeds.dtype)  # (total_rows, D)
         inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1), flat)

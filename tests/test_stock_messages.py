@@ -145,3 +145,21 @@ def test_collator_refuses_a_tokenizer_without_the_image_placeholder():
 
     with pytest.raises(ValueError, match="the tokenizer has no '<no-such-image-token>' token"):
         DeftLlavaDataCollator(StockLikeProcessor())
+
+
+def test_placeholders_must_hold_whole_images_per_sample():
+    """Before: 5 + 3 placeholders for two images of 4 rows (total 8) were accepted, and one image's tokens
+    landed in the other sample."""
+    settings = dict(use_deft=True, deft_retention_ratio=0.25)
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    inputs = batch_inputs(processor)
+    ids = inputs["input_ids"].clone()
+    row0 = (ids[0] == 4).nonzero()[:, 0]
+    text0 = (ids[0] != 4).nonzero()[:, 0]
+    text0 = text0[inputs["attention_mask"][0, text0].bool()]
+    row1 = (ids[1] == 4).nonzero()[:, 0]
+    ids[0, text0[-1]] = 4  # one more placeholder in sample 0 ...
+    ids[1, row1[0]] = 5  # ... one fewer in sample 1: the total stays 2 x K
+    assert int((ids == 4).sum()) == 8 and len(row0) == 4
+    with pytest.raises(ValueError, match=r"do not match per sample: the samples hold \[5, 3\]"):
+        model(**dict(inputs, input_ids=ids))
