@@ -7,7 +7,13 @@ import torch
 from transformers import LlavaProcessor
 from transformers.image_utils import get_image_size, to_numpy_array
 
-from ..configuration.deft_settings import DEFAULTS, placeholder_count, validate_deft_settings
+from ..configuration.deft_settings import (
+    DEFAULTS,
+    check_unknown_deft_keys,
+    placeholder_count,
+    validate_compression_method,
+    validate_deft_settings,
+)
 from ..configuration.supported_versions import check_transformers_version
 from .image_depth import images_to_eight_bit
 
@@ -62,6 +68,9 @@ class DeftLlavaProcessor(LlavaProcessor):
             deft_retention_ratio=deft_retention_ratio,
             deft_inference_mode=deft_inference_mode,
         )
+        validate_compression_method(compression_method)  # at construction, naming the valid methods
+        # a misspelt DeFT key (`deft_retension_ratio`) would otherwise vanish into **kwargs
+        check_unknown_deft_keys(kwargs, PROCESSOR_DEFT_KEYS, type(self).__name__)
         self.use_deft = use_deft
         self.deft_retention_ratio = deft_retention_ratio
         self.deft_inference_mode = deft_inference_mode
@@ -93,9 +102,12 @@ class DeftLlavaProcessor(LlavaProcessor):
         """Like `LlavaProcessor.from_pretrained`; DeFT keys given here override the saved ones, so a processor
         for a converted model can be built from a stock llava-hf folder."""
         overrides = {key: kwargs.pop(key) for key in PROCESSOR_DEFT_KEYS if key in kwargs}
+        check_unknown_deft_keys(kwargs, PROCESSOR_DEFT_KEYS, f"{cls.__name__}.from_pretrained")
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if overrides:
             validate_deft_settings(**{k: v for k, v in overrides.items() if k != "compression_method"})
+            if "compression_method" in overrides:
+                validate_compression_method(overrides["compression_method"])
             for key, value in overrides.items():
                 setattr(processor, key, value)
         return processor

@@ -93,6 +93,23 @@ def test_unknown_method_names_the_closest():
     # longer writes K placeholders for a method the model cannot run
     with pytest.raises(ValueError, match="did you mean 'fastv'"):
         placeholder_count(16, True, 0.25, "fast", "fast_v")
-    processor = tiny.processor(use_deft=True, compression_method="bogus")
     with pytest.raises(ValueError, match="compression_method 'bogus' cannot run inside the model"):
-        processor(images=tiny.images(1), text=[tiny.prompt(1)], return_tensors="pt")
+        tiny.processor(use_deft=True, compression_method="bogus")  # now refused when built
+
+
+def test_processor_refuses_misspelt_deft_keys_and_unknown_methods_at_construction(tmp_path):
+    """Before: `DeftLlavaProcessor(..., deft_retension_ratio=...)` was kept silently in **kwargs, and
+    `compression_method="bogus"` was accepted until the first call."""
+    import tiny
+
+    with pytest.raises(ValueError, match="deft_retention_ratio"):
+        tiny.processor(use_deft=True, deft_retension_ratio=0.25)
+    with pytest.raises(ValueError, match="compression_method"):
+        tiny.processor(use_deft=True, compression_method="bogus")
+    tiny.processor(use_deft=True).save_pretrained(tmp_path)
+    from modeling_deft_llava import DeftLlavaProcessor
+
+    with pytest.raises(ValueError, match="deft_retention_ratio"):
+        DeftLlavaProcessor.from_pretrained(tmp_path, deft_retension_ratio=0.25)
+    with pytest.raises(ValueError, match="compression_method"):
+        DeftLlavaProcessor.from_pretrained(tmp_path, compression_method="bogus")
