@@ -7,6 +7,7 @@ import torch
 from transformers import LlavaProcessor
 from transformers.image_utils import get_image_size, to_numpy_array
 
+from ..configuration.configuration_deft_llava import DEFT_CONFIG_KEYS
 from ..configuration.deft_settings import (
     DEFAULTS,
     check_unknown_deft_keys,
@@ -69,8 +70,11 @@ class DeftLlavaProcessor(LlavaProcessor):
             deft_inference_mode=deft_inference_mode,
         )
         validate_compression_method(compression_method)  # at construction, naming the valid methods
-        # a misspelt DeFT key (`deft_retension_ratio`) would otherwise vanish into **kwargs
-        check_unknown_deft_keys(kwargs, PROCESSOR_DEFT_KEYS, type(self).__name__)
+        # a misspelt DeFT key (`deft_retension_ratio`) would otherwise vanish into **kwargs; model-only settings
+        # (the same dict is often given to the model and the processor) do not change placeholders: dropped
+        check_unknown_deft_keys(kwargs, DEFT_CONFIG_KEYS, type(self).__name__)
+        for key in DEFT_CONFIG_KEYS:
+            kwargs.pop(key, None)
         self.use_deft = use_deft
         self.deft_retention_ratio = deft_retention_ratio
         self.deft_inference_mode = deft_inference_mode
@@ -102,7 +106,9 @@ class DeftLlavaProcessor(LlavaProcessor):
         """Like `LlavaProcessor.from_pretrained`; DeFT keys given here override the saved ones, so a processor
         for a converted model can be built from a stock llava-hf folder."""
         overrides = {key: kwargs.pop(key) for key in PROCESSOR_DEFT_KEYS if key in kwargs}
-        check_unknown_deft_keys(kwargs, PROCESSOR_DEFT_KEYS, f"{cls.__name__}.from_pretrained")
+        check_unknown_deft_keys(kwargs, DEFT_CONFIG_KEYS, f"{cls.__name__}.from_pretrained")
+        for key in DEFT_CONFIG_KEYS:
+            kwargs.pop(key, None)  # model-only settings: they do not change placeholders
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if overrides:
             validate_deft_settings(**{k: v for k, v in overrides.items() if k != "compression_method"})
