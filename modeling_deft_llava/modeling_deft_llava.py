@@ -1012,7 +1012,16 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
         be passed as overrides (`use_deft=True, deft_retention_ratio=0.25`); DeFT weights absent from the
         folder are initialised fresh and reported by transformers as newly initialised."""
         kwargs.setdefault("key_mapping", dict(cls.LEGACY_KEY_MAPPING))
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":
+                raise
+            # safetensors' own message names no file ("incomplete metadata, file not fully covered")
+            raise OSError(
+                f"cannot read the safetensors weights of {str(pretrained_model_name_or_path)!r} ({error}); the "
+                "file is truncated or corrupt: download or copy it again"
+            ) from error
 
     def __init__(self, config: DeftLlavaConfig):
         DeftLlavaPreTrainedModel.__init__(self, config)

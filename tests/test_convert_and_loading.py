@@ -156,3 +156,14 @@ def test_new_deft_weights_are_defined_and_identical_on_every_load(tmp_path):
     fresh = DeftLlavaForConditionalGeneration(model.config)
     for key, value in fresh.model.deft.state_dict().items():
         assert torch.equal(value, loads[0][key]), key
+
+
+def test_a_truncated_weights_file_is_named_in_the_error(tmp_path):
+    """Before: safetensors' own error ("incomplete metadata, file not fully covered") named no file."""
+    tiny.model(use_deft=True).save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(
+        OSError, match=f"cannot read the safetensors weights of '{tmp_path / 'm'}'.*truncated"
+    ):
+        DeftLlavaForConditionalGeneration.from_pretrained(tmp_path / "m")
