@@ -41,6 +41,7 @@ def record_cache_state(
         generation_state: `deft_prompt_length` / `deft_layer_gather_index` decided in this forward.
         repacked: the forward dropped placeholders and re-packed the batch.
         gaps: the positions have gaps (kept original positions), so later calls must continue from them.
+            Positions are also tracked after a re-packing, whatever `gaps`.
     """
     if cache is None:
         return
@@ -48,7 +49,10 @@ def record_cache_state(
     state["repacked"] = bool(state.get("repacked")) or repacked
     if generation_state:
         state.setdefault("generation_state", {}).update(generation_state)
-    if (gaps or state.get("next_position") is not None) and position_ids is not None:
+    # positions are tracked when they have gaps or the batch was re-packed (decoding steps of a re-packed
+    # cache are recognised by continuing them, see the model's `_continue`)
+    tracked = gaps or state["repacked"] or state.get("next_position") is not None
+    if tracked and position_ids is not None:
         last = position_ids.masked_fill(~new_valid, -1).amax(dim=1) + 1  # (batch,), 0 where nothing new
         previous = state.get("next_position")
         state["next_position"] = last if previous is None else torch.maximum(previous.to(last.device), last)

@@ -49,8 +49,17 @@ def score(res: dict, samples, tokenizer) -> dict:
     }
 
 
-def method_settings(method: str, ratio: float) -> dict:
-    """Config/processor overrides for one row of the benchmark."""
+def method_settings(method: str, ratio: float, positions: str = "original") -> dict:
+    """Config/processor overrides for one row of the benchmark (`positions`: "original" keeps the kept tokens'
+    original position ids, the project's default; "renumbered" numbers them 0..L-1, as the official LLaVA
+    integrations of VisionZip, DivPrune, FiCoCo-V, Recoverable and DeCo do)."""
+    settings = _method_settings(method, ratio)
+    if positions == "renumbered" and settings.get("use_deft"):
+        settings["deft_keep_original_positions"] = False
+    return settings
+
+
+def _method_settings(method: str, ratio: float) -> dict:
     if method == "full":
         return {"use_deft": False}
     if method in DEFT_VARIANTS:
@@ -133,6 +142,11 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", default=",".join(DEFT_VARIANTS + MODEL_METHODS))
     parser.add_argument("--ratios", default="0.5,0.482,0.25,0.125")
     parser.add_argument("--n", type=int, default=1000, help="held-out queries")
+    parser.add_argument(
+        "--positions",
+        default="original",
+        help="comma-separated: original (kept tokens keep their position ids) and/or renumbered (0..L-1)",
+    )
     parser.add_argument("--batch-size", type=int, default=125)
     parser.add_argument("--out", default="benchmarks/results/digits_accuracy.json")
     args = parser.parse_args(argv)
@@ -153,6 +167,9 @@ def main(argv=None) -> None:
             parser.error(f"checkpoint folder {folder!r} has no config.json (see benchmarks/digits/README.md)")
     if args.n < 1:
         parser.error(f"--n must be >= 1, got {args.n}")
+    position_modes = [p for p in args.positions.split(",") if p]
+    if not position_modes or any(p not in ("original", "renumbered") for p in position_modes):
+        parser.error(f"--positions must list original and/or renumbered, got {args.positions!r}")
 
     samples = make_split("test", args.n, seed=TEST_SEED)
     torch.set_grad_enabled(False)
@@ -174,18 +191,22 @@ def main(argv=None) -> None:
         "visual_tokens_full": NUM_VISUAL_TOKENS,
         "metric": score.__doc__,
         "full": full,
-        "methods": methods,
+        "methods": [],  # row labels, filled below
         "rows": [],
     }
     if any(m in DEFT_VARIANTS for m in methods):  # the DeFT checkpoint must hold the same backbone
         model, processor = load(args.deft, method_settings("full", 1.0))
         same = evaluate_generate(model, processor, samples, args.batch_size, desc="full (deft ckpt)")
         results["full_deft_checkpoint"] = score(same, samples, processor.tokenizer)
-    for method in methods:
+    for method, positions in [(m, p) for p in position_modes for m in methods]:
+        label = method if positions == "original" else f"{method} (renumbered)"
+        if label not in results["methods"]:
+            results["methods"].append(label)
         for ratio in ratios:
             k = num_kept_tokens(NUM_VISUAL_TOKENS, ratio)
             row = {
-                "method": method,
+                "method": label,
+                "positions": positions,
                 "retention_ratio": ratio,
                 "kept_tokens": k,
                 "kept_share": k / NUM_VISUAL_TOKENS,
@@ -197,7 +218,7 @@ def main(argv=None) -> None:
                 continue
             folder = args.deft if method in DEFT_VARIANTS else args.base
             try:
-                model, processor = load(folder, method_settings(method, ratio))
+                model, processor = load(folder, method_settings(method, ratio, positions))
             except ValueError as err:  # the method's config-time check (e.g. a layer this model lacks)
                 row["accuracy"] = None
                 row["note"] = f"not applicable: {err}"
@@ -210,7 +231,7 @@ def main(argv=None) -> None:
                 else results["full"]
             )
             res = score(
-                evaluate_generate(model, processor, samples, args.batch_size, desc=f"{method}@{ratio}"),
+                evaluate_generate(model, processor, samples, args.batch_size, desc=f"{label}@{ratio}"),
                 samples,
                 processor.tokenizer,
             )
@@ -218,7 +239,7 @@ def main(argv=None) -> None:
             row["mean_visual_tokens"] = mean_visual_tokens(model, processor, samples, args.batch_size, k)
             results["rows"].append(row)
             print(
-                f"{method:14} ratio {ratio:5.3f} K={k:2d}: {res['accuracy']:.1%} ({row['share_of_full']:.1%} of full;"
+                f"{label:14} ratio {ratio:5.3f} K={k:2d}: {res['accuracy']:.1%} ({row['share_of_full']:.1%} of full;"
                 f" strict {res['strict_accuracy']:.1%}; {row['mean_visual_tokens']:.1f} visual tokens seen)"
             )
     results["wall_time_s"] = time.time() - start
