@@ -778,8 +778,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 # new packed sequence and blocks attention across it: hand the language model an explicit mask
                 attention_mask = valid.long()
         renumber = self.compression_active and not self.config.deft_keep_original_positions
-        renumber = renumber and position_ids is None
-        if renumber:
+        if renumber and position_ids is None:
             position_ids = (valid.long().cumsum(1) - 1).masked_fill(~valid, 0)
         gather_index = compact_mask = None
         if keep is not None and not bool(keep[valid].all()):
@@ -788,6 +787,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             position_ids = gather_seq(position_ids, gather_index, 0)
             attention_mask = compact_mask
             if renumber:  # contiguous over the tokens the language model sees, not over all N placeholders
+                # (also when generate passed positions: it numbered all N placeholders)
                 kept = compact_mask.bool()
                 position_ids = (kept.long().cumsum(1) - 1).masked_fill(~kept, 0)
         visual_items = None

@@ -90,3 +90,23 @@ def test_renumbered_positions_are_contiguous_after_re_packing(method):
     mask = out.deft_attention_mask.bool()
     expected = (mask.long().cumsum(1) - 1).masked_fill(~mask, 0)
     assert torch.equal(out.deft_position_ids, expected)
+
+
+@pytest.mark.parametrize("method", ["recoverable", "deft_hybrid"])
+def test_generate_renumbers_like_forward(method):
+    """Before: generate passes position ids numbered over all N placeholders, and the re-packed prefill kept
+    their gaps, so `deft_keep_original_positions=False` changed nothing under generate (the renumbered digits
+    benchmark gave Recoverable exactly its original-position accuracy)."""
+    from test_model import GEN, NEVER_UNCERTAIN
+
+    if method == "deft_hybrid":
+        settings = dict(use_deft=True, deft_inference_mode="hybrid", **NEVER_UNCERTAIN)
+    else:
+        settings = dict(use_deft=True, compression_method=method)
+    settings.update(deft_retention_ratio=0.25, deft_keep_original_positions=False)
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    inputs = batch_inputs(processor)
+    with torch.no_grad():
+        forward_last = model(**inputs).logits[:, -1]
+    out = model.generate(**inputs, **GEN, output_logits=True, return_dict_in_generate=True)
+    torch.testing.assert_close(out.logits[0], forward_last, rtol=0, atol=1e-5)
