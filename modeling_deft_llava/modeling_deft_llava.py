@@ -222,10 +222,20 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 f"modules exist and their shapes, so it cannot change on a built model; load it again with "
                 f"from_pretrained(folder, {key}={now!r}) (only use_deft may be switched off)"
             )
+        # validate and copy only when something changed: this runs at every decoding step
+        snapshot = (
+            tuple(config.__dict__),  # a new (misspelt) attribute changes the keys
+            repr(config.deft_settings_dict()),
+            config.compression_method,
+            repr(config.compression_settings),
+        )
+        if snapshot == getattr(self, "_applied_snapshot", None):
+            return
         config.validate_deft()
         if self.deft is not None:
             for attribute, key in self.CALL_TIME_SETTINGS.items():
                 setattr(self.deft, attribute, getattr(config, key))
+        self._applied_snapshot = snapshot
 
     # ------------------------------------------------------------------ encoding + compression
     @property
@@ -317,8 +327,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 attentions=outputs.attentions,
                 pooler_output=list(outputs.pooler_output),  # K projected rows per image
                 source_indices=list(out.kept_indices),
-                num_source_tokens=[self._patch_grid(pixel_values)[0] * self._patch_grid(pixel_values)[1]]
-                * len(outputs.pooler_output),
+                num_source_tokens=[math.prod(self._patch_grid(pixel_values))] * len(outputs.pooler_output),
                 compression_scores=out.scores,
             )
         return self._compress(

@@ -74,10 +74,9 @@ def test_the_model_compresses_in_the_configured_space(method, space):
     torch.testing.assert_close(rows, expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["recoverable", "deft_hybrid"])
-def test_renumbered_positions_are_contiguous_after_re_packing(method):
-    """Before: with deft_keep_original_positions=False, methods with content-dependent counts kept gaps
-    (ids [0, 1, 2, 20, 21, ...]): the contiguous ids were computed over all N placeholders before re-packing."""
+def renumbered_repacking_model(method: str):
+    """A tiny model and processor at 25% with renumbered positions, for a method that re-packs the batch
+    (`recoverable`, or DeFT `hybrid` that never reconstructs)."""
     from test_model import NEVER_UNCERTAIN
 
     if method == "deft_hybrid":
@@ -85,7 +84,14 @@ def test_renumbered_positions_are_contiguous_after_re_packing(method):
     else:
         settings = dict(use_deft=True, compression_method=method)
     settings.update(deft_retention_ratio=0.25, deft_keep_original_positions=False)
-    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    return tiny.model(**settings), tiny.processor(**settings)
+
+
+@pytest.mark.parametrize("method", ["recoverable", "deft_hybrid"])
+def test_renumbered_positions_are_contiguous_after_re_packing(method):
+    """Before: with deft_keep_original_positions=False, methods with content-dependent counts kept gaps
+    (ids [0, 1, 2, 20, 21, ...]): the contiguous ids were computed over all N placeholders before re-packing."""
+    model, processor = renumbered_repacking_model(method)
     out = model(**batch_inputs(processor))
     mask = out.deft_attention_mask.bool()
     expected = (mask.long().cumsum(1) - 1).masked_fill(~mask, 0)
@@ -97,14 +103,9 @@ def test_generate_renumbers_like_forward(method):
     """Before: generate passes position ids numbered over all N placeholders, and the re-packed prefill kept
     their gaps, so `deft_keep_original_positions=False` changed nothing under generate (the renumbered digits
     benchmark gave Recoverable exactly its original-position accuracy)."""
-    from test_model import GEN, NEVER_UNCERTAIN
+    from test_model import GEN
 
-    if method == "deft_hybrid":
-        settings = dict(use_deft=True, deft_inference_mode="hybrid", **NEVER_UNCERTAIN)
-    else:
-        settings = dict(use_deft=True, compression_method=method)
-    settings.update(deft_retention_ratio=0.25, deft_keep_original_positions=False)
-    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    model, processor = renumbered_repacking_model(method)
     inputs = batch_inputs(processor)
     with torch.no_grad():
         forward_last = model(**inputs).logits[:, -1]

@@ -298,14 +298,9 @@ def test_output_flags_are_honoured_or_refused_loudly(method, flag, where):
 def test_re_packed_methods_generate_with_renumbered_positions(method):
     """Before: with deft_keep_original_positions=False a re-packed cache recorded no next position, so its own
     decoding steps were refused as a 'later turn' (found by the renumbered-positions benchmark)."""
-    from test_model import NEVER_UNCERTAIN
+    from test_feature_space import renumbered_repacking_model
 
-    if method == "deft_hybrid":
-        settings = dict(use_deft=True, deft_inference_mode="hybrid", **NEVER_UNCERTAIN)
-    else:
-        settings = dict(use_deft=True, compression_method=method)
-    settings.update(deft_retention_ratio=0.25, deft_keep_original_positions=False)
-    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    model, processor = renumbered_repacking_model(method)
     inputs = batch_inputs(processor)
     cached = model.generate(**inputs, **GEN)
     assert torch.equal(cached, model.generate(**inputs, **GEN, use_cache=False))

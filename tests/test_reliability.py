@@ -21,7 +21,7 @@ import tiny
 import torch
 from modeling_deft_llava.hub_card.export import export_for_hub
 from safetensors.torch import load_file
-from test_training import llava_rows, write_images
+from test_training import make_workspace, run_args
 
 REPO = Path(__file__).resolve().parents[1]
 RATIO = 0.25
@@ -70,37 +70,13 @@ def harness():
 # ----------------------------------------------------------------------------- training runs
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reliability")
-    base = export_for_hub(
-        tiny.model(use_deft=True, deft_retention_ratio=RATIO),
-        tiny.processor(use_deft=True, deft_retention_ratio=RATIO),
-        root / "base",
-    )
-    write_images(root / "data" / "images", 8)
-    (root / "data" / "data.json").write_text(json.dumps(llava_rows(8)))
-    return dict(root=root, base=base, data=root / "data" / "data.json")
+    return make_workspace(tmp_path_factory.mktemp("reliability"))
 
 
 def args_for(workspace, out, *extra) -> list[str]:
     """7 steps of 2 per epoch (8 rows, batch 4): the end is not an epoch boundary; constant learning rate, so a
     step too many changes every trained tensor."""
-    return [
-        "--model_name_or_path", str(workspace["base"]),
-        "--data_path", str(workspace["data"]),
-        "--output_dir", str(out),
-        "--max_steps", "7",
-        "--per_device_train_batch_size", "4",
-        "--learning_rate", "1e-2",
-        "--lr_scheduler_type", "constant",
-        "--lora_r", "4",
-        "--logging_steps", "1",
-        "--save_steps", "4",
-        "--seed", "7",
-        "--report_to", "none",
-        "--use_cpu",
-        "--disable_tqdm", "true",
-        *extra,
-    ]  # fmt: skip
+    return run_args(workspace, out, "--lr_scheduler_type", "constant", *extra, max_steps=7)
 
 
 @pytest.fixture(scope="module")

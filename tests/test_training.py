@@ -60,8 +60,11 @@ def llava_rows(n: int, prefix: str = "images/") -> list[dict]:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """An exported tiny DeFT-LLaVA (retention 0.25) and an 8-row LLaVA JSON dataset."""
-    root = tmp_path_factory.mktemp("training")
+    return make_workspace(tmp_path_factory.mktemp("training"))
+
+
+def make_workspace(root):
+    """An exported tiny DeFT-LLaVA (retention 0.25) and an 8-row LLaVA JSON dataset under `root`."""
     base = export_for_hub(
         tiny.model(use_deft=True, deft_retention_ratio=RATIO),
         tiny.processor(use_deft=True, deft_retention_ratio=RATIO),
@@ -72,12 +75,12 @@ def workspace(tmp_path_factory):
     return dict(root=root, base=base, data=root / "data" / "data.json")
 
 
-def run_args(workspace, output_dir, *extra) -> list[str]:
+def run_args(workspace, output_dir, *extra, max_steps: int = 8) -> list[str]:
     return [
         "--model_name_or_path", str(workspace["base"]),
         "--data_path", str(workspace["data"]),
         "--output_dir", str(output_dir),
-        "--max_steps", "8",
+        "--max_steps", str(max_steps),
         "--per_device_train_batch_size", "4",
         "--learning_rate", "1e-2",
         "--lora_r", "4",
