@@ -30,7 +30,7 @@ from modeling_deft_llava.configuration.method_validation import MODEL_METHODS
 from tqdm import tqdm
 
 from modeling_deft_llava import DeftLlavaConfig, DeftLlavaForConditionalGeneration
-from modeling_deft_llava.deft_module import DeFTModule
+from modeling_deft_llava.deft.deft_module import DeFTModule
 from modeling_deft_llava.modeling_deft_llava import compressor_for_config
 
 SHAPES = Path(__file__).parent / "shapes"

@@ -28,7 +28,7 @@ def validate_method(
         num_kept: placeholders per image under this config (None without compression).
         config: the `DeftLlavaConfig` being built, for checks that need layer counts (tome, fastv, ficoco_l).
     """
-    from ..compression_registry import ALL_METHODS, build_compressor
+    from ..compressors.compression_registry import ALL_METHODS, build_compressor
 
     if name not in MODEL_METHODS:
         validate_compression_method(name)  # not a method at all: names the valid ones
@@ -67,8 +67,8 @@ def validate_method(
 
 def _validate_encoder_stage(name: str, config, num_tokens: int | None, settings) -> None:
     """tome and ficoco_v run the CLIP layers up to the feature layer themselves: check layer and budget."""
-    from ..method_ficoco_v import ficoco_v_schedule
-    from ..method_tome import tome_layers_run, tome_schedule
+    from ..compressors.method_ficoco_v import ficoco_v_schedule
+    from ..compressors.method_tome import tome_layers_run, tome_schedule
 
     layer = config.vision_feature_layer  # a single int: `check_cls_token` ran first
     run = tome_layers_run(config.vision_config.num_hidden_layers, layer)

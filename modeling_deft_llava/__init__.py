@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from .configuration.configuration_deft_llava import DeftLlavaConfig
-from .deft_module import DeFTModule, DeFTOutput
+from .deft.deft_module import DeFTModule, DeFTOutput
 from .modeling_deft_llava import (
     DeftLlavaCausalLMOutputWithPast,
     DeftLlavaForConditionalGeneration,

@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 import torch
 
-from .deft_module import DeFTModule
+from .deft.deft_module import DeFTModule
 
 
 def image_tokens(patch: int) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -43,20 +43,20 @@ from transformers.models.llava.modeling_llava import (
 from transformers.utils.generic import can_return_tuple
 
 from .cache_state import continued_position_ids, read_cache_state, record_cache_state
-from .compression_registry import build_compressor
+from .compressors.compression_registry import build_compressor
 from .configuration.configuration_deft_llava import DEFT_METHOD, DeftLlavaConfig
 from .configuration.deft_settings import num_kept_tokens
-from .deft_module import DeFTModule
+from .deft.deft_module import DeFTModule
 from .modeling_outputs_deft_llava import (
     DeftLlavaCausalLMOutputWithPast,
     DeftLlavaModelOutputWithPast,
     DeftVisualFeaturesOutput,
 )
 from .original_positions import original_position_ids, scatter_rows
-from .score_mixer import ScoreMixer
+from .deft.score_mixer import ScoreMixer
 from .sequence_packing import gather_seq, repack_left
-from .token_compressor import CompressionContext
-from .token_dictionary import sample_is_uncertain
+from .compressors.token_compressor import CompressionContext
+from .deft.token_dictionary import sample_is_uncertain
 from .transformers_compat import (
     cache_kwargs,
     cache_of,
@@ -64,7 +64,7 @@ from .transformers_compat import (
     rewind_cache,
     visual_output_fields,
 )
-from .vision_attention import cls_attention, patch_keys
+from .compressors.vision_attention import cls_attention, patch_keys
 
 
 def compressor_for_config(config: DeftLlavaConfig):
@@ -358,7 +358,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 f"{self.compressor.name} needs one int vision_feature_layer and the 'default' strategy, got "
                 f"{layer!r} and {strategy!r}"
             )
-        from .method_tome import tome_layers_run  # the layer-count rule of encoder-stage methods
+        from .compressors.method_tome import tome_layers_run  # the layer-count rule of encoder-stage methods
 
         vision_model = getattr(self.vision_tower, "vision_model", self.vision_tower)
         rows, cols = self._patch_grid(pixel_values)

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modeling_deft_llava.compression_registry import COMPRESSION_METHODS, build_compressor
-from modeling_deft_llava.method_deco import DeftLlavaDecoCompressor
-from modeling_deft_llava.method_visionzip import VisionZipSettings
-from modeling_deft_llava.token_compressor import CompressionContext
+from modeling_deft_llava.compressors.compression_registry import COMPRESSION_METHODS, build_compressor
+from modeling_deft_llava.compressors.method_deco import DeftLlavaDecoCompressor
+from modeling_deft_llava.compressors.method_visionzip import VisionZipSettings
+from modeling_deft_llava.compressors.token_compressor import CompressionContext
 
 DIM = 8
 METHODS = sorted(COMPRESSION_METHODS)

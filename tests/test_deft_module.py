@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from modeling_deft_llava.configuration import DEFAULTS, num_kept_tokens
 
 from modeling_deft_llava import DeFTModule
-from modeling_deft_llava.topk_selector import select_topk
+from modeling_deft_llava.deft.topk_selector import select_topk
 
 
 def small(**kw):
@@ -292,7 +292,7 @@ def test_hybrid_needs_rtd():
 def test_group_score_convolution_equals_the_neighbour_gather(modality, shape, n, neighbors, window):
     """Images and videos score their fixed neighbourhoods with one convolution (no (batch, N, M, D) tensor);
     the gather path (still used with a token mask) is the reference."""
-    from modeling_deft_llava.group_scorer import group_scores
+    from modeling_deft_llava.deft.group_scorer import group_scores
 
     gen = torch.Generator().manual_seed(n + neighbors + window)
     semantic, saliency = torch.randn(3, n, 16, generator=gen), torch.rand(3, n, generator=gen)

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from test_model import batch_inputs
 
-from modeling_deft_llava.compression_registry import build_compressor
-from modeling_deft_llava.token_compressor import CompressionContext
-from modeling_deft_llava.vision_attention import cls_attention, patch_keys
+from modeling_deft_llava.compressors.compression_registry import build_compressor
+from modeling_deft_llava.compressors.token_compressor import CompressionContext
+from modeling_deft_llava.compressors.vision_attention import cls_attention, patch_keys
 
 
 def test_visionzip_minimal_input_official_order():

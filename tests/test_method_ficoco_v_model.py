@@ -10,7 +10,7 @@ import tiny
 import torch
 from test_model import batch_inputs
 
-from modeling_deft_llava.method_ficoco_v import ficoco_v_schedule
+from modeling_deft_llava.compressors.method_ficoco_v import ficoco_v_schedule
 
 
 def ref_layer_attention(layer, x, size, proportional):

@@ -12,9 +12,9 @@ import tiny
 import torch
 from test_model import GEN, batch_inputs
 
-from modeling_deft_llava.compression_registry import build_compressor
-from modeling_deft_llava.token_compressor import CompressionContext
-from modeling_deft_llava.vision_attention import cls_attention
+from modeling_deft_llava.compressors.compression_registry import build_compressor
+from modeling_deft_llava.compressors.token_compressor import CompressionContext
+from modeling_deft_llava.compressors.vision_attention import cls_attention
 
 SETTINGS = dict(use_deft=True, deft_retention_ratio=0.25, compression_method="recoverable")
 IMAGE = 4  # <image> id in the tiny vocabulary

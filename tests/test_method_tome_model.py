@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from test_model import batch_inputs
 
-from modeling_deft_llava.method_tome import tome_schedule
+from modeling_deft_llava.compressors.method_tome import tome_schedule
 
 
 def ref_attention(layer, x, size, proportional):

@@ -12,17 +12,17 @@ import torch
 from transformers import CLIPVisionConfig
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
-from modeling_deft_llava.method_ficoco_l import FiCoCoLSettings, ficoco_l_merge
-from modeling_deft_llava.method_ficoco_v import (
+from modeling_deft_llava.compressors.method_ficoco_l import FiCoCoLSettings, ficoco_l_merge
+from modeling_deft_llava.compressors.method_ficoco_v import (
     FiCoCoVSettings,
     ficoco_v_compress,
     ficoco_v_schedule,
     head_mean_scores,
 )
-from modeling_deft_llava.method_recoverable import RecoverableSettings, merge_clusters, released_cls_attention
-from modeling_deft_llava.method_tome import ToMeSettings
-from modeling_deft_llava.tome_merge import tome_bipartite_merge
-from modeling_deft_llava.vision_attention import cls_attention
+from modeling_deft_llava.compressors.method_recoverable import RecoverableSettings, merge_clusters, released_cls_attention
+from modeling_deft_llava.compressors.method_tome import ToMeSettings
+from modeling_deft_llava.compressors.tome_merge import tome_bipartite_merge
+from modeling_deft_llava.compressors.vision_attention import cls_attention
 
 # ----------------------------------------------------------------- FiCoCo-V (kawhiiiileo/FiCoCo, FiCoCo_V.py)
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modeling_deft_llava.tome_merge import tome_bipartite_merge
+from modeling_deft_llava.compressors.tome_merge import tome_bipartite_merge
 
 
 def ref_tome(x, size, r, metric, protect_first, order="positions"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from modeling_deft_llava.vision_attention import cls_attention, patch_keys
+from modeling_deft_llava.compressors.vision_attention import cls_attention, patch_keys
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from test_model import GEN, batch_inputs
 from test_model_methods import method_settings
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration
-from modeling_deft_llava.compression_registry import ALL_METHODS
+from modeling_deft_llava.compressors.compression_registry import ALL_METHODS
 
 METHODS = ("deft",) + tuple(ALL_METHODS)
 # what each of these ranks or protects is the CLS token: VisionZip and FiCoCo-V its attention, Recoverable

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from .configuration.deft_settings import (
+from ..configuration.deft_settings import (
     DEFAULTS,
     INFERENCE_MODES,
     MODALITIES,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .configuration.deft_settings import num_kept_tokens
+from ..configuration.deft_settings import num_kept_tokens
 
 
 def kept_counts(num_valid: torch.Tensor, retention_ratio: float) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .topk_selector import gather_tokens
+from ..deft.topk_selector import gather_tokens
 
 
 @dataclass

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from .sequence_packing import gather_seq, repack_left, scatter_seq
+from ..sequence_packing import gather_seq, repack_left, scatter_seq
 from .token_compressor import CompressionContext, CompressionResult, TokenCompressor
-from .transformers_compat import cache_kwargs
+from ..transformers_compat import cache_kwargs
 
 
 @dataclass(frozen=True)
