@@ -44,19 +44,20 @@ from transformers.utils.generic import can_return_tuple
 
 from .cache_state import continued_position_ids, read_cache_state, record_cache_state
 from .compressors.compression_registry import build_compressor
+from .compressors.token_compressor import CompressionContext
+from .compressors.vision_attention import cls_attention, patch_keys
 from .configuration.configuration_deft_llava import DEFT_METHOD, DeftLlavaConfig
 from .configuration.deft_settings import num_kept_tokens
 from .deft.deft_module import DeFTModule
+from .deft.score_mixer import ScoreMixer
+from .deft.token_dictionary import sample_is_uncertain
 from .modeling_outputs_deft_llava import (
     DeftLlavaCausalLMOutputWithPast,
     DeftLlavaModelOutputWithPast,
     DeftVisualFeaturesOutput,
 )
 from .original_positions import original_position_ids, scatter_rows
-from .deft.score_mixer import ScoreMixer
 from .sequence_packing import gather_seq, repack_left
-from .compressors.token_compressor import CompressionContext
-from .deft.token_dictionary import sample_is_uncertain
 from .transformers_compat import (
     cache_kwargs,
     cache_of,
@@ -64,7 +65,6 @@ from .transformers_compat import (
     rewind_cache,
     visual_output_fields,
 )
-from .compressors.vision_attention import cls_attention, patch_keys
 
 
 def compressor_for_config(config: DeftLlavaConfig):

@@ -19,7 +19,11 @@ from modeling_deft_llava.compressors.method_ficoco_v import (
     ficoco_v_schedule,
     head_mean_scores,
 )
-from modeling_deft_llava.compressors.method_recoverable import RecoverableSettings, merge_clusters, released_cls_attention
+from modeling_deft_llava.compressors.method_recoverable import (
+    RecoverableSettings,
+    merge_clusters,
+    released_cls_attention,
+)
 from modeling_deft_llava.compressors.method_tome import ToMeSettings
 from modeling_deft_llava.compressors.tome_merge import tome_bipartite_merge
 from modeling_deft_llava.compressors.vision_attention import cls_attention

@@ -14,8 +14,8 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from ..sequence_packing import gather_seq, repack_left, scatter_seq
-from .token_compressor import CompressionContext, CompressionResult, TokenCompressor
 from ..transformers_compat import cache_kwargs
+from .token_compressor import CompressionContext, CompressionResult, TokenCompressor
 
 
 @dataclass(frozen=True)
