@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 
 import torch
-from modeling_deft_llava.configuration.method_validation import MODEL_METHODS
 from tqdm import tqdm
 
 from modeling_deft_llava import DeftLlavaConfig, DeftLlavaForConditionalGeneration
-from modeling_deft_llava.deft.deft_module import DeFTModule
-from modeling_deft_llava.modeling_deft_llava import compressor_for_config
+from modeling_deft_llava.compressors.compression_registry import BASELINE_METHODS, build_method
+
+MODEL_METHODS = tuple(BASELINE_METHODS)  # every baseline, in the registry's order
 
 SHAPES = Path(__file__).parent / "shapes"
 TEXT_TOKENS = 48  # prompt text around the image
@@ -53,11 +53,13 @@ def reconfigure(model: DeftLlavaForConditionalGeneration, method: str | None, ra
     config.deft_retention_ratio = ratio
     config.compression_method = method or "deft"
     inner.compressor = None
+    inner._method_name = "deft" if method == "deft" else None
     if method == "deft":
-        inner.deft.retention_ratio = ratio
+        inner.deft.apply_config(config)
     elif method is not None:
         config.compression_settings = None
-        inner.compressor = compressor_for_config(config).to(model.device, model.dtype)
+        inner.compressor = build_method(config).to(model.device, model.dtype)
+        inner._method_name = inner.compressor.module_name
     # the modules were swapped by hand above: record the structure the model now has (see `_apply_config`)
     inner._built_with = {key: getattr(config, key) for key in inner.STRUCTURAL_SETTINGS}
 
@@ -237,9 +239,8 @@ def main(argv=None) -> None:
     with torch.device(device):
         model = DeftLlavaForConditionalGeneration(config).to(dtype).eval()
     n = config.patch_tokens_per_image()
-    model.model.deft = DeFTModule(
-        token_dim=config.text_config.hidden_size, retention_ratio=ratios[0], enable_rtd=False
-    ).to(device, dtype)
+    config.deft_enable_rtd, config.deft_retention_ratio = False, ratios[0]
+    model.model.deft = build_method(config).to(device, dtype)  # compression_method="deft": the DeFT method
     timer = Timer(device)
     configs = [(None, 1.0)]
     for m in methods:

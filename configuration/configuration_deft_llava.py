@@ -97,30 +97,12 @@ class DeftLlavaConfig(LlavaConfig):
         validate_deft_settings(**self.deft_settings_dict())
         if not isinstance(self.compression_method, str) or not self.compression_method:
             raise ValueError(f"compression_method must be a method name, got {self.compression_method!r}")
-        if self.compression_method == DEFT_METHOD and self.compression_settings:
-            raise ValueError(
-                f"compression_settings={self.compression_settings!r} are settings of a baseline method and "
-                "compression_method='deft' would ignore them; DeFT reads the deft_* fields "
-                "(e.g. deft_retention_ratio). Leave compression_settings=None for 'deft'"
-            )
-        if self.compression_method != DEFT_METHOD:
-            from .method_validation import validate_method  # baselines register their settings there
+        from .method_validation import validate_method  # asks the registry of methods
 
-            n = self.patch_tokens_per_image()
-            validate_method(
-                self.compression_method,
-                self.compression_settings,
-                n,
-                self.num_kept_tokens(n) if n is not None and self.use_deft else None,
-                config=self,
-            )
+        n = self.patch_tokens_per_image()
+        validate_method(self, n, self.num_kept_tokens(n) if n is not None and self.use_deft else None)
         if self.use_deft:
             check_one_feature_per_patch(self.vision_config, self.vision_feature_select_strategy)
-        if self.use_deft and self.deft_inference_mode != "fast" and not self.deft_enable_rtd:
-            raise ValueError(
-                f"deft_inference_mode={self.deft_inference_mode!r} reconstructs pruned tokens and needs "
-                "deft_enable_rtd=True"
-            )
 
     def patch_tokens_per_image(self) -> int | None:
         """Encoder tokens per image from the vision config (CLS dropped by the "default" strategy)."""
@@ -132,14 +114,6 @@ class DeftLlavaConfig(LlavaConfig):
 
     def deft_settings_dict(self) -> dict:
         return {name: getattr(self, name) for name in DeftSettings.field_names()}
-
-    @property
-    def variable_token_count(self) -> bool:
-        """True when the number of kept tokens depends on the content (RTD `hybrid`/`adaptive`): the
-        processor then writes every placeholder and the model drops tokens and re-packs the batch."""
-        return bool(
-            self.use_deft and self.compression_method == DEFT_METHOD and self.deft_inference_mode != "fast"
-        )
 
     def num_kept_tokens(self, num_tokens: int) -> int:
         """Placeholders per image (or video) of `num_tokens` encoder tokens that this configuration produces."""

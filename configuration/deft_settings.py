@@ -2,14 +2,15 @@
 
 This file is the single source of every DeFT default. `DeftLlavaConfig` (the model config) and
 `DeFTModule` (the seed's standalone module) both read their defaults from `DeftSettings`, so a value
-changed here changes everywhere. It imports nothing from the project.
+changed here changes everywhere. Method names and placeholder policies come from the registry of methods
+(`modeling_deft_llava/compressors/compression_registry.py`), imported inside the functions that need it.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 MODALITIES = ("image", "video", "text")
 INFERENCE_MODES = ("fast", "hybrid", "adaptive")
@@ -207,40 +208,16 @@ def num_kept_tokens(num_tokens: int, retention_ratio: float) -> int:
 
 DEFAULTS = DeftSettings()
 
-# every compression method: DeFT itself and the baselines that run inside the model (`method_validation`
-# checks a baseline's settings, `compression_registry` builds it)
+# the default `compression_method`: DeFT itself. The names of every method live in one place, the registry
+# (`modeling_deft_llava/compressors/compression_registry.py`), which the functions below ask.
 DEFT_METHOD = "deft"
-BASELINE_METHODS = (
-    "random",
-    "uniform",
-    "deco",
-    "divprune",
-    "visionzip",
-    "recoverable",
-    "tome",
-    "ficoco_v",
-    "fastv",
-    "ficoco_l",
-)
-COMPRESSION_METHODS = (DEFT_METHOD, *BASELINE_METHODS)
 
 
 def validate_compression_method(value, name="compression_method") -> None:
-    """Raise `ValueError` naming the valid methods (and the closest one) unless `value` is one of them."""
-    if isinstance(value, str) and value in COMPRESSION_METHODS:
-        return
-    close = (
-        difflib.get_close_matches(value.lower(), COMPRESSION_METHODS, n=1) if isinstance(value, str) else []
-    )
-    raise ValueError(
-        f"{name} {value!r} cannot run inside the model; valid: {DEFT_METHOD!r} or one of {BASELINE_METHODS}"
-        + (f"; did you mean {close[0]!r}?" if close else "")
-    )
+    """Raise `ValueError` naming the valid methods (and the closest one) unless `value` is a registered method."""
+    from ..compressors.compression_registry import method_class  # the one list of method names
 
-
-# methods whose processor writes every placeholder (their `stage` is "language_model" or "features_with_text";
-# `method_validation` checks the two lists agree)
-FULL_PLACEHOLDER_METHODS = ("fastv", "ficoco_l", "recoverable")
+    method_class(value)
 
 
 def placeholder_count(
@@ -248,23 +225,21 @@ def placeholder_count(
     use_deft: bool,
     retention_ratio: float,
     inference_mode: str = DEFAULTS.deft_inference_mode,
-    compression_method: str = "deft",
+    compression_method: str = DEFT_METHOD,
 ) -> int:
     """Placeholders the processor writes for one image (or video) of `num_tokens` encoder tokens.
 
-    The model and the processor both call this, so their counts cannot drift apart: N without compression,
-    for the content-dependent RTD modes (the model drops unused placeholders) and for the methods that decide
-    inside the model's forward pass (`FULL_PLACEHOLDER_METHODS`: `fastv` prunes and `ficoco_l` merges inside the language model,
-    `recoverable` needs the prompt's text; both keep K per image there), K otherwise.
+    The model and the processor both call this, so their counts cannot drift apart: N without compression or
+    when the method's placeholder policy says so (`writes_all_placeholders`: DeFT's content-dependent RTD modes,
+    methods that keep K inside the forward pass such as FastV, FiCoCo-L and Recoverable), K otherwise.
 
     Raises:
-        ValueError: `compression_method` is not a known method (a processor would write K placeholders for it).
+        ValueError: `compression_method` is not a registered method.
     """
-    validate_compression_method(compression_method)
-    if (
-        not use_deft
-        or (compression_method == "deft" and inference_mode != "fast")
-        or compression_method in FULL_PLACEHOLDER_METHODS
-    ):
+    from ..compressors.compression_registry import method_class  # the one list of method names
+
+    cls = method_class(compression_method)
+    settings = replace(DEFAULTS, deft_retention_ratio=retention_ratio, deft_inference_mode=inference_mode)
+    if not use_deft or cls.writes_all_placeholders(settings):
         return num_tokens
     return num_kept_tokens(num_tokens, retention_ratio)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, fields
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -11,23 +12,28 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 @dataclass
 class DeftVisualFeaturesOutput(BaseModelOutputWithPooling):
-    """`get_image_features`/`get_video_features` output.
+    """`get_image_features`/`get_video_features` output: one entry per image (or video), "item" below.
 
-    pooler_output: list, per image (or video), of `(num_rows, hidden_size)` rows for its placeholders.
-    source_indices: list, per image, of `(num_rows,)` long: the patch each row comes from (ascending).
-    num_source_tokens: list, per image, of the encoder's token count N before compression.
-    row_keep: list, per image, of `(num_rows,)` bool rows the language model sees, or None (all rows).
-    row_fast: list, per image, of `(num_rows,)` bool rows kept by top-k (variable budgets only).
-    compression_scores: `(num_images, N)` DeFT scores. mixture_weights: component -> weight.
-    num_reconstructed: `(num_images,)` rows that RTD rebuilt. rtd_loss / feedback_loss: training losses.
-    cls_embeddings: `(num_images, hidden_size)` the projected CLS token of the feature layer, and
-    cls_attention: `(num_images, N)`, kept for a `"features_with_text"` method that runs in the forward.
+    pooler_output: list, per item, of `(num_rows, hidden_size)` rows for its placeholders.
+    source_indices: list, per item, of `(num_rows,)` long: the patch each row comes from (ascending).
+    num_source_tokens: list, per item, of the encoder's token count N before compression.
+    rows_used: list, per item, of `(num_rows,)` bool rows the language model sees, or None (all rows); the
+        model drops the other placeholders and re-packs the batch (content-dependent counts).
+    rows_selected: list, per item, of `(num_rows,)` bool rows chosen by top-k; `rows_used` may add rows that
+        the token dictionary rebuilt (DeFT `hybrid`/`adaptive`).
+    compression_scores: `(items, N)` the scores the method ranked by. mixture_weights: component -> weight.
+    num_reconstructed: `(items,)` rows that RTD rebuilt. rtd_loss / feedback_loss: DeFT's training losses.
+    cls_embeddings: `(items, hidden_size)` the projected CLS token of the feature layer, and
+    cls_attention: `(items, N)`, kept for a method that compresses once the prompt is known.
+
+    Every field after `attentions` is per item (a list or a tensor whose first dimension is the item):
+    `select_items` reorders them all (beam search), so a new per-item field needs no other code.
     """
 
     source_indices: list | None = None
     num_source_tokens: list | None = None
-    row_keep: list | None = None
-    row_fast: list | None = None
+    rows_used: list | None = None
+    rows_selected: list | None = None
     compression_scores: torch.Tensor | None = None
     mixture_weights: dict | None = None
     num_reconstructed: torch.Tensor | None = None
@@ -35,6 +41,29 @@ class DeftVisualFeaturesOutput(BaseModelOutputWithPooling):
     feedback_loss: torch.Tensor | None = None
     cls_embeddings: torch.Tensor | None = None
     cls_attention: torch.Tensor | None = None
+
+    # fields of the encoder itself, not per item
+    ENCODER_FIELDS = ("last_hidden_state", "hidden_states", "attentions")
+
+    def select_items(self, order: list[int]) -> None:
+        """Reorder (and repeat) the items in place: item `order[i]` becomes item i, in every per-item field
+        (`pooler_output` included). Dicts (`mixture_weights`) and scalars (losses) are shared by all items."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in self.ENCODER_FIELDS or value is None:
+                continue
+            if isinstance(value, list):
+                setattr(self, f.name, [value[i] for i in order])
+            elif isinstance(value, torch.Tensor) and value.dim() > 0:
+                setattr(self, f.name, value[torch.tensor(order, device=value.device)])
+
+
+def updated(output, **values):
+    """A shallow copy of a `ModelOutput` with some fields replaced."""
+    new = copy.copy(output)
+    for key, value in values.items():
+        setattr(new, key, value)
+    return new
 
 
 @dataclass

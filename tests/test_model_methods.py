@@ -6,8 +6,11 @@ import pytest
 import tiny
 import torch
 from modeling_deft_llava.configuration import num_kept_tokens
-from modeling_deft_llava.configuration.method_validation import MODEL_METHODS
 from test_model import GEN, batch_inputs, greedy_full_recompute
+
+from modeling_deft_llava.compressors.compression_registry import BASELINE_METHODS
+
+MODEL_METHODS = tuple(BASELINE_METHODS)  # every baseline, in the registry's order
 
 METHODS = ("deft",) + MODEL_METHODS
 # per-method settings the tiny model needs (2 language-model layers: FastV / FiCoCo-L reduce after layer 0)

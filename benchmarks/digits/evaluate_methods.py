@@ -22,12 +22,14 @@ import time
 
 import torch
 from modeling_deft_llava.configuration.deft_settings import num_kept_tokens
-from modeling_deft_llava.configuration.method_validation import MODEL_METHODS
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
+from modeling_deft_llava.compressors.compression_registry import BASELINE_METHODS
 
 from .common import NUM_VISUAL_TOKENS, TEST_SEED, DigitsCollator, atomic_write_json, evaluate_generate
 from .data import make_split, wilson_interval
+
+MODEL_METHODS = tuple(BASELINE_METHODS)  # every baseline, in the registry's order
 
 DEFT_VARIANTS = ("deft", "deft_hybrid", "deft_adaptive")
 

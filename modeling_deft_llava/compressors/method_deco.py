@@ -75,6 +75,19 @@ class DeftLlavaDecoCompressor(TokenCompressor):
     name = "deco"
     settings_class = DecoSettings
 
+    @classmethod
+    def check_config(cls, config, settings, num_tokens, num_kept) -> None:
+        """DeCo pools to a square grid: the budget must be a perfect square."""
+        if num_kept is None:
+            return
+        side = math.isqrt(num_kept)
+        if side * side != num_kept:
+            lower, upper = side * side, (side + 1) ** 2
+            raise ValueError(
+                f"deco pools to a square grid: the retention ratio gives {num_kept} of {num_tokens} tokens, "
+                f"which is not a perfect square; choose a ratio giving {lower} or {upper} tokens"
+            )
+
     def check_inputs(self, image_features: torch.Tensor, context: CompressionContext) -> None:
         super().check_inputs(image_features, context)
         rows, cols = context.spatial_shape

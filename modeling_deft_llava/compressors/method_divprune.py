@@ -5,13 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .token_compressor import (
-    CompressionContext,
-    CompressionResult,
-    NoSettings,
-    TokenCompressor,
-    gather_tokens,
-)
+from .compression_method import NoSettings
+from .token_compressor import CompressionContext, CompressionResult, TokenCompressor, gather_tokens
 
 
 def cosine_distances(features: torch.Tensor) -> torch.Tensor:

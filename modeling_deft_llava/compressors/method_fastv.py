@@ -13,9 +13,12 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from ..sequence_packing import gather_seq, repack_left, scatter_seq
+from ..configuration.deft_settings import num_kept_tokens
+from ..modeling_outputs_deft_llava import DeftLlavaModelOutputWithPast
+from ..token_layout import check_attention_mask, gather_seq, repack_left, scatter_seq
 from ..transformers_compat import cache_kwargs
-from .token_compressor import CompressionContext, CompressionResult, TokenCompressor
+from .compression_method import LanguageModelCall
+from .token_compressor import MethodModule
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def causal_mask(key_valid: torch.Tensor, query_length: int, dtype: torch.dtype) 
 
 @dataclass
 class FastVLanguageModelOutput:
-    """Output of `DeftLlavaFastVCompressor.run_language_model`.
+    """Output of `DeftLlavaFastVCompressor.run_layers`.
 
     Args:
         last_hidden_state: `(batch, seq, hidden)` in the input layout; dropped visual tokens get zeros.
@@ -123,7 +126,7 @@ class FastVLanguageModelOutput:
     scores: torch.Tensor | None = None
 
 
-class DeftLlavaFastVCompressor(TokenCompressor):
+class DeftLlavaFastVCompressor(MethodModule):
     """FastV (Chen et al., ECCV 2024, https://arxiv.org/abs/2403.06764) inside the language model.
 
     Layers `0 .. K-1` (K = `fastv_layer`) run on every token. The attention that the LAST prompt token pays
@@ -146,9 +149,92 @@ class DeftLlavaFastVCompressor(TokenCompressor):
     """
 
     name = "fastv"
-    stage = "language_model"
     settings_class = FastVSettings
     layer_setting = "fastv_layer"  # the settings field holding K
+    decides_on_prompt = True
+
+    @classmethod
+    def writes_all_placeholders(cls, config) -> bool:
+        return True  # the first layers see all N tokens of every image
+
+    @classmethod
+    def check_config(cls, config, settings, num_tokens, num_kept) -> None:
+        layers = config.text_config.num_hidden_layers
+        cut = getattr(settings, cls.layer_setting)
+        if not 1 <= cut <= layers - 1:
+            raise ValueError(
+                f"{cls.layer_setting} must be in [1, {layers - 1}] for a {layers}-layer language model "
+                f"(layers before it see every token, the rest the kept ones), got {cut}"
+            )
+
+    def run_language_model(self, model, call: LanguageModelCall) -> DeftLlavaModelOutputWithPast:
+        """The model's hook: run the decoder layers (`run_layers`) and report, per image, the visual tokens the
+        later layers kept (`deft_kept_indices`) and the ranking (`deft_compression_scores`, `(images, N)`).
+
+        Raises:
+            ValueError: a 4-D attention mask, or `output_attentions` / `output_hidden_states` asked for (on
+                the call or in the config): the layers run here return neither.
+        """
+        check_attention_mask(call.attention_mask)
+        kwargs, language_model = call.kwargs, model.language_model
+        asked = [
+            key
+            for key in ("output_attentions", "output_hidden_states")
+            if (
+                kwargs.get(key)
+                if kwargs.get(key) is not None
+                else getattr(model.config, key, False) or getattr(language_model.config, key, False)
+            )
+        ]
+        if asked:  # asked on the call or in the config: refused, never silently dropped
+            raise ValueError(
+                f"{self.name} runs the decoder layers itself and does not return {asked}; "
+                f"set them to False (on the call and in the config) or use another compression_method"
+            )
+        inputs_embeds, position_ids, cache = call.inputs_embeds, call.position_ids, call.cache
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past
+            position_ids = position_ids.unsqueeze(0).expand(inputs_embeds.shape[0], -1)
+        layout = call.layout
+        images = layout is not None and "image" in layout.placeholder_masks
+        visual_items = layout.item_of_token("image") if images else None
+        num_kept = (
+            num_kept_tokens(layout.rows_per_item["image"][0], model.config.deft_retention_ratio)
+            if images
+            else 1
+        )
+        run = self.run_layers(
+            language_model,
+            inputs_embeds,
+            call.attention_mask,
+            position_ids,
+            past_key_values=cache,
+            # like the stock language model: an explicit use_cache, else the config's (a cache passed in is
+            # always extended)
+            use_cache=kwargs.get("use_cache")
+            if kwargs.get("use_cache") is not None
+            else (cache is not None or bool(language_model.config.use_cache)),
+            visual_items=visual_items,
+            num_kept=num_kept,
+            prompt_length=call.prompt_length,
+            layer_gather_index=call.generation_state.get("deft_layer_gather_index"),
+        )
+        state = None
+        if run.layer_gather_index is not None and run.past_key_values is not None:
+            state = {"deft_layer_gather_index": run.layer_gather_index}
+        outputs = DeftLlavaModelOutputWithPast(
+            last_hidden_state=run.last_hidden_state,
+            **cache_kwargs(run.past_key_values),
+            deft_generation_state=state,
+        )
+        if images and run.keep is not None:
+            # the language model decided which visual tokens the later layers keep
+            per_image = layout.per_item("image", run.keep)  # (images, N) bool
+            sources = layout.per_item("image", layout.source_index)  # (images, N)
+            outputs.deft_kept_indices = [src[k] for src, k in zip(sources, per_image)]
+            outputs.deft_compression_scores = layout.per_item("image", run.scores)
+        return outputs
 
     def reduce_visual(
         self, hidden: torch.Tensor, scores: torch.Tensor, visual_items: torch.Tensor, num_kept: int
@@ -158,10 +244,7 @@ class DeftLlavaFastVCompressor(TokenCompressor):
         keep = (visual_items < 0) | keep_top_per_item(scores, visual_items, num_kept)
         return keep, hidden
 
-    def compress(self, image_features, context: CompressionContext) -> CompressionResult:
-        raise TypeError("fastv prunes inside the language model: the model calls `run_language_model`")
-
-    def run_language_model(
+    def run_layers(
         self,
         language_model: nn.Module,
         inputs_embeds: torch.Tensor,

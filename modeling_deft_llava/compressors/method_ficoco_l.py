@@ -141,12 +141,8 @@ class DeftLlavaFiCoCoLCompressor(DeftLlavaFastVCompressor):
     """
 
     name = "ficoco_l"
-    stage = "language_model"
     settings_class = FiCoCoLSettings
     layer_setting = "ficoco_l_layer"
-
-    def compress(self, image_features, context):
-        raise TypeError("ficoco_l merges inside the language model: the model calls `run_language_model`")
 
     def reduce_visual(
         self, hidden: torch.Tensor, scores: torch.Tensor, visual_items: torch.Tensor, num_kept: int

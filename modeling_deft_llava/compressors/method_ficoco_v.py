@@ -15,9 +15,6 @@ from torch import nn
 
 from .method_tome import DeftLlavaToMeCompressor, tome_schedule
 from .token_compressor import (
-    CompressionContext,
-    CompressionResult,
-    TokenCompressor,
     check_choice,
     check_range,
 )
@@ -250,7 +247,7 @@ def ficoco_v_reduce(
     return ficoco_v_compress(x, size, filtered, kept_patches, weights, settings.size_weighted_merge)
 
 
-class DeftLlavaFiCoCoVCompressor(TokenCompressor):
+class DeftLlavaFiCoCoVCompressor(DeftLlavaToMeCompressor):
     """FiCoCo-V (Han et al., "Filter, Correlate, Compress", https://arxiv.org/abs/2411.17686) in the CLIP encoder.
 
     From encoder layer `start_layer` on, every layer (after its attention, before its MLP, where ToMe and the
@@ -295,16 +292,18 @@ class DeftLlavaFiCoCoVCompressor(TokenCompressor):
 
     name = "ficoco_v"
     needs_cls_token = True  # the filter score uses the CLS row of the attention
-    stage = "vision_encoder"
     settings_class = FiCoCoVSettings
 
-    def compress(self, image_features, context: CompressionContext) -> CompressionResult:
-        raise TypeError(
-            "ficoco_v reduces inside the vision encoder: the model calls `encode`, not the compressor"
-        )
+    # the encoder loop and the model's hook are ToMe's (`DeftLlavaToMeCompressor.encode`, `encode_images`);
+    # FiCoCo-V changes the schedule and the step
 
-    # the encoder loop is ToMe's (`DeftLlavaToMeCompressor.encode`); FiCoCo-V changes the schedule and the step
-    encode = DeftLlavaToMeCompressor.encode
+    @classmethod
+    def check_layers(cls, settings, layer: int, run: int) -> None:
+        if not 0 <= settings.start_layer < run:
+            raise ValueError(
+                f"ficoco_v start_layer must be in [0, {run - 1}]: vision_feature_layer={layer} is the output of "
+                f"encoder layer {run - 1}, got {settings.start_layer}"
+            )
 
     def schedule(self, num_patches: int, num_kept: int, layers_run: int) -> list[int]:
         return ficoco_v_schedule(num_patches, num_kept, layers_run, self.settings.start_layer)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..configuration.deft_settings import num_kept_tokens
+from ..modeling_outputs_deft_llava import updated
+from .compression_method import PromptBatch, VisualBatch
 from .token_compressor import (
     CompressionContext,
     CompressionResult,
@@ -16,6 +20,7 @@ from .token_compressor import (
     check_range,
     gather_tokens,
 )
+from .vision_attention import cls_attention
 
 VISUAL_SCORES = ("cls_similarity", "cls_attention")
 CLUSTER_MERGES = ("released", "mean")
@@ -170,8 +175,66 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
     name = "recoverable"
     needs_cls_token = True  # both visual scores read the CLS token (its embedding or its attention)
     needs_text = True
-    stage = "features_with_text"  # inside the model: after the prompt's text embeddings are known
     settings_class = RecoverableSettings
+    decides_on_prompt = True  # the question is the prompt's text after the image
+
+    @classmethod
+    def writes_all_placeholders(cls, config) -> bool:
+        return True  # the model keeps K rows per image once the prompt is known, and re-packs
+
+    def compress_features(self, model, features, visual: VisualBatch):
+        """The model's first hook: nothing is dropped yet (the question is not known); keep what the second
+        needs: the projected CLS token of the feature layer and, when asked, its CLS attention `(images, N)`."""
+        attention = None
+        if self.needs_cls_attention:
+            attention = cls_attention(visual.vision_layer, visual.layer_input)
+        layer = model.config.vision_feature_layer
+        cls_state = visual.encoder_outputs.hidden_states[layer][
+            :, :1
+        ]  # (images, 1, width) CLS of the feature layer
+        return updated(
+            features,
+            cls_embeddings=model.multi_modal_projector(cls_state)[:, 0],  # (images, D)
+            cls_attention=attention,
+        )
+
+    def compress_with_prompt(self, model, features, prompt: PromptBatch):
+        """The model's second hook: compress each image with its question.
+
+        The question of an image is the text that follows it in its row, up to the prompt length: the model's
+        own input embeddings of those tokens (padding and placeholders excluded). The method keeps K rows per
+        image; a merged token is written into the row of its representative patch, the other rows are marked
+        unused (`rows_used`), and the model re-packs the batch."""
+        tokens = torch.stack(list(features.pooler_output))  # (images, N, D)
+        images, n, _ = tokens.shape
+        image_mask = prompt.placeholder_mask
+        where = image_mask.nonzero()  # (images * N, 2) row-major: image j holds entries j*N .. j*N + N-1
+        row = where[::n, 0]  # (images,) batch row of each image
+        last = where[n - 1 :: n, 1]  # (images,) column of each image's last placeholder
+        columns = torch.arange(image_mask.shape[1], device=image_mask.device)
+        question = prompt.text_mask[row] & (columns > last.unsqueeze(1)) & (columns < prompt.prompt_length)
+        side = math.isqrt(n)  # the grid only has to hold N patches: the method does not use its shape
+        context = CompressionContext(
+            spatial_shape=(side, side) if side * side == n else (1, n),
+            num_kept=num_kept_tokens(n, model.config.deft_retention_ratio),
+            cls_attention=features.cls_attention,
+            cls_embedding=features.cls_embeddings,
+            text_embeds=prompt.inputs_embeds[row].to(tokens.dtype),  # (images, seq, D)
+            text_mask=question,  # (images, seq)
+        )
+        out = self(tokens, context)  # K tokens per image, with their representative patch
+        index = out.kept_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])  # (images, K, D)
+        placed = tokens.scatter(1, index, out.tokens.to(tokens.dtype))  # (images, N, D)
+        keep = torch.zeros(images, n, dtype=torch.bool, device=tokens.device).scatter_(
+            1, out.kept_indices, True
+        )
+        return updated(
+            features,
+            pooler_output=list(placed),
+            rows_used=list(keep),
+            rows_selected=list(keep),
+            compression_scores=out.scores,
+        )
 
     def __init__(self, token_dim: int, settings: RecoverableSettings | None = None):
         super().__init__(token_dim, settings)

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .token_compressor import CompressionContext, CompressionResult, TokenCompressor, check_choice
+from ..configuration.deft_settings import num_kept_tokens
+from ..modeling_outputs_deft_llava import DeftVisualFeaturesOutput
+from .token_compressor import MethodModule, check_choice
 from .tome_merge import tome_bipartite_merge
 
 TOKEN_ORDERS = ("released", "positions")
@@ -113,7 +115,7 @@ class ToMeEncoding:
     sizes: torch.Tensor
 
 
-class DeftLlavaToMeCompressor(TokenCompressor):
+class DeftLlavaToMeCompressor(MethodModule):
     """ToMe (Bolya et al., ICLR 2023, https://arxiv.org/abs/2210.09461) run inside the CLIP vision encoder.
 
     In every encoder layer up to the feature layer, after the attention block and before the MLP (where the
@@ -135,11 +137,53 @@ class DeftLlavaToMeCompressor(TokenCompressor):
 
     name = "tome"
     needs_cls_token = True  # token 0 is protected from merging and dropped after the feature layer
-    stage = "vision_encoder"
     settings_class = ToMeSettings
 
-    def compress(self, image_features, context: CompressionContext) -> CompressionResult:
-        raise TypeError("tome merges inside the vision encoder: the model calls `encode`, not the compressor")
+    @classmethod
+    def check_config(cls, config, settings, num_tokens, num_kept) -> None:
+        """The feature layer must be reachable and the budget reachable by the merge schedule."""
+        layer = config.vision_feature_layer  # a single int: the CLS-token check ran first
+        run = tome_layers_run(config.vision_config.num_hidden_layers, layer)
+        cls.check_layers(settings, layer, run)
+        if num_tokens is not None and config.use_deft:
+            cls(8, settings).schedule(
+                num_tokens, num_kept_tokens(num_tokens, config.deft_retention_ratio), run
+            )
+
+    @classmethod
+    def check_layers(cls, settings, layer: int, run: int) -> None:
+        """Settings that depend on the encoder layers run (FiCoCo-V's start layer)."""
+
+    def encode_images(self, model, pixel_values, vision_feature_layer, strategy) -> DeftVisualFeaturesOutput:
+        """The model's hook: run the encoder layers up to the feature layer with merging (`encode`), then the
+        projector on the K patch tokens (CLS dropped).
+
+        Raises:
+            ValueError: a list of feature layers or a strategy other than `"default"`.
+        """
+        layer = model.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = model.config.vision_feature_select_strategy if strategy is None else strategy
+        if not isinstance(layer, int) or strategy != "default":
+            raise ValueError(
+                f"{self.name} needs one int vision_feature_layer and the 'default' strategy, got "
+                f"{layer!r} and {strategy!r}"
+            )
+        vision_model = getattr(model.vision_tower, "vision_model", model.vision_tower)
+        patch = model.config.vision_config.patch_size
+        n = (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
+        encoded = self.encode(
+            vision_model,
+            pixel_values.to(model.vision_tower.dtype),
+            tome_layers_run(len(vision_model.encoder.layers), layer),
+            num_kept_tokens(n, model.config.deft_retention_ratio),
+        )
+        features = model.multi_modal_projector(encoded.hidden_states[:, 1:])  # (images, K, D), CLS dropped
+        return DeftVisualFeaturesOutput(
+            last_hidden_state=encoded.hidden_states,
+            pooler_output=list(features),
+            source_indices=list(encoded.kept_indices),
+            num_source_tokens=[n] * features.shape[0],
+        )
 
     def encode(
         self, vision_model: nn.Module, pixel_values: torch.Tensor, layers_run: int, num_kept: int

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .token_compressor import (
-    CompressionContext,
-    CompressionResult,
-    NoSettings,
-    TokenCompressor,
-    gather_tokens,
-)
+from .compression_method import NoSettings
+from .token_compressor import CompressionContext, CompressionResult, TokenCompressor, gather_tokens
 
 
 def uniform_indices(num_patches: int, num_kept: int) -> torch.Tensor:

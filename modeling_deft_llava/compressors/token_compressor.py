@@ -5,18 +5,20 @@ to exactly `num_kept` tokens per row, and says which patch each output token sta
 does the shared work once: input checks, the keep-everything shortcut, and ordering the output by patch
 index. A method writes only `compress`.
 
-Imports: torch, the standard library and `topk_selector.gather_tokens`.
+Imports: torch, the standard library, `compression_method`, `vision_attention` and `topk_selector.gather_tokens`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..deft.topk_selector import gather_tokens
+from ..modeling_outputs_deft_llava import updated
+from .compression_method import CompressionMethod, VisualBatch
+from .vision_attention import cls_attention, patch_keys
 
 
 @dataclass
@@ -63,46 +65,16 @@ class CompressionResult:
     scores: torch.Tensor | None = None
 
 
-@dataclass(frozen=True)
-class NoSettings:
-    """Settings of a parameter-free method: there are none."""
-
-
-class TokenCompressor(nn.Module):
-    """Base class: reduce `(batch_size, num_patches, hidden_size)` image features to `num_kept` tokens per row.
-
-    Subclasses set `name`, `settings_class`, the `needs_*` flags, and implement `compress`, which may return
-    its tokens in any order: `forward` sorts them by `kept_indices`.
-
-    `stage` says where the model runs the method (the model dispatches on it, never on the name):
-    `"features"`: on the projected features in `get_image_features` (K placeholders);
-    `"features_with_text"`: on the projected features in the inner forward, once the prompt's text
-    embeddings are known (N placeholders, the model keeps K rows and re-packs);
-    `"vision_encoder"`: inside the vision encoder (the method's `encode`, K placeholders);
-    `"language_model"`: inside the language model (the method's `run_language_model`, N placeholders).
-
-    `feature_space` (a `"features"` method): `"projected"` compresses the projector's output (width: the
-    language model's hidden size); `"vision"` compresses the vision features that enter the projector (width:
-    the vision tower's), and the model projects the K compressed tokens, as methods that merge or pool CLIP
-    states do in their official code. A method whose settings have a `feature_space` field follows it.
-    `needs_vision_keys`: the model passes the feature layer's head-averaged keys as `context.vision_keys`.
+class MethodModule(CompressionMethod, nn.Module):
+    """A compression method that is an `nn.Module` built from `(token_dim, settings)` (every baseline).
 
     Args:
-        token_dim: hidden_size of the image features this compressor will see.
+        token_dim: hidden_size of the features this method will see.
         settings: an instance of `settings_class` (defaults when None).
     """
 
-    name: ClassVar[str] = ""
-    # reads the vision tower's CLS token: refused at config time on a tower without one (`vision_towers.py`)
-    needs_cls_token: ClassVar[bool] = False
-    needs_cls_attention: ClassVar[bool] = False
-    needs_vision_keys: ClassVar[bool] = False
-    needs_text: ClassVar[bool] = False
-    stage: ClassVar[str] = "features"
-    settings_class: ClassVar[type] = NoSettings
-
     def __init__(self, token_dim: int, settings=None):
-        super().__init__()
+        nn.Module.__init__(self)
         if isinstance(token_dim, bool) or not isinstance(token_dim, int) or token_dim < 1:
             raise ValueError(f"token_dim must be a positive int, got {token_dim!r}")
         if settings is None:
@@ -115,13 +87,71 @@ class TokenCompressor(nn.Module):
         self.token_dim = token_dim
         self.settings = settings
 
-    @property
-    def feature_space(self) -> str:
-        """`"projected"` or `"vision"`: which features a `"features"` method compresses (see the class doc)."""
-        return getattr(self.settings, "feature_space", "projected")
+    @classmethod
+    def from_config(cls, config) -> MethodModule:
+        """Built for the language model's hidden size (the projected features)."""
+        return cls(config.text_config.hidden_size, cls.settings_class(**(config.compression_settings or {})))
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, token_dim={self.token_dim}, settings={self.settings}"
+
+
+class TokenCompressor(MethodModule):
+    """Base class: reduce `(batch_size, num_patches, hidden_size)` image features to `num_kept` tokens per row.
+
+    Subclasses set `name`, `settings_class`, the `needs_*` flags, and implement `compress`, which may return
+    its tokens in any order: `forward` sorts them by `kept_indices`. The model calls the method through the
+    hooks of `CompressionMethod`; this class implements the two that compress features:
+    `compress_features` (the projector's output, `feature_space="projected"`) or `compress_vision_features`
+    (the vision features that enter the projector, `feature_space="vision"`: the model projects the K
+    compressed tokens, as methods that merge or pool CLIP states do in their official code). A method whose
+    settings have a `feature_space` field follows it. With `needs_cls_attention` / `needs_vision_keys` the
+    feature layer's CLS attention row and head-averaged keys are computed from the layer's input and passed
+    as `context.cls_attention` / `context.vision_keys`.
+    """
+
+    @property
+    def feature_space(self) -> str:
+        """`"projected"` or `"vision"`: which features this method compresses (see the class doc)."""
+        return getattr(self.settings, "feature_space", "projected")
+
+    @classmethod
+    def from_config(cls, config) -> TokenCompressor:
+        """Built for the width of the features it compresses: the language model's hidden size, or the vision
+        width (times the number of feature layers) for `feature_space="vision"`."""
+        settings = cls.settings_class(**(config.compression_settings or {}))
+        width = config.text_config.hidden_size
+        if getattr(settings, "feature_space", "projected") == "vision":
+            layers = config.vision_feature_layer
+            width = config.vision_config.hidden_size * (1 if isinstance(layers, int) else len(layers))
+        return cls(width, settings)
+
+    def context_for(self, visual: VisualBatch, num_patches: int) -> CompressionContext:
+        """The `CompressionContext` of a batch of items: budget, grid and the vision inputs it needs."""
+        layer, x = visual.vision_layer, visual.layer_input
+        return CompressionContext(
+            spatial_shape=visual.spatial_shape,
+            num_kept=visual.num_kept,
+            cls_attention=cls_attention(layer, x) if self.needs_cls_attention and x is not None else None,
+            vision_keys=patch_keys(layer, x) if self.needs_vision_keys and x is not None else None,
+        )
+
+    def compress_vision_features(self, features: torch.Tensor, visual: VisualBatch):
+        if self.feature_space != "vision":
+            return None
+        return self(features, self.context_for(visual, features.shape[1]))
+
+    def compress_features(self, model, features, visual: VisualBatch):
+        if self.feature_space != "projected" or not features.pooler_output:
+            return features
+        tokens = torch.stack(list(features.pooler_output))  # (items, N, D)
+        out = self(tokens, self.context_for(visual, tokens.shape[1]))
+        return updated(
+            features,
+            pooler_output=list(out.tokens),  # K rows per item
+            source_indices=list(out.kept_indices),
+            compression_scores=out.scores,
+        )
 
     def forward(self, image_features: torch.Tensor, context: CompressionContext) -> CompressionResult:
         """Compress `(batch_size, num_patches, hidden_size)` features to `(batch_size, num_kept, hidden_size)`."""

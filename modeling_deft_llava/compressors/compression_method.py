@@ -1,0 +1,196 @@
+"""The one interface every compression method implements, DeFT included: declarations and hooks.
+
+`DeftLlavaModel` builds the method `config.compression_method` names (`compression_registry.build_method`)
+and calls its hooks at fixed points of the LLaVA forward pass; it never asks which method is active. Each
+hook does nothing by default, so a method writes only the hooks where it acts:
+
+1. `encode_images`: run the vision encoder itself (ToMe, FiCoCo-V merge inside the CLIP layers).
+2. `compress_vision_features`: compress the vision features that enter the projector (VisionZip, DeCo with
+   `feature_space="vision"`).
+3. `compress_features`: compress the projected features of each image or video (DeFT, DivPrune, ...).
+4. `compress_with_prompt`: compress once the prompt's text is known (Recoverable Compression).
+5. `run_language_model`: run the decoder layers (FastV and FiCoCo-L prune or merge inside them).
+6. `reconsider`: after the prefill, ask for a second prefill with more tokens (DeFT's `adaptive` mode).
+
+Declarations, read at config time by `configuration/` (through the registry) and by the model:
+`name`, `settings_class` (the method's `compression_settings`), `modalities`, the `needs_*` inputs and the
+placeholder policy `writes_all_placeholders` (K per image, or all N when the method decides the count inside
+the forward pass and the model drops the unused rows).
+
+Imports: torch and the standard library; `..modeling_outputs_deft_llava` for the records hooks exchange.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """Settings of a parameter-free method: there are none."""
+
+
+@dataclass
+class VisualBatch:
+    """What the model knows about the images (or videos) whose features a method compresses.
+
+    Args:
+        modality: `"image"` or `"video"`.
+        spatial_shape: `(rows, cols)` patch grid of one image or frame.
+        frames: frames per item (1 for images); an item has `rows * cols * frames` tokens.
+        num_kept: K, the tokens each item keeps (`config.deft_retention_ratio`, the project's one rounding rule).
+        vision_layer: the vision encoder layer whose output is the feature layer, or None.
+        layer_input: `(items, 1 + N, width)` that layer's input, captured when the method `needs_vision_layer`.
+        encoder_outputs: the vision tower's output (`hidden_states` when the tower returned them), or None.
+        token_gradients: list, per item, of `(N, hidden_size)` gradients of a full-token task loss (DeFT).
+    """
+
+    modality: str
+    spatial_shape: tuple[int, int]
+    frames: int
+    num_kept: int
+    vision_layer: nn.Module | None = None
+    layer_input: torch.Tensor | None = None
+    encoder_outputs: Any = None
+    token_gradients: list | None = None
+
+
+@dataclass
+class PromptBatch:
+    """The prompt, for a method that compresses once the text is known (`compress_with_prompt`).
+
+    Args:
+        inputs_embeds: `(batch, seq, hidden_size)` the model's input embeddings (placeholders not yet filled).
+        placeholder_mask: `(batch, seq)` bool, this modality's placeholders (N per item, items in row-major order).
+        text_mask: `(batch, seq)` bool, real text tokens (not padding, not a placeholder).
+        prompt_length: tokens of the prompt; later ones were generated.
+    """
+
+    inputs_embeds: torch.Tensor
+    placeholder_mask: torch.Tensor
+    text_mask: torch.Tensor
+    prompt_length: int
+
+
+@dataclass
+class LanguageModelCall:
+    """The language model's inputs, for a method that runs the decoder layers itself (`run_language_model`).
+
+    Args:
+        inputs_embeds: `(batch, seq, hidden_size)`; position_ids: `(batch, seq)` or None.
+        attention_mask: `(batch, past + seq)` 2-D padding mask or None.
+        cache: the KV cache (a transformers `Cache`) or None.
+        kwargs: the other keyword arguments of the forward (`use_cache`, `output_attentions`, ...).
+        layout: the prefill's `TokenLayout` (where each item's visual tokens are), None in decoding steps.
+        prompt_length: tokens of the prompt (decisions use the prompt only).
+        generation_state: what the prefill recorded for later steps (`method.generation_state_keys`).
+    """
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    cache: Any
+    kwargs: dict
+    layout: Any = None
+    prompt_length: int | None = None
+    generation_state: dict = field(default_factory=dict)
+
+
+class CompressionMethod:
+    """Base of every compression method (mixed into an `nn.Module`): declarations plus hooks that do nothing.
+
+    A method subclasses `TokenCompressor` (methods that map `(items, N, D)` features to K tokens) or this
+    class directly (DeFT, which is also its own `nn.Module`), sets the declarations and overrides the hooks
+    where it acts. `DeftLlavaModel` holds it as the child `module_name` (`"compressor"`; DeFT keeps the
+    checkpoint name `"deft"`).
+    """
+
+    name: ClassVar[str] = ""
+    settings_class: ClassVar[type] = NoSettings
+    module_name: ClassVar[str] = "compressor"
+    modalities: ClassVar[tuple[str, ...]] = ("image",)
+    # reads the vision tower's CLS token: refused at config time on a tower without one (`vision_towers.py`)
+    needs_cls_token: ClassVar[bool] = False
+    needs_cls_attention: ClassVar[bool] = False
+    needs_vision_keys: ClassVar[bool] = False
+    needs_text: ClassVar[bool] = False
+    # decides from the prompt (`deft_prompt_length`): later decoding steps and a full recompute must decide
+    # on the same prompt, so the model records its length for `generate`
+    decides_on_prompt: ClassVar[bool] = False
+
+    # ------------------------------------------------------------------ config time
+    @classmethod
+    def writes_all_placeholders(cls, config) -> bool:
+        """Placeholder policy: True when the processor writes all N placeholders per item (the method keeps K
+        of them inside the forward pass, or a content-dependent count); False for K per item."""
+        return False
+
+    @classmethod
+    def parse_settings(cls, settings: dict | None):
+        """An instance of `settings_class` from plain `compression_settings` (None or {} for its defaults).
+
+        Raises:
+            ValueError: an unknown key (names the valid ones) or a value the settings class refuses.
+        """
+        settings = dict(settings or {})
+        valid = [f.name for f in fields(cls.settings_class)]
+        unknown = sorted(set(settings) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown settings {unknown} for compression method {cls.name!r}; valid settings: {valid}"
+            )
+        return cls.settings_class(**settings)
+
+    @classmethod
+    def check_config(cls, config, settings, num_tokens: int | None, num_kept: int | None) -> None:
+        """Raise ValueError when `config` cannot run this method (layer counts, budgets); `settings` is an
+        instance of `settings_class`, `num_tokens` the patch tokens per image (None when unknown) and
+        `num_kept` the placeholders per image (None without compression)."""
+
+    @classmethod
+    def from_config(cls, config) -> CompressionMethod:
+        """The method for a `DeftLlavaConfig` (its `compression_settings`, widths, layer counts)."""
+        raise NotImplementedError
+
+    def apply_config(self, config) -> None:
+        """Settings changed on `model.config` take effect here before each call (budgets and thresholds)."""
+
+    @property
+    def needs_vision_layer(self) -> bool:
+        """The model captures the feature layer's input (`VisualBatch.layer_input`) for this method."""
+        return self.needs_cls_attention or self.needs_vision_keys
+
+    # ------------------------------------------------------------------ hooks, in the order the model calls them
+    def encode_images(self, model, pixel_values: torch.Tensor, vision_feature_layer, strategy):
+        """Run the vision encoder and projector; return a `DeftVisualFeaturesOutput`, or None for the stock path."""
+        return None
+
+    def compress_vision_features(self, features: torch.Tensor, visual: VisualBatch):
+        """Compress `(items, N, vision width)` features before the projector; return a `CompressionResult`
+        (K rows, their source patches), or None to leave them alone."""
+        return None
+
+    def compress_features(self, model, features, visual: VisualBatch):
+        """Compress the projected features (`DeftVisualFeaturesOutput`, one entry per item); return it or a
+        new one (rows for the placeholders, `source_indices`, and `rows_used` for content-dependent counts)."""
+        return features
+
+    def compress_with_prompt(self, model, features, prompt: PromptBatch):
+        """Compress once the prompt is known; return `features` or a new `DeftVisualFeaturesOutput`."""
+        return features
+
+    def run_language_model(self, model, call: LanguageModelCall):
+        """Run the decoder layers; return a `DeftLlavaModelOutputWithPast`, or None for the stock language model."""
+        return None
+
+    def reconsider(self, model, last_logits: torch.Tensor) -> torch.Tensor | None:
+        """After a prefill: `(batch,)` bool of the samples that need a second prefill with every usable row
+        (`last_logits`: `(batch, vocab)` of each sample's last position), or None."""
+        return None
+
+
+__all__ = ["CompressionMethod", "LanguageModelCall", "NoSettings", "PromptBatch", "VisualBatch"]

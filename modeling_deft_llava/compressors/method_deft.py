@@ -1,0 +1,168 @@
+"""DeFT as a registered compression method: the seed's `DeFTModule` behind the model's hooks.
+
+DeFT ("Decoupled and Feedback-Guided Tokenization", the seed README; stages in `modeling_deft_llava/deft/`)
+scores the projected features of every image or video (SAM -> saliency, feedback and group scores -> learned
+mixture), keeps the top K in their original order and, with the Recoverable Token Dictionary, may rebuild
+pruned tokens. Its settings are the config's `deft_*` fields (the seed's config keys), not
+`compression_settings`.
+
+Inference modes (`deft_inference_mode`):
+- `"fast"`: K rows per item; the processor writes K placeholders.
+- `"hybrid"`: every row the RTD rule marks uncertain is rebuilt; the processor writes N placeholders, the model
+  keeps the rows in `rows_used` and re-packs the batch.
+- `"adaptive"`: a fast prefill; samples whose next-token distribution is uncertain (`reconsider`) get a second
+  prefill with their rebuilt rows.
+
+Differences from the seed README: see `DeFTModule`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import ClassVar
+
+import torch
+
+from ..deft.deft_module import DeFTModule
+from ..deft.token_dictionary import sample_is_uncertain
+from ..modeling_outputs_deft_llava import updated
+from .compression_method import CompressionMethod, NoSettings, VisualBatch
+
+# DeFTModule attribute <- config key: read from the config at every call
+CALL_TIME_SETTINGS = {
+    "retention_ratio": "deft_retention_ratio",
+    "alpha_var": "deft_alpha_var",
+    "image_neighbors": "deft_group_image_neighbors",
+    "video_window": "deft_group_video_window",
+    "text_neighbors": "deft_group_text_neighbors",
+    "entropy_threshold": "deft_rtd_entropy_threshold",
+    "confidence_threshold": "deft_rtd_confidence_threshold",
+    "feedback_loss_weight": "deft_feedback_loss_weight",
+    "rtd_loss_weight": "deft_rtd_loss_weight",
+}
+
+
+class DeftLlavaDeFTCompressor(CompressionMethod, DeFTModule):
+    """DeFT inside the model: a `DeFTModule` (same children, so checkpoints keep the keys `model.deft.*`)
+    whose `compress_features` hook scores and selects the projected features of each image or video.
+
+    `deft_token_gradients` (list, per item, of `(N, hidden_size)` task-loss gradients) enable the feedback
+    score in training. Every `nn.Linear` a checkpoint lacks gets a load-independent initialisation (see
+    `DeftLlavaPreTrainedModel._init_weights`): the seed of each layer is the CRC-32 of its name.
+    """
+
+    name = "deft"
+    settings_class = NoSettings  # DeFT reads the deft_* config fields
+    module_name = "deft"
+    modalities: ClassVar[tuple[str, ...]] = ("image", "video")
+
+    @classmethod
+    def writes_all_placeholders(cls, config) -> bool:
+        # hybrid and adaptive keep a content-dependent number of rows
+        return config.deft_inference_mode != "fast"
+
+    @classmethod
+    def parse_settings(cls, settings: dict | None):
+        if settings:
+            raise ValueError(
+                f"compression_settings={settings!r} are settings of a baseline method and "
+                "compression_method='deft' would ignore them; DeFT reads the deft_* fields "
+                "(e.g. deft_retention_ratio). Leave compression_settings=None for 'deft'"
+            )
+        return NoSettings()
+
+    @classmethod
+    def check_config(cls, config, settings, num_tokens, num_kept) -> None:
+        if config.use_deft and config.deft_inference_mode != "fast" and not config.deft_enable_rtd:
+            raise ValueError(
+                f"deft_inference_mode={config.deft_inference_mode!r} reconstructs pruned tokens and needs "
+                "deft_enable_rtd=True"
+            )
+
+    @classmethod
+    def from_config(cls, config) -> DeftLlavaDeFTCompressor:
+        method = cls(
+            token_dim=config.text_config.hidden_size,
+            semantic_dim=config.deft_semantic_dim,
+            enable_rtd=config.deft_enable_rtd,
+            rtd_bottleneck_ratio=config.deft_rtd_bottleneck_ratio,
+            saliency_hidden_dim=config.deft_saliency_hidden_dim,
+            **{attribute: getattr(config, key) for attribute, key in CALL_TIME_SETTINGS.items()},
+        )
+        for name, module in method.named_modules():  # see DeftLlavaPreTrainedModel._init_weights
+            module._deft_init_seed = zlib.crc32(name.encode())
+        method.inference_mode = config.deft_inference_mode
+        return method
+
+    def apply_config(self, config) -> None:
+        for attribute, key in CALL_TIME_SETTINGS.items():
+            setattr(self, attribute, getattr(config, key))
+        self.inference_mode = config.deft_inference_mode
+
+    def compress_features(self, model, features, visual: VisualBatch):
+        if not features.pooler_output:
+            return features
+        tokens = torch.stack(list(features.pooler_output))  # (items, N, D)
+        grads = torch.stack(visual.token_gradients) if visual.token_gradients is not None else None
+        mode = self.inference_mode
+        logits = None
+        if mode == "hybrid":
+            # the language model's own reading of each visual token through its vocabulary embedding
+            logits = tokens @ model.get_input_embeddings().weight.t()  # (items, N, vocab)
+        out = self(
+            tokens=tokens,
+            modality=visual.modality,
+            spatial_shape=visual.spatial_shape,
+            inference_mode="fast" if mode == "fast" else "hybrid",
+            logits=logits,
+            token_gradients=grads,
+        )
+        result = updated(
+            features,
+            compression_scores=out.scores,
+            mixture_weights=out.scoring_info["mixture_weights"],
+            rtd_loss=out.rtd_loss,
+            feedback_loss=out.feedback_loss,
+            num_reconstructed=out.scoring_info["num_reconstructed"],
+        )
+        if mode == "fast":
+            result.pooler_output = list(out.retained_tokens)  # K rows per item
+            result.source_indices = list(out.kept_indices)
+            return result
+        return self._all_rows(result, tokens, out, mode)
+
+    def _all_rows(self, result, tokens, out, mode):
+        """Variable budget: all N rows; kept rows are the originals, RTD rows are decoded, the rest unused."""
+        n = tokens.shape[1]
+        selected = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # (items, N)
+        selected.scatter_(1, out.kept_indices, True)
+        rows = torch.where(selected.unsqueeze(-1), tokens, torch.zeros_like(tokens))  # (items, N, D)
+        usable = selected.clone()
+        if out.reconstructed_tokens is not None:
+            # unused reconstruction slots point at a dump column n, dropped after the scatter
+            idx = out.reconstructed_indices.masked_fill(~out.reconstructed_mask, n)  # (items, r)
+            padded = torch.cat(
+                [rows, rows.new_zeros(rows.shape[0], 1, rows.shape[2])], dim=1
+            )  # (items, N+1, D)
+            padded.scatter_(
+                1, idx.unsqueeze(-1).expand(-1, -1, rows.shape[2]), out.reconstructed_tokens.to(rows.dtype)
+            )
+            rows = padded[:, :n]
+            flags = torch.cat([usable, usable.new_zeros(usable.shape[0], 1)], dim=1)  # (items, N+1)
+            flags.scatter_(1, idx, True)
+            usable = flags[:, :n]
+        result.pooler_output = list(rows)
+        result.rows_selected = list(selected)
+        # hybrid uses every usable row at once; adaptive starts from the selected rows and may add the rest
+        result.rows_used = list(usable) if mode == "hybrid" else list(selected)
+        return result
+
+    def reconsider(self, model, last_logits: torch.Tensor) -> torch.Tensor | None:
+        """`adaptive`: samples whose next-token distribution is uncertain (the RTD rule: normalised entropy >
+        `deft_rtd_entropy_threshold` or max probability < `deft_rtd_confidence_threshold`)."""
+        if self.inference_mode != "adaptive":
+            return None
+        return sample_is_uncertain(last_logits, self.entropy_threshold, self.confidence_threshold)
+
+
+__all__ = ["DeftLlavaDeFTCompressor"]
