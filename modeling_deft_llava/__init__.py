@@ -4,13 +4,13 @@ Public import path::
 
     from modeling_deft_llava import DeFTModule, DeftLlavaConfig, DeftLlavaForConditionalGeneration, DeftLlavaProcessor
 
-This folder holds the model code and one file per compression stage:
-`semantic_abstraction.py` (SAM) -> `saliency_scorer.py`, `feedback_scorer.py`, `group_scorer.py`,
-`score_mixer.py` (FGCS) -> `topk_selector.py` -> `token_dictionary.py` (RTD); `deft_module.py` assembles them
-into the seed's `DeFTModule`; `modeling_deft_llava.py` puts them in the LLaVA forward pass. The design card's
-other folders are installed as sub-packages: `configuration/` -> `modeling_deft_llava.configuration`,
-`processing/` -> `modeling_deft_llava.processing`, `training/` -> `modeling_deft_llava.training`,
-`hub_card/` -> `modeling_deft_llava.hub_card`.
+Layout: `modeling_deft_llava.py` (the model: it calls the compression method's hooks),
+`modeling_outputs_deft_llava.py`, `token_layout.py` (placement, positions, re-packing, cache state),
+`transformers_compat.py`; `compressors/` (the interface, the registry, one `method_<name>.py` per method,
+DeFT included); `deft/` (DeFT's stages, one per file, and the seed's `DeFTModule`); `commands/` (convert,
+visualize, demo). The design card's other folders are installed as sub-packages: `configuration/` ->
+`modeling_deft_llava.configuration`, `processing/` -> `modeling_deft_llava.processing`, `training/` ->
+`modeling_deft_llava.training`, `hub_card/` -> `modeling_deft_llava.hub_card`.
 
 Importing this package registers the classes with the transformers Auto classes (`model_type="deft_llava"`).
 """

@@ -37,7 +37,7 @@ import traceback
 
 PRELOAD = (
     "modeling_deft_llava.training.train",
-    "modeling_deft_llava.convert",
+    "modeling_deft_llava.commands.convert",
     "modeling_deft_llava.hub_card.publish",
 )
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
-from modeling_deft_llava.convert import convert
+from modeling_deft_llava.commands.convert import convert
 
 
 def _stock_folders(tmp_path):
@@ -82,7 +82,7 @@ def test_convert_command(tmp_path):
         [
             sys.executable,
             "-m",
-            "modeling_deft_llava.convert",
+            "modeling_deft_llava.commands.convert",
             str(legacy),
             str(out),
             "--deft-retention-ratio",

@@ -8,11 +8,11 @@ import torch
 from modeling_deft_llava.configuration import num_kept_tokens
 from test_model import GEN, batch_inputs, greedy_full_recompute
 
-from modeling_deft_llava.compressors.compression_registry import BASELINE_METHODS
+from modeling_deft_llava.compressors.compression_registry import METHODS as REGISTERED
 
-MODEL_METHODS = tuple(BASELINE_METHODS)  # every baseline, in the registry's order
-
-METHODS = ("deft",) + MODEL_METHODS
+METHODS = tuple(
+    REGISTERED
+)  # every registered method, DeFT first: a new method is tested here by registering it
 # per-method settings the tiny model needs (2 language-model layers: FastV / FiCoCo-L reduce after layer 0)
 SETTINGS = {"fastv": {"fastv_layer": 1}, "ficoco_v": {"start_layer": 0}, "ficoco_l": {"ficoco_l_layer": 1}}
 

@@ -279,7 +279,7 @@ def test_resume_never_starts_over_on_top_of_unmarked_checkpoints(harness, worksp
 
 
 # ----------------------------------------------------------------------------- convert, export, publish
-CONVERT = "modeling_deft_llava.convert:main"
+CONVERT = "modeling_deft_llava.commands.convert:main"
 EXPORT = "kill_harness:export_main"
 
 
@@ -386,7 +386,7 @@ def _writes_into(folder: Path, original):
 
 def test_convert_never_deletes_what_another_program_wrote(sources, tmp_path, monkeypatch):
     from modeling_deft_llava import DeftLlavaForConditionalGeneration
-    from modeling_deft_llava.convert import convert
+    from modeling_deft_llava.commands.convert import convert
 
     out = tmp_path / "out"
     out.mkdir()  # empty: convert may use it

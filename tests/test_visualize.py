@@ -7,7 +7,7 @@ import pytest
 import tiny
 from PIL import Image
 
-from modeling_deft_llava.visualize import main, overlay_kept_tokens
+from modeling_deft_llava.commands.visualize import main, overlay_kept_tokens
 
 
 def test_overlay_dims_pruned_patches_for_any_grid():

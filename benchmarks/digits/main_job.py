@@ -17,7 +17,7 @@ import os
 import torch
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
-from modeling_deft_llava.visualize import prefill_seconds, processed_image, save_overlays
+from modeling_deft_llava.commands.visualize import prefill_seconds, processed_image, save_overlays
 
 from .common import TEST_SEED
 from .data import chat_messages, make_split

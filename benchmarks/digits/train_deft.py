@@ -4,7 +4,7 @@
         [--steps 600] [--semantic-dim 128] [--saliency-hidden-dim 64] [--out checkpoints/digits-deft-llava]
 
 1. Writes training-split canvases as PNG files and a LLaVA conversation JSONL (`_work/deft_data/`).
-2. Converts the all-token base model into a DeFT-LLaVA folder (`modeling_deft_llava.convert`; fresh DeFT
+2. Converts the all-token base model into a DeFT-LLaVA folder (`modeling_deft_llava.commands.convert`; fresh DeFT
    modules, `use_deft=True`, the given retention ratio, `fast` mode).
 3. Trains with the project's training entry point (`modeling_deft_llava.training.train`, the Trainer path):
    LoRA off, projector and backbone frozen, DeFT modules trained; every step a full-token pass gives the
@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 
-from modeling_deft_llava.convert import convert
+from modeling_deft_llava.commands.convert import convert
 
 from .common import WORK_DIR, atomic_write_json
 from .data import make_split, user_text

@@ -1,6 +1,6 @@
 """Convert a stock llava-hf checkpoint folder into a complete DeFT-LLaVA folder (model, config, processor).
 
-    python -m modeling_deft_llava.convert STOCK_FOLDER OUT_FOLDER [--deft-retention-ratio 0.25] [--use-deft] ...
+    python -m modeling_deft_llava.commands.convert STOCK_FOLDER OUT_FOLDER [--deft-retention-ratio 0.25] [--use-deft] ...
 
 Reads both key layouts (transformers 5 `model.language_model.*` and the older `language_model.model.*` that
 the public llava-hf repos and stock `save_pretrained` write). The DeFT modules are new: they are initialised
@@ -16,10 +16,10 @@ import argparse
 import logging
 import os
 
-from .configuration.deft_settings import DeftSettings
-from .hub_card.atomic_write import place, staged
-from .modeling_deft_llava import DeftLlavaForConditionalGeneration
-from .processing.processing_deft_llava import PROCESSOR_DEFT_KEYS, DeftLlavaProcessor
+from ..configuration.deft_settings import DeftSettings
+from ..hub_card.atomic_write import place, staged
+from ..modeling_deft_llava import DeftLlavaForConditionalGeneration
+from ..processing.processing_deft_llava import PROCESSOR_DEFT_KEYS, DeftLlavaProcessor
 
 logger = logging.getLogger(__name__)
 

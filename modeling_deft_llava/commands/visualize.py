@@ -1,6 +1,6 @@
 """Answer questions about images with a DeFT-LLaVA folder and draw which visual tokens were kept.
 
-    python -m modeling_deft_llava.visualize FOLDER IMAGE [IMAGE ...] --question "What is shown?" --out kept.png
+    python -m modeling_deft_llava.commands.visualize FOLDER IMAGE [IMAGE ...] --question "What is shown?" --out kept.png
 
 For each image: the answer with compression on, the tokens kept out of N, and the prefill time with
 compression on and off (same weights; off = every placeholder, `compression_disabled()`), median of
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .modeling_deft_llava import DeftLlavaForConditionalGeneration
-from .processing.image_depth import to_rgb
-from .processing.processing_deft_llava import DeftLlavaProcessor
+from ..modeling_deft_llava import DeftLlavaForConditionalGeneration
+from ..processing.image_depth import to_rgb
+from ..processing.processing_deft_llava import DeftLlavaProcessor
 
 
 def overlay_kept_tokens(

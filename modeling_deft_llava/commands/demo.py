@@ -1,6 +1,6 @@
 """The main job: DeFT compression on a built-in real image, printing what was kept.
 
-    python -m modeling_deft_llava.demo [--retention-ratio 0.25] [--patch 32]
+    python -m modeling_deft_llava.commands.demo [--retention-ratio 0.25] [--patch 32]
 
 Uses scikit-learn's bundled photo (`china.jpg`, no download) cut into a patch grid; each patch's pixels are
 one token. The DeFT module here is untrained (random SAM/saliency weights), so this shows the mechanics, not
@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 import torch
 
-from .deft.deft_module import DeFTModule
+from ..deft.deft_module import DeFTModule
 
 
 def image_tokens(patch: int) -> tuple[torch.Tensor, tuple[int, int]]:
