@@ -212,9 +212,10 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         patch = self.config.vision_config.patch_size
         return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
 
-    def _feature_layer_module(self) -> nn.Module:
-        """The vision encoder layer whose output is the feature layer (`vision_feature_layer`)."""
-        layer = self.config.vision_feature_layer
+    def _feature_layer_module(self, layer: int | None = None) -> nn.Module:
+        """The vision encoder layer whose output is hidden-states index `layer` (default: the feature layer,
+        `vision_feature_layer`)."""
+        layer = self.config.vision_feature_layer if layer is None else layer
         if not isinstance(layer, int):
             raise ValueError("methods that need CLS attention require a single int vision_feature_layer")
         encoder = getattr(self.vision_tower, "vision_model", self.vision_tower).encoder
@@ -329,7 +330,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         before_projector = {}
         hooks = []
         if method is not None and method.needs_vision_layer:
-            visual.vision_layer = self._feature_layer_module()
+            visual.vision_layer = self._feature_layer_module(method.vision_layer_index(self.config))
 
             def keep_input(module, args, kwargs):
                 visual.layer_input = args[0] if args else kwargs["hidden_states"]

@@ -13,6 +13,7 @@ import torch
 from test_model import GEN, batch_inputs
 
 from modeling_deft_llava.compressors.compression_registry import build_compressor
+from modeling_deft_llava.compressors.method_recoverable import released_cls_attention
 from modeling_deft_llava.compressors.token_compressor import CompressionContext
 from modeling_deft_llava.compressors.vision_attention import cls_attention
 
@@ -20,7 +21,7 @@ SETTINGS = dict(use_deft=True, deft_retention_ratio=0.25, compression_method="re
 IMAGE = 4  # <image> id in the tiny vocabulary
 
 
-def reference_last_logits(model, ids, pixel_values, merge):
+def reference_last_logits(model, ids, pixel_values, merge, attention_layer="feature_layer"):
     """Last-position logits and kept indices for ONE unpadded sample `ids` `(seq,)`."""
     lm = model.model.language_model
     vision = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
@@ -32,8 +33,12 @@ def reference_last_logits(model, ids, pixel_values, merge):
             -2
         ]  # (images, 1 + N, width)
         attention = cls_attention(vision.encoder.layers[-1], layer_input)  # (images, N)
+        if attention_layer == "released":  # the last layer as one full-width head, whatever the feature layer
+            attention = released_cls_attention(vision.encoder.layers[-1], layer_input)
         embeds = lm.embed_tokens(ids)  # (seq, D)
-        compressor = build_compressor("recoverable", embeds.shape[-1], {"cluster_merge": merge})
+        compressor = build_compressor(
+            "recoverable", embeds.shape[-1], {"cluster_merge": merge, "cls_attention_layer": attention_layer}
+        )
         pieces, positions, kept_all, pos, t, item = [], [], [], 0, 0, 0
         while t < len(ids):
             if ids[t] != IMAGE:
@@ -82,6 +87,28 @@ def test_recoverable_matches_hand_built_reference(merge):
         for got, want in zip(out.kept_indices[first_image : first_image + n_images], kept):
             assert torch.equal(got, want)
         first_image += n_images
+
+
+def test_released_cls_attention_is_a_setting():
+    # the released code's CLS attention (last layer, one full-width head) reaches the method inside the model
+    settings = dict(SETTINGS, compression_settings={"cls_attention_layer": "released"})
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    inputs = batch_inputs(processor, questions=("what is in the picture ?", "a cat and a dog ?"))
+    with torch.no_grad():
+        out = model(**inputs)
+        vision = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
+        layer_input = vision(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2]
+        released = released_cls_attention(vision.encoder.layers[-1], layer_input)
+    assert not torch.allclose(
+        released, cls_attention(vision.encoder.layers[-1], layer_input)
+    )  # not the default
+    for b in range(2):
+        valid = inputs["attention_mask"][b].bool()
+        logits, kept = reference_last_logits(
+            model, inputs["input_ids"][b][valid], inputs["pixel_values"][b : b + 1], "released", "released"
+        )
+        torch.testing.assert_close(out.logits[b, -1], logits, rtol=1e-4, atol=1e-5)
+        assert torch.equal(out.kept_indices[b], kept[0])
 
 
 def test_choice_depends_on_its_own_prompt_only():

@@ -161,8 +161,13 @@ class CompressionMethod:
 
     @property
     def needs_vision_layer(self) -> bool:
-        """The model captures the feature layer's input (`VisualBatch.layer_input`) for this method."""
+        """The model captures a vision layer's input (`VisualBatch.layer_input`) for this method."""
         return self.needs_cls_attention or self.needs_vision_keys
+
+    def vision_layer_index(self, config) -> int:
+        """Which layer that is, as a hidden-states index like `vision_feature_layer` (default: the feature
+        layer; -1 is the encoder's last layer, fed `hidden_states[-2]`)."""
+        return config.vision_feature_layer
 
     # ------------------------------------------------------------------ hooks, in the order the model calls them
     def encode_images(self, model, pixel_values: torch.Tensor, vision_feature_layer, strategy):

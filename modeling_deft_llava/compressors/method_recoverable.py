@@ -24,6 +24,7 @@ from .vision_attention import cls_attention
 
 VISUAL_SCORES = ("cls_similarity", "cls_attention")
 CLUSTER_MERGES = ("released", "mean")
+CLS_ATTENTION_LAYERS = ("feature_layer", "released")
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,8 @@ class RecoverableSettings:
             the similarity of the class token to each patch): the cosine between `context.cls_embedding` and
             each patch feature. `cls_attention`: `context.cls_attention`. The released code uses the CLS row
             of the LAST encoder layer's attention computed as ONE full-width head
-            (`softmax(q_cls . k / sqrt(width))`, `released_cls_attention`); the model passes instead the CLS
-            attention of the FEATURE layer (`vision_feature_layer`, -2 for LLaVA-1.5), per head and averaged
-            over heads (`vision_attention.cls_attention`).
+            (`softmax(q_cls . k / sqrt(width))`, `released_cls_attention`); which one the model passes is
+            `cls_attention_layer`.
         iqr_multiplier: the outlier fence is `Q3 + iqr_multiplier * (Q3 - Q1)` of the scores, in [0, 10];
             1.5 is Tukey's rule.
         cluster_merge: how each cluster becomes one token. `"released"` (default, the released code; the paper
@@ -45,16 +45,23 @@ class RecoverableSettings:
             `a_j` the CLS attention of member j (`context.cls_attention`), not normalised, plus one summary
             token `sum_j a_j x_j` over every patch that is neither kept nor a centre, in the last of the K
             slots. `"mean"`: the plain mean of the centre and its members, no summary token.
+        cls_attention_layer: which CLS attention the model passes (for `visual_score="cls_attention"` and the
+            released merge weights). `"feature_layer"` (default): the feature layer's (`vision_feature_layer`),
+            per head and averaged over heads (`vision_attention.cls_attention`). `"released"`: as the released
+            code, the encoder's LAST layer computed as one full-width head on the states entering it
+            (`released_cls_attention(encoder.layers[-1], hidden_states[-2])`).
     """
 
     visual_score: str = "cls_similarity"
     iqr_multiplier: float = 1.5
     cluster_merge: str = "released"
+    cls_attention_layer: str = "feature_layer"
 
     def __post_init__(self):
         check_choice("visual_score", self.visual_score, VISUAL_SCORES)
         check_range("iqr_multiplier", self.iqr_multiplier, 0.0, 10.0)
         check_choice("cluster_merge", self.cluster_merge, CLUSTER_MERGES)
+        check_choice("cls_attention_layer", self.cls_attention_layer, CLS_ATTENTION_LAYERS)
 
 
 def released_cls_attention(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -161,10 +168,9 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
       included, ranked by key cosine plus 50 x the text score); here the clusters partition the remaining
       patches by nearest centre. The model passes no `vision_keys`, so inside the model clusters are formed on
       the projected features (the released code: the last layer's keys).
-    - CLS attention (`visual_score="cls_attention"` and the released merge weights): the model passes the
-      feature layer's head-averaged attention, not the released code's last-layer full-width head (see
-      `released_cls_attention`); reproducing it needs the model to pass
-      `released_cls_attention(encoder.layers[-1], hidden_states[-2])` as `context.cls_attention`.
+    - CLS attention (`visual_score="cls_attention"` and the released merge weights): by default the model
+      passes the feature layer's head-averaged attention; the released code's last-layer full-width head is
+      `cls_attention_layer="released"` (`released_cls_attention`).
     - text score: the released code compares the CLIP text encoder's projected embedding of the question with
       CLIP's projected patch features; here the question is the language model's input embeddings of the
       prompt text after the image (mean of the valid tokens), compared with the projected patch features.
@@ -182,16 +188,22 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
     def writes_all_placeholders(cls, config) -> bool:
         return True  # the model keeps K rows per image once the prompt is known, and re-packs
 
+    def vision_layer_index(self, config) -> int:
+        # the released CLS attention is the encoder's last layer's, whatever the feature layer
+        return -1 if self.settings.cls_attention_layer == "released" else config.vision_feature_layer
+
     def compress_features(self, model, features, visual: VisualBatch):
         """The model's first hook: nothing is dropped yet (the question is not known); keep what the second
         needs: the projected CLS token of the feature layer and, when asked, its CLS attention `(images, N)`."""
         attention = None
-        if self.needs_cls_attention:
-            attention = cls_attention(visual.vision_layer, visual.layer_input)
-        layer = model.config.vision_feature_layer
-        cls_state = visual.encoder_outputs.hidden_states[layer][
-            :, :1
-        ]  # (images, 1, width) CLS of the feature layer
+        if self.needs_cls_attention and self.settings.cls_attention_layer == "released":
+            attention = released_cls_attention(visual.vision_layer, visual.layer_input)  # (images, N)
+        elif self.needs_cls_attention:
+            attention = cls_attention(visual.vision_layer, visual.layer_input)  # (images, N)
+        states = visual.encoder_outputs.hidden_states[
+            model.config.vision_feature_layer
+        ]  # (images, 1 + N, width)
+        cls_state = states[:, :1]  # (images, 1, width) the CLS token of the feature layer
         return updated(
             features,
             cls_embeddings=model.multi_modal_projector(cls_state)[:, 0],  # (images, D)
