@@ -125,7 +125,11 @@ class DeftLlavaVllmProjector(nn.Module):
         super().__init__()
         hidden, bias = config.text_config.hidden_size, config.multimodal_projector_bias
         self.linear_1 = ColumnParallelLinear(
-            config.vision_config.hidden_size, hidden, bias=bias, quant_config=quant_config, prefix=f"{prefix}.linear_1"
+            config.vision_config.hidden_size,
+            hidden,
+            bias=bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.linear_1",
         )
         self.act = get_act_fn(config.projector_hidden_act)
         self.linear_2 = RowParallelLinear(
@@ -154,7 +158,9 @@ def build_vision_tower(config, quant_config=None, prefix: str = "") -> nn.Module
         return CLIPVisionModel(vision, **kwargs)
     if isinstance(vision, SiglipVisionConfig):
         return SiglipVisionModel(vision, **kwargs)
-    raise ValueError(f"vision tower {type(vision).__name__} is not served by the DeFT-LLaVA vLLM plugin (CLIP, SigLIP)")
+    raise ValueError(
+        f"vision tower {type(vision).__name__} is not served by the DeFT-LLaVA vLLM plugin (CLIP, SigLIP)"
+    )
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -293,7 +299,9 @@ class DeftLlavaVllmForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
         positions = positions + self.position_offsets[: positions.shape[0]]
         if intermediate_tensors is not None:
             inputs_embeds = None
-        return self.language_model.model(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+        return self.language_model.model(
+            input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds
+        )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.language_model.compute_logits(hidden_states)
@@ -311,7 +319,9 @@ class DeftLlavaVllmForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
 
         return AutoWeightsLoader(self).load_weights(renamed(), mapper=self.hf_to_vllm_mapper)
 
-    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+    def get_mrope_input_positions(
+        self, input_tokens: list[int], mm_features: list
+    ) -> tuple[torch.Tensor, int]:
         """Prompt positions `(3, len(input_tokens))` (three equal rows) and the decoding delta.
 
         The text after an image resumes at `image_start + N` (N - K skipped ids per image before it), as in

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from transformers import BatchFeature, CLIPVisionConfig
+from vllm.model_executor.models.vision import get_num_selected_vision_tokens
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import (
@@ -24,10 +25,8 @@ from vllm.multimodal.processing import (
     BaseProcessingInfo,
     PromptReplacement,
 )
-from vllm.model_executor.models.vision import get_num_selected_vision_tokens
 
 from modeling_deft_llava import DeftLlavaConfig, DeftLlavaProcessor
-
 
 # the config fields that decide how many placeholders the processor writes
 PROCESSOR_SETTINGS = ("use_deft", "deft_retention_ratio", "deft_inference_mode", "compression_method")
@@ -38,7 +37,9 @@ def num_source_tokens(config) -> int:
     `default` strategy drops (vLLM's `get_num_selected_vision_tokens`). The processor resizes every image to
     the tower's `image_size`, so N does not depend on the sent image's size."""
     vision = config.vision_config
-    tokens = (vision.image_size // vision.patch_size) ** 2 + (1 if isinstance(vision, CLIPVisionConfig) else 0)
+    tokens = (vision.image_size // vision.patch_size) ** 2 + (
+        1 if isinstance(vision, CLIPVisionConfig) else 0
+    )
     return get_num_selected_vision_tokens(tokens, config.vision_feature_select_strategy)
 
 
@@ -91,7 +92,9 @@ class DeftLlavaVllmMultiModalProcessor(BaseMultiModalProcessor[DeftLlavaVllmProc
     ) -> Mapping[str, MultiModalFieldConfig]:
         return {"pixel_values": MultiModalFieldConfig.batched("image")}
 
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence[PromptReplacement]:
+    def _get_prompt_updates(
+        self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs
+    ) -> Sequence[PromptReplacement]:
         image_token_id = self.info.get_hf_config().image_token_index
 
         def replacement(item_idx: int) -> list[int]:
