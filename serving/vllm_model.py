@@ -317,7 +317,11 @@ class DeftLlavaVllmForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
                         name = head + "vision_model." + name[len(head) :]
                 yield name, tensor
 
-        return AutoWeightsLoader(self).load_weights(renamed(), mapper=self.hf_to_vllm_mapper)
+        # compression off (use_deft=False): the checkpoint's DeFT weights are not used
+        skip = ["deft."] if self.deft is None else None
+        return AutoWeightsLoader(self, ignore_unexpected_prefixes=skip).load_weights(
+            renamed(), mapper=self.hf_to_vllm_mapper
+        )
 
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list
