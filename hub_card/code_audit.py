@@ -144,6 +144,16 @@ FORBIDDEN_STDLIB = frozenset(
     }
 )
 ALLOWED_PACKAGES = frozenset({"torch", "transformers", "huggingface_hub", "numpy", "PIL", "packaging"})
+# Files that are entry points rather than model code, with the exact names each may use beyond `ALLOWED`.
+# `handler.py` (Inference Endpoints, `serving/handler.py`) decodes request images from memory and loads the
+# folder's own model and processor (their code is this folder's, audited with the rest): nothing else.
+ENTRY_POINT_ALLOWED: dict[str, frozenset[str]] = {
+    "handler.py": frozenset({
+        "base64", "base64.b64decode", "binascii", "binascii.Error", "io", "io.BytesIO", "PIL.Image.open",
+        "transformers.AutoProcessor", "transformers.AutoProcessor.from_pretrained",
+        "transformers.AutoModelForImageTextToText", "transformers.AutoModelForImageTextToText.from_pretrained",
+    }),
+}
 # fmt: on
 
 
@@ -159,8 +169,11 @@ def torch_tensor_operations() -> frozenset[str]:
     return frozenset(getattr(f, "__name__", "") for f in get_overridable_functions().get(torch, ()))
 
 
-def allowed_name(qualified: str) -> bool:
-    """Whether the dotted name `qualified` (e.g. `torch.nn.functional.softmax`) is on the allow-list."""
+def allowed_name(qualified: str, extra: frozenset[str] = frozenset()) -> bool:
+    """Whether the dotted name `qualified` (e.g. `torch.nn.functional.softmax`) is on the allow-list, or is one
+    of the exact names in `extra` (an entry point's additions, `ENTRY_POINT_ALLOWED`)."""
+    if qualified in extra:
+        return True
     parts = qualified.split(".")
     if any(part in LOADERS for part in parts[1:]):
         return False
@@ -189,6 +202,7 @@ def _reason(qualified: str) -> str:
 class _Auditor(ast.NodeVisitor):
     def __init__(self, filename: str, local_modules: set[str], tree: ast.AST):
         self.filename, self.local_modules = filename, local_modules
+        self.extra = ENTRY_POINT_ALLOWED.get(filename, frozenset())
         self.aliases: dict[str, str] = {}  # bound name -> qualified name
         self.modules: set[str] = set()  # bound names that hold a module
         self.parents: dict[ast.AST, ast.AST] = {}
@@ -241,7 +255,7 @@ class _Auditor(ast.NodeVisitor):
             if alias.name == "*":
                 self.report(node, f"`from {module} import *` hides what is used")
                 continue
-            if not allowed_name(qualified) and module != "__future__":
+            if not allowed_name(qualified, self.extra) and module != "__future__":
                 self.report(node, f"imports {qualified}{_reason(qualified)}, which is outside the allow-list")
             self.aliases[alias.asname or alias.name] = qualified
             if qualified in ALLOWED and qualified != "transformers.AutoModel":
@@ -249,9 +263,8 @@ class _Auditor(ast.NodeVisitor):
 
     def _check_module(self, node: ast.AST, module: str) -> None:
         parts = module.split(".")
-        if (
-            not all(allowed_name(".".join(parts[: i + 1])) for i in range(len(parts)))
-            or module not in ALLOWED
+        if not all(allowed_name(".".join(parts[: i + 1]), self.extra) for i in range(len(parts))) or (
+            module not in ALLOWED and module not in self.extra
         ):
             kind = "forbidden module" if parts[0] in FORBIDDEN_STDLIB else "a module"
             self.report(node, f"imports {kind} {module!r}, which is outside the allow-list")
@@ -273,7 +286,7 @@ class _Auditor(ast.NodeVisitor):
             top = self.parents[top]
             parts.append(top.attr)
         qualified = ".".join(parts)
-        if not allowed_name(qualified):
+        if not allowed_name(qualified, self.extra):
             self.report(node, f"uses {qualified}{_reason(qualified)}, which is outside the allow-list")
         elif top is node and node.id in self.modules:
             self.report(node, f"uses the module {qualified} as a value (only its attributes may be used)")
@@ -313,6 +326,7 @@ __all__ = [
     "ALLOWED",
     "ALLOWED_BUILTINS",
     "ALLOWED_PACKAGES",
+    "ENTRY_POINT_ALLOWED",
     "FORBIDDEN_STDLIB",
     "allowed_name",
     "audit_published_code",

@@ -39,6 +39,9 @@ MODEL_AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_deft_llava.DeftLlavaForConditionalGeneration",
 }
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_deft_llava.DeftLlavaProcessor"}
+# the Inference Endpoints entry point, copied as it is to `handler.py` at the folder root (`serving/handler.py`)
+HANDLER_MODULE = "modeling_deft_llava.serving.handler"
+HANDLER_FILE = "handler.py"
 
 # weight formats that unpickle on load: never published
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -183,7 +186,11 @@ def export_for_hub(model, processor, folder: str | os.PathLike, overwrite: bool 
         _save_model(model, staging)
         processor.save_pretrained(staging)
         _set_processor_auto_map(staging)
-        write_flat_code(staging)
+        written = write_flat_code(staging)
+        if HANDLER_FILE in written:
+            raise ValueError(f"a model code file is named {HANDLER_FILE}, which the endpoint handler needs")
+        # stand-alone: it imports no project module, only the Auto classes (which read auto_map)
+        (staging / HANDLER_FILE).write_text(_module_file(HANDLER_MODULE).read_text(encoding="utf-8"), "utf-8")
         pickled = sorted(p.name for p in staging.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickled or not list(staging.glob("*.safetensors")):
             raise ValueError(f"the export must hold safetensors weights only, found pickled {pickled}")
@@ -220,4 +227,11 @@ def _set_processor_auto_map(folder: Path) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-__all__ = ["ENTRY_MODULES", "MODEL_AUTO_MAP", "PROCESSOR_AUTO_MAP", "collect_code_files", "export_for_hub"]
+__all__ = [
+    "ENTRY_MODULES",
+    "HANDLER_FILE",
+    "MODEL_AUTO_MAP",
+    "PROCESSOR_AUTO_MAP",
+    "collect_code_files",
+    "export_for_hub",
+]

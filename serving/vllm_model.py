@@ -1,0 +1,344 @@
+"""`DeftLlavaVllmForConditionalGeneration`: DeFT-LLaVA as a vLLM model (vision tower, projector, DeFT scorer in
+fast mode, then vLLM's paged-attention language model), with the original position ids of the kept tokens.
+
+Follows vLLM's `LlavaForConditionalGeneration` (`vllm/model_executor/models/llava.py`), rebuilt from the same vLLM
+parts rather than subclassed (that file imports vLLM's Pixtral support, which needs a `torchvision` that loads
+with the CPU torch; see `vllm_processing.py`): vLLM's CLIP/SigLIP tower (up to the feature layer, no post
+layer norm), a projector of vLLM's parallel linear layers, vLLM's registered language model for the text config,
+and vLLM's weight loader with the same checkpoint name mapping. Differences:
+
+1. Compression (`embed_multimodal`): after the projector, the seed's `DeFTModule` scores the N patch tokens of
+   every image and keeps the top K = `config.num_kept_tokens(N)` in their original order (DeFT "fast" mode: a
+   fixed K per image, so vLLM's placeholder accounting, KV-cache reservation and scheduling hold; the processor,
+   `vllm_processing.py`, writes K placeholders). Its weights load from the checkpoint's `model.deft.*`.
+2. Positions. DeFT-LLaVA in transformers gives each kept token its ORIGINAL position id (the patch index after
+   the image's start) and lets the text after an image resume where the full image would have ended. vLLM
+   numbers placeholders contiguously, so both are restored here with two official vLLM mechanisms:
+   - the text after an image, and every decoding step, through vLLM's M-RoPE position interface
+     (`SupportsMRoPE.get_mrope_input_positions`: per-prompt positions plus a decoding delta; used by Qwen2-VL).
+     The plugin's config (`vllm_plugin.DeftLlavaVllmConfig`) declares an M-RoPE section that puts every rotary
+     frequency on the first position row, so the rotation equals the standard RoPE of the checkpoint;
+   - the kept token's own offset inside its image (`kept_index - j` for the j-th kept token) travels with its
+     embedding as two extra channels, is stripped in `embed_input_ids` and added to the positions in `forward`
+     (the way vLLM's Qwen3-VL passes deepstack embeddings from `embed_input_ids` to `forward`, and its EVS video
+     pruning carries positions as extra embedding channels).
+   `deft_keep_original_positions=False` numbers everything contiguously instead (as vLLM's LLaVA does).
+3. Refused at start-up with a `ValueError` naming the setting: methods whose count changes per sample (DeFT
+   `deft_inference_mode` `hybrid`/`adaptive`) or that work inside the language model or need the prompt's text
+   (every baseline `compression_method` other than `"deft"` is refused in this version), and precomputed
+   `image_embeds` inputs (they would bypass compression); Pixtral towers, LoRA and pipeline parallelism are not
+   offered.
+
+Shapes: `embed_multimodal` returns, per image, `(K, hidden_size + 2)`; `embed_input_ids` returns
+`(num_tokens, hidden_size)`; `forward` takes `positions` `(num_tokens,)` or `(3, num_tokens)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, SiglipVisionConfig
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.activation import get_act_fn
+from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+from vllm.model_executor.models.clip import CLIPVisionModel
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMRoPE, SupportsMultiModal
+from vllm.model_executor.models.siglip import SiglipVisionModel
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    get_layer_index,
+    init_vllm_registered_model,
+    maybe_prefix,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from modeling_deft_llava import DeFTModule
+
+from .vllm_processing import (
+    DeftLlavaVllmDummyInputsBuilder,
+    DeftLlavaVllmMultiModalProcessor,
+    DeftLlavaVllmProcessingInfo,
+    num_source_tokens,
+)
+
+# the kept token's offset inside its image travels as two embedding channels (low, high) of base OFFSET_BASE:
+# each channel stays below 64, exact in bf16/fp16, for offsets up to 64 * 64 = 4096 patches per image
+OFFSET_BASE = 64
+OFFSET_CHANNELS = 2
+
+
+def serving_refusal(config) -> str | None:
+    """Why vLLM cannot serve this configuration (None: it can). Fixed K per image and compression before the
+    language model are required; see the module docstring."""
+    if not config.use_deft:
+        return None
+    if config.compression_method != "deft":
+        return (
+            f"compression_method={config.compression_method!r} is not served by the DeFT-LLaVA vLLM plugin: "
+            "only compression_method='deft' (deft_inference_mode='fast') or use_deft=False are; baselines that "
+            "prune inside the language model (fastv, ficoco_l), read the prompt's text (recoverable) or work "
+            "inside the vision encoder (tome, ficoco_v) are not ported. Serve it with transformers' generate, "
+            "or load the folder with use_deft=False"
+        )
+    if config.deft_inference_mode != "fast":
+        return (
+            f"deft_inference_mode={config.deft_inference_mode!r} keeps a content-dependent number of tokens per "
+            "image, which vLLM's placeholder accounting cannot hold; set deft_inference_mode='fast' (a fixed "
+            "K per image) in config.json, or pass hf_overrides={'deft_inference_mode': 'fast'}"
+        )
+    return None
+
+
+def build_deft_module(config) -> DeFTModule:
+    """The seed's `DeFTModule` with the checkpoint's DeFT settings.
+
+    This mirrors how `DeftLlavaForConditionalGeneration` builds and calls its DeFT stage (constructor keywords
+    from the `deft_*` config fields; called on the projected features in "fast" mode): the one place where the
+    plugin relies on how the transformers model uses `DeFTModule` (its `model.deft.*` weights and this
+    construction), checked by the vLLM-equals-generate test."""
+    return DeFTModule(
+        token_dim=config.text_config.hidden_size,
+        semantic_dim=config.deft_semantic_dim,
+        retention_ratio=config.deft_retention_ratio,
+        enable_rtd=config.deft_enable_rtd,
+        alpha_var=config.deft_alpha_var,
+        rtd_bottleneck_ratio=config.deft_rtd_bottleneck_ratio,
+        saliency_hidden_dim=config.deft_saliency_hidden_dim,
+        image_neighbors=config.deft_group_image_neighbors,
+        video_window=config.deft_group_video_window,
+        text_neighbors=config.deft_group_text_neighbors,
+        entropy_threshold=config.deft_rtd_entropy_threshold,
+        confidence_threshold=config.deft_rtd_confidence_threshold,
+        feedback_loss_weight=config.deft_feedback_loss_weight,
+        rtd_loss_weight=config.deft_rtd_loss_weight,
+    )
+
+
+class DeftLlavaVllmProjector(nn.Module):
+    """LLaVA's two-layer projector, `(..., vision_hidden)` -> `(..., text_hidden)`, on vLLM's parallel linears
+    (checkpoint names `multi_modal_projector.linear_1` / `linear_2`, as transformers' `LlavaMultiModalProjector`)."""
+
+    def __init__(self, config, quant_config=None, prefix: str = ""):
+        super().__init__()
+        hidden, bias = config.text_config.hidden_size, config.multimodal_projector_bias
+        self.linear_1 = ColumnParallelLinear(
+            config.vision_config.hidden_size,
+            hidden,
+            bias=bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.linear_1",
+        )
+        self.act = get_act_fn(config.projector_hidden_act)
+        self.linear_2 = RowParallelLinear(
+            hidden, hidden, bias=bias, quant_config=quant_config, prefix=f"{prefix}.linear_2"
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.linear_1(features)
+        hidden, _ = self.linear_2(self.act(hidden))
+        return hidden
+
+
+def build_vision_tower(config, quant_config=None, prefix: str = "") -> nn.Module:
+    """vLLM's CLIP or SigLIP tower, built up to the feature layer (`vision_feature_layer`, an int)."""
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"vision_feature_layer must be one layer (an int) for vLLM serving, got {layer!r}")
+    vision = config.vision_config
+    kwargs = dict(
+        quant_config=quant_config,
+        num_hidden_layers_override=get_layer_index(layer, vision.num_hidden_layers),
+        require_post_norm=False,
+        prefix=prefix,
+    )
+    if isinstance(vision, CLIPVisionConfig):
+        return CLIPVisionModel(vision, **kwargs)
+    if isinstance(vision, SiglipVisionConfig):
+        return SiglipVisionModel(vision, **kwargs)
+    raise ValueError(
+        f"vision tower {type(vision).__name__} is not served by the DeFT-LLaVA vLLM plugin (CLIP, SigLIP)"
+    )
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    DeftLlavaVllmMultiModalProcessor,
+    info=DeftLlavaVllmProcessingInfo,
+    dummy_inputs=DeftLlavaVllmDummyInputsBuilder,
+)
+class DeftLlavaVllmForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRoPE):
+    """vLLM's LLaVA with DeFT compression and original position ids (see the module docstring).
+
+    Raises:
+        ValueError: at construction (vLLM start-up), a configuration vLLM cannot serve (`serving_refusal`);
+            at run time, precomputed `image_embeds`, or a compressor that returned another count than K.
+    """
+
+    # checkpoint names: transformers >= 4.52 (`model.` prefix) and older (as vLLM's LLaVA), plus the DeFT stage
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_prefix={
+            "model.language_model.": "language_model.model.",
+            "model.vision_tower.": "vision_tower.",
+            "model.multi_modal_projector.": "multi_modal_projector.",
+            "model.deft.": "deft.",
+            "lm_head.": "language_model.lm_head.",
+        }
+    )
+
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality.startswith("image"):
+            return "<image>"
+        raise ValueError(f"DeFT-LLaVA in vLLM takes images only, not {modality!r}")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        config = vllm_config.model_config.hf_config
+        refusal = serving_refusal(config)
+        if refusal is not None:
+            raise ValueError(refusal)
+        super().__init__()
+        self.config = config
+        quant_config = vllm_config.quant_config
+        self.configure_mm_token_handling(
+            vocab_size=config.text_config.vocab_size, mm_token_ids=[config.image_token_index]
+        )
+        self.compress = bool(config.use_deft)
+        self.keep_original_positions = bool(config.deft_keep_original_positions) and self.compress
+        self.num_source_tokens = num_source_tokens(config)
+        self.num_kept_tokens = config.num_kept_tokens(self.num_source_tokens)
+        with self._mark_tower_model(vllm_config, "image"):
+            self.vision_tower = build_vision_tower(config, quant_config, maybe_prefix(prefix, "vision_tower"))
+            self.multi_modal_projector = DeftLlavaVllmProjector(
+                config, quant_config, maybe_prefix(prefix, "multi_modal_projector")
+            )
+            self.deft = build_deft_module(config) if self.compress else None
+        with self._mark_language_model(vllm_config):
+            self.language_model = init_vllm_registered_model(
+                vllm_config=vllm_config,
+                hf_config=config.text_config,
+                prefix=maybe_prefix(prefix, "language_model"),
+            )
+        self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+        # per-token position offsets of the current step: written by embed_input_ids, read by forward
+        max_tokens = vllm_config.scheduler_config.max_num_batched_tokens + 1024
+        self.register_buffer("position_offsets", torch.zeros(max_tokens, dtype=torch.long), persistent=False)
+
+    # ------------------------------------------------------------------ encoder side
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        """Per image, `(K, hidden_size + 2)`: the kept rows, then their in-image offsets (two channels)."""
+        if kwargs.get("image_embeds") is not None:
+            raise ValueError(
+                "precomputed image_embeds are not accepted by DeFT-LLaVA in vLLM (they would bypass compression); "
+                "send the image itself"
+            )
+        pixel_values = kwargs.get("pixel_values")
+        if pixel_values is None:
+            return []
+        if not isinstance(pixel_values, torch.Tensor):  # one tensor per image: all share the tower's size
+            pixel_values = torch.stack(list(pixel_values))
+        strategy = self.config.vision_feature_select_strategy
+        features = self.vision_tower(pixel_values, feature_select_strategy=strategy)  # (images, N, vision)
+        features = self.multi_modal_projector(features)  # (images, N, hidden_size)
+        images, n, _ = features.shape
+        if not self.compress:
+            kept = torch.arange(n, device=features.device).expand(images, n)  # (images, N)
+            rows = features
+        else:
+            patch = self.config.vision_config.patch_size
+            grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+            out = self.deft(tokens=features, modality="image", spatial_shape=grid, inference_mode="fast")
+            rows, kept = out.retained_tokens, out.kept_indices  # (images, K, hidden_size), (images, K)
+            if rows.shape[1] != self.num_kept_tokens:
+                raise ValueError(
+                    f"the DeFT module kept {rows.shape[1]} tokens per image but the processor wrote "
+                    f"{self.num_kept_tokens} placeholders (N={n}, ratio {self.config.deft_retention_ratio})"
+                )
+        k = rows.shape[1]
+        offsets = kept - torch.arange(k, device=kept.device)  # (images, K) >= 0: kept indices ascend
+        if not self.keep_original_positions:
+            offsets = torch.zeros_like(offsets)
+        codes = torch.stack([offsets % OFFSET_BASE, offsets // OFFSET_BASE], dim=-1)  # (images, K, 2)
+        out_rows = torch.cat([rows, codes.to(rows.dtype)], dim=-1)  # (images, K, hidden_size + 2)
+        return list(out_rows)
+
+    # ------------------------------------------------------------------ language-model side
+    def embed_input_ids(
+        self,
+        input_ids: torch.Tensor,
+        multimodal_embeddings: MultiModalEmbeddings | None = None,
+        *,
+        is_multimodal: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with the visual rows scattered in; records each visual token's in-image offset.
+
+        `input_ids`: `(num_tokens,)`; each multimodal embedding `(rows, hidden_size + 2)`. Returns
+        `(num_tokens, hidden_size)`."""
+        self.position_offsets.zero_()
+        if multimodal_embeddings is not None and len(multimodal_embeddings) > 0:
+            codes = torch.cat([e[:, -OFFSET_CHANNELS:] for e in multimodal_embeddings]).round().long()
+            offsets = codes[:, 0] + OFFSET_BASE * codes[:, 1]  # (visual tokens in this step,)
+            self.position_offsets[: input_ids.shape[0]][is_multimodal] = offsets
+            multimodal_embeddings = [e[:, :-OFFSET_CHANNELS] for e in multimodal_embeddings]
+        return SupportsMultiModal.embed_input_ids(
+            self, input_ids, multimodal_embeddings, is_multimodal=is_multimodal
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors=None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: object,
+    ):
+        """vLLM's LLaVA forward with each kept token's position moved to its original patch position."""
+        if positions.ndim == 2:  # M-RoPE rows are equal (get_mrope_input_positions); keep one
+            positions = positions[0]
+        positions = positions + self.position_offsets[: positions.shape[0]]
+        if intermediate_tensors is not None:
+            inputs_embeds = None
+        return self.language_model.model(
+            input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds
+        )
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.language_model.compute_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """vLLM's loader with `hf_to_vllm_mapper`. transformers 5 saves the tower's weights without the
+        `vision_model.` level that vLLM's CLIP/SigLIP modules have (`vision_tower.embeddings...`): it is added."""
+
+        def renamed():
+            for name, tensor in weights:
+                for head in ("model.vision_tower.", "vision_tower."):
+                    if name.startswith(head) and not name.startswith(head + "vision_model."):
+                        name = head + "vision_model." + name[len(head) :]
+                yield name, tensor
+
+        # compression off (use_deft=False): the checkpoint's DeFT weights are not used
+        skip = ["deft."] if self.deft is None else None
+        return AutoWeightsLoader(self, ignore_unexpected_prefixes=skip).load_weights(
+            renamed(), mapper=self.hf_to_vllm_mapper
+        )
+
+    def get_mrope_input_positions(
+        self, input_tokens: list[int], mm_features: list
+    ) -> tuple[torch.Tensor, int]:
+        """Prompt positions `(3, len(input_tokens))` (three equal rows) and the decoding delta.
+
+        The text after an image resumes at `image_start + N` (N - K skipped ids per image before it), as in
+        transformers' DeFT-LLaVA; each kept token's own offset is added in `forward`."""
+        length = len(input_tokens)
+        shift = torch.zeros(length, dtype=torch.long)  # (L,) ids skipped before each token
+        if self.keep_original_positions:
+            for feature in mm_features:
+                end = feature.mm_position.offset + feature.mm_position.length
+                shift[end:] += self.num_source_tokens - feature.mm_position.length
+        positions = torch.arange(length, dtype=torch.long) + shift  # (L,)
+        delta = int(shift[-1]) if length else 0
+        return positions.unsqueeze(0).expand(3, -1).clone(), delta
+
+
+__all__ = ["DeftLlavaVllmForConditionalGeneration", "build_deft_module", "serving_refusal"]
