@@ -56,6 +56,7 @@ from vllm.model_executor.models.utils import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from modeling_deft_llava import DeFTModule
+from modeling_deft_llava.compressors.method_deft import DeftLlavaDeFTCompressor
 
 from .vllm_processing import (
     DeftLlavaVllmDummyInputsBuilder,
@@ -93,28 +94,10 @@ def serving_refusal(config) -> str | None:
 
 
 def build_deft_module(config) -> DeFTModule:
-    """The seed's `DeFTModule` with the checkpoint's DeFT settings.
-
-    This mirrors how `DeftLlavaForConditionalGeneration` builds and calls its DeFT stage (constructor keywords
-    from the `deft_*` config fields; called on the projected features in "fast" mode): the one place where the
-    plugin relies on how the transformers model uses `DeFTModule` (its `model.deft.*` weights and this
-    construction), checked by the vLLM-equals-generate test."""
-    return DeFTModule(
-        token_dim=config.text_config.hidden_size,
-        semantic_dim=config.deft_semantic_dim,
-        retention_ratio=config.deft_retention_ratio,
-        enable_rtd=config.deft_enable_rtd,
-        alpha_var=config.deft_alpha_var,
-        rtd_bottleneck_ratio=config.deft_rtd_bottleneck_ratio,
-        saliency_hidden_dim=config.deft_saliency_hidden_dim,
-        image_neighbors=config.deft_group_image_neighbors,
-        video_window=config.deft_group_video_window,
-        text_neighbors=config.deft_group_text_neighbors,
-        entropy_threshold=config.deft_rtd_entropy_threshold,
-        confidence_threshold=config.deft_rtd_confidence_threshold,
-        feedback_loss_weight=config.deft_feedback_loss_weight,
-        rtd_loss_weight=config.deft_rtd_loss_weight,
-    )
+    """The DeFT method with the checkpoint's DeFT settings, built as the transformers model builds it
+    (`DeftLlavaDeFTCompressor.from_config`: a `DeFTModule` whose weights are `model.deft.*`); the plugin calls
+    it on the projected features in "fast" mode. Checked by the vLLM-equals-generate test."""
+    return DeftLlavaDeFTCompressor.from_config(config)
 
 
 class DeftLlavaVllmProjector(nn.Module):
