@@ -32,6 +32,8 @@ class DeftLlavaConfig(LlavaConfig):
     defaults), plus:
 
     video_token_index (`int`, *optional*): id of the `<video>` placeholder; None disables video input.
+    context_start_token_index, context_end_token_index (`int`, *optional*): ids of the `<context>` and
+        `</context>` markers around a long text context (`text_context.py`); None (both) disables them.
     compression_method (`str`, defaults to `"deft"`): which token compressor runs when `use_deft=True`.
     compression_settings (`dict`, *optional*): typed settings of a baseline method (see its settings class).
 
@@ -64,7 +66,10 @@ class DeftLlavaConfig(LlavaConfig):
     deft_keep_original_positions: bool = DEFAULTS.deft_keep_original_positions
     deft_feedback_loss_weight: float = DEFAULTS.deft_feedback_loss_weight
     deft_rtd_loss_weight: float = DEFAULTS.deft_rtd_loss_weight
+    deft_text_retention_ratio: float | None = DEFAULTS.deft_text_retention_ratio
     video_token_index: int | None = None
+    context_start_token_index: int | None = None
+    context_end_token_index: int | None = None
     compression_method: str = DEFT_METHOD
     compression_settings: dict | None = None
 
@@ -103,6 +108,7 @@ class DeftLlavaConfig(LlavaConfig):
         validate_method(self, n, self.num_kept_tokens(n) if n is not None and self.use_deft else None)
         if self.use_deft:
             check_one_feature_per_patch(self.vision_config, self.vision_feature_select_strategy)
+        check_context_markers(self)
 
     def patch_tokens_per_image(self) -> int | None:
         """Encoder tokens per image from the vision config (CLS dropped by the "default" strategy)."""
@@ -123,6 +129,43 @@ class DeftLlavaConfig(LlavaConfig):
             self.deft_retention_ratio,
             self.deft_inference_mode,
             self.compression_method,
+        )
+
+
+def check_context_markers(config) -> None:
+    """The context markers (`context_start_token_index`, `context_end_token_index`): both None, or two distinct
+    non-negative ints that are not a placeholder id; `deft_text_retention_ratio` needs them (without markers
+    no token is context, and the ratio would be ignored without a word).
+
+    Raises:
+        ValueError: names the offending field and value.
+    """
+    start, end = config.context_start_token_index, config.context_end_token_index
+    if (start is None) != (end is None):
+        raise ValueError(
+            f"context_start_token_index={start!r} and context_end_token_index={end!r}: set both (the ids of the "
+            "<context> and </context> markers) or neither"
+        )
+    if start is not None:
+        for name, value in (("context_start_token_index", start), ("context_end_token_index", end)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a token id (an int >= 0), got {value!r}")
+        placeholders = {
+            config.image_token_index: "image_token_index",
+            config.video_token_index: "video_token_index",
+        }
+        for name, value in (("context_start_token_index", start), ("context_end_token_index", end)):
+            if value in placeholders:
+                raise ValueError(
+                    f"{name}={value!r} is also {placeholders[value]}: markers need ids of their own"
+                )
+        if start == end:
+            raise ValueError(f"context_start_token_index and context_end_token_index are both {start!r}")
+    if config.use_deft and config.deft_text_retention_ratio is not None and start is None:
+        raise ValueError(
+            f"deft_text_retention_ratio={config.deft_text_retention_ratio!r} compresses the text between the "
+            "context markers, but context_start_token_index is None: set the ids of the <context> and </context> "
+            "tokens (context_start_token_index, context_end_token_index) or leave deft_text_retention_ratio=None"
         )
 
 

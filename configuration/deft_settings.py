@@ -42,6 +42,10 @@ class DeftSettings:
         deft_feedback_loss_weight: weight of the loss that pulls the learned saliency towards the feedback
             score (training only).
         deft_rtd_loss_weight: weight of the RTD reconstruction loss (training only).
+        deft_text_retention_ratio: share of a sample's CONTEXT text tokens kept (the tokens between the context
+            markers, `config.context_start_token_index` .. `context_end_token_index`), in (0, 1]; None (default):
+            the context is not compressed. The question and the chat template are never compressed. Only
+            methods that compress text (`"text" in modalities`: DeFT) take it.
     """
 
     use_deft: bool = False
@@ -60,6 +64,7 @@ class DeftSettings:
     deft_keep_original_positions: bool = True
     deft_feedback_loss_weight: float = 1.0
     deft_rtd_loss_weight: float = 1.0
+    deft_text_retention_ratio: float | None = None
 
     def __post_init__(self):
         validate_deft_settings(**asdict(self))
@@ -178,6 +183,8 @@ def validate_deft_settings(**values) -> None:
         )
     if "deft_retention_ratio" in values:
         validate_retention_ratio(values["deft_retention_ratio"])
+    if values.get("deft_text_retention_ratio") is not None:
+        validate_retention_ratio(values["deft_text_retention_ratio"], name="deft_text_retention_ratio")
     if "deft_inference_mode" in values:
         validate_inference_mode(values["deft_inference_mode"])
     for name in ("deft_rtd_entropy_threshold", "deft_rtd_confidence_threshold"):

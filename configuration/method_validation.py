@@ -26,4 +26,11 @@ def validate_method(config, num_tokens: int | None, num_kept: int | None) -> Non
     settings = method_settings(name, config.compression_settings)  # unknown keys, out-of-range values
     if cls.needs_cls_token:
         check_cls_token(name, config, tuple(m for m, c in METHODS.items() if not c.needs_cls_token))
+    if config.use_deft and getattr(config, "deft_text_retention_ratio", None) is not None:
+        if "text" not in cls.modalities:
+            raise ValueError(
+                f"deft_text_retention_ratio={config.deft_text_retention_ratio!r}: compression_method={name!r} "
+                f"does not compress text; methods that do: {[m for m, c in METHODS.items() if 'text' in c.modalities]} "
+                "(or leave deft_text_retention_ratio=None: the context is then kept whole)"
+            )
     cls.check_config(config, settings, num_tokens, num_kept)

@@ -34,7 +34,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 from transformers.utils.generic import can_return_tuple
 
-from .compressors.compression_method import LanguageModelCall, PromptBatch, VisualBatch
+from .compressors.compression_method import LanguageModelCall, PromptBatch, TextBatch, VisualBatch
 from .compressors.compression_registry import build_method
 from .configuration.configuration_deft_llava import DeftLlavaConfig
 from .configuration.deft_settings import num_kept_tokens
@@ -44,6 +44,7 @@ from .modeling_outputs_deft_llava import (
     DeftLlavaModelOutputWithPast,
     DeftVisualFeaturesOutput,
 )
+from .text_context import TextContext
 from .token_layout import TokenLayout, check_attention_mask, continue_cache, gather_seq, record_cache_state
 from .transformers_compat import (
     cache_kwargs,
@@ -484,12 +485,15 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             image_sizes,
             deft_token_gradients,
         )
+        context = self._find_context(input_ids, attention_mask, past_key_values)
         if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
+            # the markers never reach the language model: they need no embedding row of their own
+            ids = input_ids if context is None else input_ids.masked_fill(context.markers, 0)
+            inputs_embeds = self.get_input_embeddings()(ids)
         generation_state = {"deft_prompt_length": deft_prompt_length}
         if deft_layer_gather_index is not None:
             generation_state["deft_layer_gather_index"] = deft_layer_gather_index
-        if not visual:
+        if not visual and context is None:
             return self._continue(
                 inputs_embeds, attention_mask, position_ids, past_key_values, kwargs, generation_state
             )
@@ -503,7 +507,38 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             deft_prompt_length,
             deft_reconstruct,
             kwargs,
+            context,
         )
+
+    def _find_context(self, input_ids, attention_mask, cache) -> TextContext | None:
+        """The `<context> ... </context>` spans of `input_ids` (`text_context.py`), or None.
+
+        Raises:
+            ValueError: markers in a call that continues a cache (a context in a later turn, or a generated
+                marker); markers that do not pair up; a method that runs the decoder on the input layout.
+        """
+        start, end = self.config.context_start_token_index, self.config.context_end_token_index
+        if input_ids is None or start is None:
+            return None
+        if not bool(((input_ids == start) | (input_ids == end)).any()):
+            return None
+        cached = cache.get_seq_length() if cache is not None else 0
+        if cached:
+            raise ValueError(
+                f"input_ids hold context markers (ids {start}, {end}) in a call that continues a cache of {cached} "
+                "tokens: a context is compressed in the prefill only; send the whole conversation (with its "
+                "context) without past_key_values, and keep the markers out of generated text "
+                f"(generate(..., suppress_tokens=[{start}, {end}]))"
+            )
+        check_attention_mask(attention_mask)
+        method = self.active_method
+        if method is not None and method.needs_input_layout:
+            raise ValueError(
+                f"compression_method={self.config.compression_method!r} runs the decoder layers on the input "
+                "layout and cannot take a <context> (its markers are dropped before the language model); use "
+                "another method, or send the context without markers"
+            )
+        return TextContext.find(input_ids, attention_mask, start, end)
 
     def _prefill(
         self,
@@ -516,8 +551,9 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         prompt_length,
         reconsidered,
         kwargs,
+        context=None,
     ) -> DeftLlavaModelOutputWithPast:
-        """A forward with visual inputs: steps 2 and 3 of the pipeline (module docstring)."""
+        """A forward with visual inputs or a text context: steps 2 and 3 of the pipeline (module docstring)."""
         method = self.active_method
         prompt_length = inputs_embeds.shape[1] if prompt_length is None else int(prompt_length)
         if method is not None:
@@ -530,6 +566,8 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             for token_id in token_ids.values():
                 if token_id is not None:
                     text &= ~self._placeholder_mask(input_ids, inputs_embeds, token_id)
+            if context is not None:
+                text &= ~context.markers
             for modality, features in visual.items():
                 if features.pooler_output:
                     prompt = PromptBatch(inputs_embeds, masks[modality], text, prompt_length)
@@ -538,8 +576,10 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             inputs_embeds = layout.place(
                 modality, features, masks[modality], inputs_embeds, self.config, reconsidered
             )
+        if context is not None:
+            inputs_embeds = self._compress_context(method, context, inputs_embeds, layout)
         original_positions = method is not None and self.config.deft_keep_original_positions
-        if method is not None:
+        if method is not None or context is not None:
             inputs_embeds, attention_mask, position_ids = layout.arrange(
                 inputs_embeds, attention_mask, position_ids, original_positions
             )
@@ -564,7 +604,29 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         if outputs.deft_kept_indices is None:  # a method in the language model reports its own
             outputs.deft_kept_indices = layout.kept_indices
         outputs.deft_num_reconstructed = layout.num_reconstructed
+        outputs.deft_text_kept_indices = layout.text_kept_indices
         return outputs
+
+    def _compress_context(self, method, context: TextContext, inputs_embeds, layout: TokenLayout):
+        """The method keeps `deft_text_retention_ratio` of each sample's context tokens (`compress_text`), or
+        every one (text compression off, or a method that does not compress text); the markers are dropped.
+        Returns the input embeddings with the method's context rows in place."""
+        keep = ~context.markers  # (batch, seq)
+        ratio = self.config.deft_text_retention_ratio
+        if (
+            method is not None
+            and ratio is not None
+            and "text" in method.modalities
+            and context.index.shape[1]
+        ):
+            text = TextBatch(context.pack(inputs_embeds), context.token_mask, float(ratio))
+            selection = method.compress_text(self, text)
+            if selection is not None:
+                if selection.tokens is not None:
+                    inputs_embeds = context.place(inputs_embeds, selection.tokens)
+                keep &= ~context.tokens | context.unpack(selection.kept)
+        layout.mark_context(context.markers, keep, context.kept_indices(keep))
+        return inputs_embeds
 
     def _continue(self, inputs_embeds, attention_mask, position_ids, cache, kwargs, generation_state):
         """A forward without visual inputs: decoding steps, or a later turn that reuses a cache.
@@ -579,7 +641,8 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         """
         refusal = lambda: (  # noqa: E731 (a message built only when needed)
             f"this cache holds {cache.get_seq_length() if cache is not None else 0} re-packed tokens "
-            f"(deft_inference_mode {self.config.deft_inference_mode!r} or compression_method "
+            f"(a <context> whose markers were dropped, deft_inference_mode {self.config.deft_inference_mode!r} "
+            f"or compression_method "
             f"{self.config.compression_method!r} dropped placeholders), so a later turn cannot reuse it: "
             "the input ids and the attention mask no longer line up with it; call generate with the "
             "whole conversation and its images, without past_key_values (or use deft_inference_mode="
@@ -764,6 +827,7 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
             ),
             mixture_weights=feats[0].mixture_weights if feats else None,
             num_reconstructed=outputs.deft_num_reconstructed,
+            text_kept_indices=outputs.deft_text_kept_indices,
             deft_position_ids=outputs.deft_position_ids,
             deft_attention_mask=outputs.deft_attention_mask,
             deft_gather_index=outputs.deft_gather_index,

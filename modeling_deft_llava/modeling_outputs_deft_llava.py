@@ -87,6 +87,7 @@ class DeftLlavaModelOutputWithPast(LlavaModelOutputWithPast):
     deft_num_reconstructed: torch.Tensor | None = None
     deft_compression_scores: torch.Tensor | None = None
     deft_generation_state: dict | None = None
+    deft_text_kept_indices: list | None = None
 
 
 @dataclass
@@ -97,6 +98,8 @@ class DeftLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
         tokens the language model saw (after the adaptive decision).
     compression_scores: `(num_images, N)`; mixture_weights: component -> weight.
     num_reconstructed: `(batch,)` visual tokens rebuilt by RTD per sample.
+    text_kept_indices: list, per sample, of the input positions of the `<context>` tokens the language model
+        saw (`text_context.py`), or None when the input holds no context.
     lm_loss: next-token loss alone. In training mode `loss = lm_loss + deft_rtd_loss_weight * rtd_loss +
         deft_feedback_loss_weight * feedback_loss` (each term present only when computed).
     deft_position_ids / deft_attention_mask / deft_gather_index / deft_generation_state: see
@@ -110,6 +113,7 @@ class DeftLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
     compression_scores: torch.Tensor | None = None
     mixture_weights: dict | None = None
     num_reconstructed: torch.Tensor | None = None
+    text_kept_indices: list | None = None
     deft_position_ids: torch.LongTensor | None = None
     deft_attention_mask: torch.LongTensor | None = None
     deft_gather_index: torch.LongTensor | None = None

@@ -6,7 +6,8 @@
   S + j; the text after an image of N patches resumes at S + N: the gaps stay), or renumbered 0..L-1
   (`deft_keep_original_positions=False`, the official LLaVA integrations of most baselines);
 - dropping the placeholders a method left unused (content-dependent counts: DeFT `hybrid`/`adaptive`,
-  Recoverable) and re-packing the batch with left padding (`arrange`), labels included (`gather_labels`);
+  Recoverable), the context markers and the context text tokens a method did not keep (`mark_context`), and
+  re-packing the batch with left padding (`arrange`), labels included (`gather_labels`);
 - the 2-D padding mask (a 4-D mask is refused while compression is on: `check_attention_mask`);
 - the state a later call needs (`record` on the KV cache, read back by `continue_cache`): the next position
   of every row (the gaps make the cache length wrong), whether the cache was re-packed, and what a
@@ -144,6 +145,8 @@ class TokenLayout:
         rows_per_item: modality -> rows of each item, in order.
         kept_indices: list, per item (images first, then videos), of the source patches the language model
             sees.
+        text_kept_indices: list, per sample, of the input positions of the context tokens the language model
+            sees, or None (no context; `mark_context`).
         num_reconstructed: `(batch,)` rows rebuilt by a token dictionary per sample, or None.
         gather_index: `(batch, seq')` index of every kept token in the input (-1 on new padding), or None when
             nothing was dropped (`arrange`).
@@ -159,6 +162,7 @@ class TokenLayout:
     placeholder_masks: dict = field(default_factory=dict)
     rows_per_item: dict = field(default_factory=dict)
     kept_indices: list = field(default_factory=list)
+    text_kept_indices: list | None = None
     num_reconstructed: torch.Tensor | None = None
     gather_index: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
@@ -236,6 +240,21 @@ class TokenLayout:
             rows_seen = used[mask]
         self.kept_indices += [src[k] for src, k in zip(source.split(counts), rows_seen.split(counts))]
         return inputs_embeds
+
+    def mark_context(self, markers: torch.Tensor, keep: torch.Tensor, kept_indices: list) -> None:
+        """Drop the context markers and the context tokens a method did not keep (`text_context.py`).
+
+        Args:
+            markers: `(batch, seq)` bool, the marker tokens: never seen, and they do not move the position
+                counter (the kept-whole context sits exactly where the unmarked prompt puts it).
+            keep: `(batch, seq)` bool, False on markers and dropped context tokens; a dropped context token
+                still moves the counter (its gap stays, like a pruned visual token's).
+            kept_indices: per sample, the input positions of the kept context tokens (`text_kept_indices`).
+        """
+        self.advance = self.advance.masked_fill(markers, 0)
+        used = keep & ~markers
+        self.used = used if self.used is None else self.used & used
+        self.text_kept_indices = kept_indices
 
     def arrange(self, inputs_embeds, attention_mask, position_ids, original_positions: bool):
         """Positions, then re-packing. Returns `(inputs_embeds, attention_mask, position_ids)` for the language

@@ -43,6 +43,11 @@ class DeftLlavaProcessor(LlavaProcessor):
         video_token: the video placeholder (default `<video>`). Video is supported only when the tokenizer
             has this token: the public llava-hf tokenizers have no `<video>`, and without one the processor
             takes no videos (`video_token` and `video_token_id` are then None). The image token is required.
+        context_start_token, context_end_token: the markers around a long text context (default `<context>`
+            and `</context>`; the model's `context_start_token_index`/`context_end_token_index`). Used only when
+            the tokenizer has both; then `apply_chat_template` turns a content item
+            `{"type": "context", "text": ...}` into that text between the markers, whatever the chat template
+            (a template that knows only text items renders it). Without them a context item is a ValueError.
         use_deft, deft_retention_ratio, deft_inference_mode, compression_method: as in `DeftLlavaConfig`.
 
     The full signature is repeated on purpose: `ProcessorMixin.to_dict` saves only named `__init__` arguments.
@@ -58,6 +63,8 @@ class DeftLlavaProcessor(LlavaProcessor):
         image_token="<image>",
         num_additional_image_tokens=0,
         video_token="<video>",
+        context_start_token="<context>",
+        context_end_token="</context>",
         use_deft: bool = DEFAULTS.use_deft,
         deft_retention_ratio: float = DEFAULTS.deft_retention_ratio,
         deft_inference_mode: str = DEFAULTS.deft_inference_mode,
@@ -82,6 +89,11 @@ class DeftLlavaProcessor(LlavaProcessor):
         video_token = tokenizer.video_token if hasattr(tokenizer, "video_token") else video_token
         self.video_token_id = placeholder_id(tokenizer, video_token)
         self.video_token = video_token if self.video_token_id is not None else None
+        has_markers = all(
+            placeholder_id(tokenizer, t) is not None for t in (context_start_token, context_end_token)
+        )
+        self.context_start_token = context_start_token if has_markers else None
+        self.context_end_token = context_end_token if has_markers else None
         super().__init__(
             image_processor=image_processor,
             tokenizer=tokenizer,
@@ -117,6 +129,38 @@ class DeftLlavaProcessor(LlavaProcessor):
             for key, value in overrides.items():
                 setattr(processor, key, value)
         return processor
+
+    # ------------------------------------------------------------------ text context
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        """`ProcessorMixin.apply_chat_template`, plus the content type `{"type": "context", "text": ...}`: a long
+        text context (documents, a transcript, many-shot examples) that the model may compress
+        (`deft_text_retention_ratio`); it becomes a text item wrapped in the context markers."""
+        return super().apply_chat_template(self.context_items_as_text(conversation), *args, **kwargs)
+
+    def context_items_as_text(self, conversation):
+        """A copy of `conversation` (one, or a batch of them) whose context items are marked text items.
+
+        Raises:
+            ValueError: a context item without a str `text`, or a tokenizer without the markers.
+        """
+        if isinstance(conversation, (list, tuple)):
+            return [self.context_items_as_text(item) for item in conversation]
+        if not isinstance(conversation, dict):
+            return conversation
+        if conversation.get("type") == "context":
+            text = conversation.get("text")
+            if not isinstance(text, str):
+                raise ValueError(f"a context item needs a str 'text', got {conversation!r}")
+            if self.context_start_token is None:
+                raise ValueError(
+                    "a {'type': 'context'} item needs context markers in the tokenizer, and it has no "
+                    "'<context>'/'</context>' tokens; add them (tokenizer.add_special_tokens) and set the model's "
+                    "context_start_token_index/context_end_token_index to their ids, or send the context as text"
+                )
+            return {"type": "text", "text": self.context_start_token + text + self.context_end_token}
+        if isinstance(conversation.get("content"), (list, tuple)):
+            return {**conversation, "content": self.context_items_as_text(conversation["content"])}
+        return conversation
 
     # ------------------------------------------------------------------ counts
     def num_encoder_tokens(self, height: int, width: int) -> int:

@@ -10,6 +10,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>", "<video>")
+CONTEXT_TOKENS = (
+    "<context>",
+    "</context>",
+)  # the markers of a text context (`build_word_tokenizer(context=True)`)
 
 # a minimal LLaVA-1.5 style template: "USER: <image>\nquestion ASSISTANT: answer</s>"
 CHAT_TEMPLATE = (
@@ -27,11 +31,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_word_tokenizer(words: list[str] | tuple[str, ...], video: bool = True) -> PreTrainedTokenizerFast:
+def build_word_tokenizer(
+    words: list[str] | tuple[str, ...], video: bool = True, context: bool = False
+) -> PreTrainedTokenizerFast:
     """A `PreTrainedTokenizerFast` whose vocabulary is the special tokens followed by `words` (deduplicated).
 
     Ids: `<pad>`=0, `<unk>`=1, `<s>`=2, `</s>`=3, `<image>`=4, `<video>`=5, then `words` in order.
     `video=False` leaves `<video>` out (as the public llava-hf tokenizers do): the words then start at id 5.
+    `context=True` adds the special tokens `<context>` and `</context>` after the words (the markers of a text
+    context, `text_context.py`), so every other id stays the same.
     """
     specials = SPECIAL_TOKENS if video else tuple(t for t in SPECIAL_TOKENS if t != "<video>")
     vocab = {tok: i for i, tok in enumerate(specials)}
@@ -39,6 +47,9 @@ def build_word_tokenizer(words: list[str] | tuple[str, ...], video: bool = True)
         if not isinstance(word, str) or not word or any(ch.isspace() for ch in word):
             raise ValueError(f"words must be non-empty strings without whitespace, got {word!r}")
         vocab.setdefault(word, len(vocab))
+    markers = CONTEXT_TOKENS if context else ()
+    for marker in markers:
+        vocab.setdefault(marker, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
@@ -52,5 +63,7 @@ def build_word_tokenizer(words: list[str] | tuple[str, ...], video: bool = True)
         extra_special_tokens={"image_token": "<image>", **({"video_token": "<video>"} if video else {})},
         padding_side="left",
     )
+    if markers:  # already in the vocabulary: this only makes the tokenizer split them out as whole tokens
+        tokenizer.add_tokens(list(markers), special_tokens=True)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer

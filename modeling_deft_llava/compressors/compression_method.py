@@ -11,6 +11,8 @@ hook does nothing by default, so a method writes only the hooks where it acts:
 4. `compress_with_prompt`: compress once the prompt's text is known (Recoverable Compression).
 5. `run_language_model`: run the decoder layers (FastV and FiCoCo-L prune or merge inside them).
 6. `reconsider`: after the prefill, ask for a second prefill with more tokens (DeFT's `adaptive` mode).
+7. `compress_text`: choose the context text tokens to keep (a method with `"text"` in `modalities`: DeFT);
+   the model drops the others (`text_context.py`, `TokenLayout.mark_context`).
 
 Declarations, read at config time by `configuration/` (through the registry) and by the model:
 `name`, `settings_class` (the method's `compression_settings`), `modalities`, the `needs_*` inputs and the
@@ -77,6 +79,38 @@ class PromptBatch:
 
 
 @dataclass
+class TextBatch:
+    """The context text tokens of a batch, for a method that compresses text (`compress_text`).
+
+    Args:
+        tokens: `(batch, n, hidden_size)` each sample's context token embeddings, in order, padded at the end.
+        token_mask: `(batch, n)` bool, False on that padding (a sample without context has an all-False row).
+        retention_ratio: `config.deft_text_retention_ratio`; a sample keeps
+            `max(1, floor(ratio * its context tokens + 0.5))` of them (the project's one rounding rule).
+    """
+
+    tokens: torch.Tensor
+    token_mask: torch.Tensor
+    retention_ratio: float
+
+
+@dataclass
+class TextSelection:
+    """What `compress_text` returns.
+
+    Args:
+        kept: `(batch, n)` bool, the context tokens the language model sees (never a padding slot).
+        tokens: `(batch, n, hidden_size)` the rows to place back (kept rows may carry a straight-through gate,
+            exactly 1 in value), or None to leave the embeddings as they are.
+        scores: `(batch, n)` the scores the method ranked by, or None.
+    """
+
+    kept: torch.Tensor
+    tokens: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+
+
+@dataclass
 class LanguageModelCall:
     """The language model's inputs, for a method that runs the decoder layers itself (`run_language_model`).
 
@@ -121,6 +155,9 @@ class CompressionMethod:
     # decides from the prompt (`deft_prompt_length`): later decoding steps and a full recompute must decide
     # on the same prompt, so the model records its length for `generate`
     decides_on_prompt: ClassVar[bool] = False
+    # runs the decoder layers on the input layout (`run_language_model` reads `TokenLayout`'s placeholder masks):
+    # the model cannot drop tokens before it, so a context (whose markers are dropped) is refused
+    needs_input_layout: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ config time
     @classmethod
@@ -197,5 +234,18 @@ class CompressionMethod:
         (`last_logits`: `(batch, vocab)` of each sample's last position), or None."""
         return None
 
+    def compress_text(self, model, text: TextBatch) -> TextSelection | None:
+        """Choose the context tokens to keep (called only when `"text"` is in `modalities` and
+        `deft_text_retention_ratio` is set); None keeps every one."""
+        return None
 
-__all__ = ["CompressionMethod", "LanguageModelCall", "NoSettings", "PromptBatch", "VisualBatch"]
+
+__all__ = [
+    "CompressionMethod",
+    "LanguageModelCall",
+    "NoSettings",
+    "PromptBatch",
+    "TextBatch",
+    "TextSelection",
+    "VisualBatch",
+]

@@ -13,7 +13,14 @@ Inference modes (`deft_inference_mode`):
 - `"adaptive"`: a fast prefill; samples whose next-token distribution is uncertain (`reconsider`) get a second
   prefill with their rebuilt rows.
 
-Differences from the seed README: see `DeFTModule`.
+Text context (`compress_text`, `deft_text_retention_ratio`): the context tokens' input embeddings go through
+the same `DeFTModule` with `modality="text"` (SAM, saliency, group score over the `deft_group_text_neighbors`
+most similar context tokens of the same sample; feedback when trained with gradients is not wired for text),
+and the top K of each sample's context tokens are kept in order, `fast` mode whatever `deft_inference_mode`.
+
+Differences from the seed README: see `DeFTModule`. For text: the RTD is not used (no reconstructed context
+rows), and the scorers are the same weights that score visual tokens (one SAM for every modality, as the seed's
+unified semantic space).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 from ..deft.deft_module import DeFTModule
 from ..deft.token_dictionary import sample_is_uncertain
 from ..modeling_outputs_deft_llava import updated
-from .compression_method import CompressionMethod, NoSettings, VisualBatch
+from .compression_method import CompressionMethod, NoSettings, TextBatch, TextSelection, VisualBatch
 
 # DeFTModule attribute <- config key: read from the config at every call
 CALL_TIME_SETTINGS = {
@@ -54,7 +61,7 @@ class DeftLlavaDeFTCompressor(CompressionMethod, DeFTModule):
     name = "deft"
     settings_class = NoSettings  # DeFT reads the deft_* config fields
     module_name = "deft"
-    modalities: ClassVar[tuple[str, ...]] = ("image", "video")
+    modalities: ClassVar[tuple[str, ...]] = ("image", "video", "text")
 
     @classmethod
     def writes_all_placeholders(cls, config) -> bool:
@@ -156,6 +163,36 @@ class DeftLlavaDeFTCompressor(CompressionMethod, DeFTModule):
         # hybrid uses every usable row at once; adaptive starts from the selected rows and may add the rest
         result.rows_used = list(usable) if mode == "hybrid" else list(selected)
         return result
+
+    def compress_text(self, model, text: TextBatch) -> TextSelection:
+        """Keep the top `deft_text_retention_ratio` of each sample's context tokens (DeFT's text path).
+
+        Samples without context are left out of the call (`DeFTModule` refuses an all-padding row)."""
+        has = text.token_mask.any(1)  # (batch,)
+        batch, n = text.token_mask.shape
+        kept = torch.zeros(
+            batch, n + 1, dtype=torch.bool, device=text.tokens.device
+        )  # column n: unused slots
+        rows = text.tokens.clone()
+        scores = torch.full((batch, n), float("-inf"), device=text.tokens.device)
+        if bool(has.any()):
+            out = self(
+                tokens=text.tokens[has],
+                modality="text",
+                inference_mode="fast",
+                attention_mask=text.token_mask[has],
+                retention_ratio=text.retention_ratio,
+            )
+            slots = out.kept_indices.masked_fill(~out.kept_mask, n)  # (samples, k)
+            kept[has] = kept[has].scatter(1, slots, True)
+            # the retained rows carry DeFT's straight-through gate (1 in value): the task loss reaches the scorers
+            padded = torch.cat([rows[has], rows.new_zeros(int(has.sum()), 1, rows.shape[-1])], dim=1)
+            padded = padded.scatter(
+                1, slots.unsqueeze(-1).expand(-1, -1, rows.shape[-1]), out.retained_tokens.to(rows.dtype)
+            )  # (samples, n + 1, D)
+            rows[has] = padded[:, :n]
+            scores[has] = out.scores.float()
+        return TextSelection(kept=kept[:, :n], tokens=rows, scores=scores)
 
     def reconsider(self, model, last_logits: torch.Tensor) -> torch.Tensor | None:
         """`adaptive`: samples whose next-token distribution is uncertain (the RTD rule: normalised entropy >

@@ -152,6 +152,7 @@ class DeftLlavaFastVCompressor(MethodModule):
     settings_class = FastVSettings
     layer_setting = "fastv_layer"  # the settings field holding K
     decides_on_prompt = True
+    needs_input_layout = True  # `run_language_model` finds the images through the layout's input masks
 
     @classmethod
     def writes_all_placeholders(cls, config) -> bool:
