@@ -22,7 +22,7 @@ def select_topk(
         scores: `(batch_size, num_tokens)`; higher is more important. Must be finite on valid tokens.
         retention_ratio: share kept, in (0, 1].
         token_mask: optional `(batch_size, num_tokens)` bool, False on padding; padding is never kept and k
-            is computed from each row's own number of valid tokens.
+            is computed from each row's own number of valid tokens. Equal scores then go to the earlier token.
 
     Returns:
         kept_indices `(batch_size, k_max)` long, ascending within the valid part of each row;
@@ -38,7 +38,9 @@ def select_topk(
     counts = kept_counts(token_mask.sum(1), retention_ratio)  # (batch,)
     k_max = int(counts.max().item()) if batch else 0
     masked = scores.float().masked_fill(~token_mask, float("-inf"))
-    top = masked.topk(max(k_max, 1), dim=1).indices  # (batch, k_max), best first
+    # best first, ties to the earlier token (a stable sort): text repeats words, whose scores tie exactly, and
+    # `topk` breaks ties by the row's width, so a padded row would keep other tokens than the same row alone
+    top = masked.sort(dim=1, descending=True, stable=True).indices[:, : max(k_max, 1)]  # (batch, k_max)
     rank = torch.arange(top.shape[1], device=scores.device).unsqueeze(0)  # (1, k_max)
     kept_mask = rank < counts.unsqueeze(1)  # (batch, k_max)
     # push unused slots past every real index, sort, then point them at index 0
