@@ -1,0 +1,286 @@
+"""Text-context compression on a fact-recall task built from real data: DeFT vs dropping by a simple rule.
+
+    python -m benchmarks.text_context --out benchmarks/results/text_context_facts.json
+
+Task (real labels, scikit-learn's handwritten digits): a context of `--facts` facts "the digit of <key> is
+<value> ." (keys: distinct letters; values: the labels of consecutive samples of `load_digits()`, samples
+0..1199 for training, 1200.. for the test set), then one question "what is the digit of <key> ?", answered by
+the value. Only 2 of the 7 tokens of a fact carry information (the key and the value); the question and the
+chat template are never compressed.
+
+Stages (CPU, minutes):
+1. a tiny `DeftLlavaForConditionalGeneration` (hidden 64, 2 decoder layers; its vision tower is unused) learns
+   the task with every context token (`deft_text_retention_ratio=None`, the context marked `<context>`);
+2. the DeFT text scorers (SAM, saliency, mixture; backbone frozen) learn from DeFT's feedback score: the
+   gradient of the answer loss with respect to each context token of the full-token pass (`token_gradients`,
+   `feedback_loss`), the seed's feedback-guided scoring;
+3. evaluation on held-out examples: the full context, then each budget K = floor(ratio * n + 0.5) context tokens
+   kept by DeFT (untrained and trained scorers) and by the rules `random`, `first`, `last` (same K, the same
+   model path: the rules replace DeFT's `compress_text` hook for the call). Kept tokens keep their original
+   positions. Accuracy = the answer token is the argmax at the last prompt position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+
+from modeling_deft_llava import DeftLlavaConfig, DeftLlavaForConditionalGeneration
+from modeling_deft_llava.compressors.compression_method import TextSelection
+from modeling_deft_llava.deft.topk_selector import kept_counts
+from modeling_deft_llava.processing.word_tokenizer import build_word_tokenizer
+from modeling_deft_llava.text_context import TextContext
+
+KEYS = [chr(c) for c in range(ord("a"), ord("q"))]  # 16 keys
+FILLER = ["the", "digit", "of", "is", "."]
+WORDS = ["USER", ":", "ASSISTANT", "what", "?"] + FILLER + KEYS + [str(d) for d in range(10)]
+TRAIN_SAMPLES = 1200  # digits samples 0..1199 give the training values, 1200..1796 the test values
+RULES = ("random", "first", "last")
+
+
+def build_tokenizer():
+    return build_word_tokenizer(WORDS, context=True)
+
+
+def build_model(tokenizer, seed: int = 0) -> DeftLlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = DeftLlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),  # fmt: skip
+        text_config=dict(
+            model_type="llama",
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=512,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        ),  # fmt: skip
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        context_start_token_index=tokenizer.convert_tokens_to_ids("<context>"),
+        context_end_token_index=tokenizer.convert_tokens_to_ids("</context>"),
+        use_deft=True,
+        deft_semantic_dim=32,
+        deft_saliency_hidden_dim=32,
+        deft_enable_rtd=False,
+    )
+    return DeftLlavaForConditionalGeneration(config)
+
+
+def examples(n: int, facts: int, split: str, seed: int) -> list[tuple[str, str]]:
+    """`n` (prompt, answer) pairs; values are consecutive labels of the digits dataset's `split` part."""
+    labels = load_digits().target
+    labels = labels[:TRAIN_SAMPLES] if split == "train" else labels[TRAIN_SAMPLES:]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        start = int(rng.integers(0, len(labels) - facts))
+        values = [str(v) for v in labels[start : start + facts]]
+        keys = list(rng.choice(KEYS, size=facts, replace=False))
+        asked = int(rng.integers(0, facts))
+        context = " ".join(f"the digit of {k} is {v} ." for k, v in zip(keys, values))
+        prompt = f"USER: <context>{context}</context> what is the digit of {keys[asked]} ? ASSISTANT:"
+        out.append((prompt, values[asked]))
+    return out
+
+
+def encode(tokenizer, batch):
+    """Left-padded input ids, mask and the answer ids `(batch,)`."""
+    enc = tokenizer([p for p, _ in batch], return_tensors="pt", padding=True)
+    answers = torch.tensor([tokenizer.convert_tokens_to_ids(a) for _, a in batch])
+    return enc["input_ids"], enc["attention_mask"], answers
+
+
+def answer_loss(model, ids, mask, answers):
+    logits = model(input_ids=ids, attention_mask=mask).logits[
+        :, -1
+    ]  # (batch, vocab) at the last prompt token
+    return torch.nn.functional.cross_entropy(logits, answers), logits
+
+
+def train_base(model, tokenizer, args):
+    """Stage 1: the whole model on full contexts (text compression off)."""
+    model.config.deft_text_retention_ratio = None
+    model.train()
+    params = [p for n, p in model.named_parameters() if not n.startswith("model.deft.")]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    data = examples(args.train_steps * args.batch, args.facts, "train", seed=1)
+    for step in range(args.train_steps):
+        lr = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.train_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ids, mask, answers = encode(tokenizer, data[step * args.batch : (step + 1) * args.batch])
+        loss, _ = answer_loss(model, ids, mask, answers)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 200 == 0 or step == args.train_steps - 1:
+            print(f"base step {step} loss {loss.item():.3f}", flush=True)
+    model.eval()
+
+
+def train_deft_feedback(model, tokenizer, args):
+    """Stage 2: DeFT's text scorers learn the feedback score of the full-token pass (backbone frozen)."""
+    deft = model.model.deft
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in deft.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(deft.parameters(), lr=args.deft_lr)
+    config = model.config
+    captured = {}
+
+    def leaf_embeddings(module, inputs, output):  # the input embeddings as a leaf: their gradient is s_fb's
+        captured["embeds"] = output.detach().requires_grad_(True)
+        return captured["embeds"]
+
+    hook = model.get_input_embeddings().register_forward_hook(leaf_embeddings)
+    data = examples(args.deft_steps * args.batch, args.facts, "train", seed=2)
+    for step in range(args.deft_steps):
+        ids, mask, answers = encode(tokenizer, data[step * args.batch : (step + 1) * args.batch])
+        context = TextContext.find(
+            ids, mask, config.context_start_token_index, config.context_end_token_index
+        )
+        model.config.deft_text_retention_ratio = None  # the full-token pass
+        loss, _ = answer_loss(model, ids, mask, answers)
+        embeds = captured["embeds"]  # (batch, seq, D), input layout
+        (grads,) = torch.autograd.grad(loss, embeds)
+        tokens, token_grads = context.pack(embeds.detach()), context.pack(grads)
+        out = deft(
+            tokens=tokens,
+            modality="text",
+            attention_mask=context.token_mask,
+            token_gradients=token_grads,
+            retention_ratio=args.ratios[0],
+        )
+        optimizer.zero_grad()
+        out.feedback_loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == args.deft_steps - 1:
+            print(f"deft step {step} feedback loss {out.feedback_loss.item():.4f}", flush=True)
+    hook.remove()
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+@contextmanager
+def text_rule(model, rule: str, seed: int = 0):
+    """Replace DeFT's `compress_text` hook for the block: keep the same K context tokens by a simple rule."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def compress_text(model_, text):
+        counts = kept_counts(text.token_mask.sum(1), text.retention_ratio)  # (batch,) the same K as DeFT
+        n = text.token_mask.shape[1]
+        rank = torch.arange(n).expand_as(text.token_mask)  # (batch, n) slot order
+        if rule == "random":
+            rank = torch.rand(text.token_mask.shape, generator=generator).argsort(1).argsort(1)
+        elif rule == "last":
+            rank = (text.token_mask.sum(1, keepdim=True) - 1 - rank).masked_fill(~text.token_mask, n)
+        rank = rank.masked_fill(~text.token_mask, n)  # padding last
+        order = rank.argsort(1)  # (batch, n) slots by preference
+        kept = torch.zeros_like(text.token_mask)
+        kept.scatter_(1, order, torch.arange(n).expand_as(order) < counts.unsqueeze(1))
+        return TextSelection(kept=kept & text.token_mask)
+
+    deft = model.model.deft
+    deft.compress_text = compress_text  # an instance attribute shadows the method for this block
+    try:
+        yield
+    finally:
+        del deft.compress_text
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, data, ratio, batch: int) -> dict:
+    model.config.deft_text_retention_ratio = ratio
+    correct = seen = context_tokens = 0
+    informative = 0  # kept key/value tokens of the asked fact
+    start = time.perf_counter()
+    for i in range(0, len(data), batch):
+        ids, mask, answers = encode(tokenizer, data[i : i + batch])
+        out = model(input_ids=ids, attention_mask=mask)
+        correct += int((out.logits[:, -1].argmax(-1) == answers).sum())
+        seen += int(out.deft_attention_mask.sum()) if out.deft_attention_mask is not None else int(mask.sum())
+        for b, kept in enumerate(out.text_kept_indices):
+            context_tokens += len(kept)
+            asked = int(ids[b, -4])  # the key: "... <key> ? ASSISTANT :"
+            kept_ids = ids[b, kept]
+            # the asked fact survives when its key and the value two tokens later are both kept
+            where = (kept_ids == asked).nonzero().flatten()
+            informative += int(any(int(kept[w]) + 2 in set(kept.tolist()) for w in where))
+    n = len(data)
+    return {
+        "accuracy": correct / n,
+        "asked_fact_kept": informative / n,
+        "context_tokens_seen": context_tokens / n,
+        "tokens_seen": seen / n,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--facts", type=int, default=8)
+    ap.add_argument("--train-steps", type=int, default=1500)
+    ap.add_argument("--deft-steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--deft-lr", type=float, default=3e-3)
+    ap.add_argument("--n-test", type=int, default=1000)
+    ap.add_argument("--ratios", type=lambda s: [float(r) for r in s.split(",")], default=[0.5, 2 / 7, 0.25])
+    ap.add_argument("--out", default="benchmarks/results/text_context_facts.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer)
+    began = time.perf_counter()
+    train_base(model, tokenizer, args)
+    test = examples(args.n_test, args.facts, "test", seed=3)
+    results = {"full": evaluate(model, tokenizer, test, None, args.batch)}
+    print("full", results["full"], flush=True)
+    for ratio in args.ratios:
+        results[f"deft_untrained@{ratio:.3f}"] = evaluate(model, tokenizer, test, ratio, args.batch)
+        for rule in RULES:
+            with text_rule(model, rule):
+                results[f"{rule}@{ratio:.3f}"] = evaluate(model, tokenizer, test, ratio, args.batch)
+    train_deft_feedback(model, tokenizer, args)
+    for ratio in args.ratios:
+        results[f"deft@{ratio:.3f}"] = evaluate(model, tokenizer, test, ratio, args.batch)
+    for key, value in results.items():
+        print(f"{key:24s} acc {value['accuracy']:.3f} asked-fact-kept {value['asked_fact_kept']:.3f} "
+              f"context {value['context_tokens_seen']:.1f} seen {value['tokens_seen']:.1f}")  # fmt: skip
+    report = {
+        "command": "python -m benchmarks.text_context " + " ".join(argv or []),
+        "task": f"{args.facts} facts 'the digit of <key> is <value> .' (values: sklearn digits labels), one question",
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "n_test": args.n_test,
+        "minutes": (time.perf_counter() - began) / 60,
+        "results": results,
+    }
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
