@@ -125,6 +125,7 @@ def train_base(model, tokenizer, args):
     params = [p for n, p in model.named_parameters() if not n.startswith("model.deft.")]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     data = examples(args.train_steps * args.batch, args.facts, "train", seed=1)
+    began = time.perf_counter()
     for step in range(args.train_steps):
         lr = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.train_steps))
         for group in optimizer.param_groups:
@@ -134,8 +135,10 @@ def train_base(model, tokenizer, args):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 200 == 0 or step == args.train_steps - 1:
-            print(f"base step {step} loss {loss.item():.3f}", flush=True)
+        if step % 100 == 0 or step == args.train_steps - 1:
+            print(
+                f"base step {step} loss {loss.item():.3f} ({time.perf_counter() - began:.0f} s)", flush=True
+            )
     model.eval()
 
 
@@ -248,9 +251,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--deft-lr", type=float, default=3e-3)
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--ratios", type=lambda s: [float(r) for r in s.split(",")], default=[0.5, 2 / 7, 0.25])
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/text_context_facts.json")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer()
     model = build_model(tokenizer)
     began = time.perf_counter()
