@@ -3,8 +3,8 @@
     python -m benchmarks.text_context --out benchmarks/results/text_context_facts.json
 
 Task (real labels, scikit-learn's handwritten digits): a context of `--facts` facts "the digit of <key> is
-<value> ." (keys: distinct letters; values: the labels of consecutive samples of `load_digits()`, samples
-0..1199 for training, 1200.. for the test set), then one question "what is the digit of <key> ?", answered by
+<value> ." (keys: distinct letters; values: the labels of random samples of `load_digits()`, samples 0..1199
+for training, 1200.. for the test set), then one question "what is the digit of <key> ?", answered by
 the value. Only 2 of the 7 tokens of a fact carry information (the key and the value); the question and the
 chat template are never compressed.
 
@@ -88,14 +88,15 @@ def build_model(tokenizer, seed: int = 0) -> DeftLlavaForConditionalGeneration:
 
 
 def examples(n: int, facts: int, split: str, seed: int) -> list[tuple[str, str]]:
-    """`n` (prompt, answer) pairs; values are consecutive labels of the digits dataset's `split` part."""
+    """`n` (prompt, answer) pairs; values are labels of random samples of the digits dataset's `split` part."""
     labels = load_digits().target
     labels = labels[:TRAIN_SAMPLES] if split == "train" else labels[TRAIN_SAMPLES:]
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        start = int(rng.integers(0, len(labels) - facts))
-        values = [str(v) for v in labels[start : start + facts]]
+        # random samples, not consecutive ones: the dataset's labels run 0, 1, ..., 9 in order, so neighbouring
+        # facts would give the answer away
+        values = [str(v) for v in labels[rng.choice(len(labels), size=facts, replace=False)]]
         keys = list(rng.choice(KEYS, size=facts, replace=False))
         asked = int(rng.integers(0, facts))
         context = " ".join(f"the digit of {k} is {v} ." for k, v in zip(keys, values))
@@ -243,8 +244,8 @@ def evaluate(model, tokenizer, data, ratio, batch: int) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--facts", type=int, default=8)
-    ap.add_argument("--train-steps", type=int, default=1500)
+    ap.add_argument("--facts", type=int, default=6)
+    ap.add_argument("--train-steps", type=int, default=2500)
     ap.add_argument("--deft-steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
