@@ -87,8 +87,12 @@ def build_model(tokenizer, seed: int = 0) -> DeftLlavaForConditionalGeneration:
     return DeftLlavaForConditionalGeneration(config)
 
 
-def examples(n: int, facts: int, split: str, seed: int) -> list[tuple[str, str]]:
-    """`n` (prompt, answer) pairs; values are labels of random samples of the digits dataset's `split` part."""
+def examples(n: int, facts: int, split: str, seed: int, questions: int = 1) -> list[tuple[str, str]]:
+    """`n` (prompt, answer) pairs; values are labels of random samples of the digits dataset's `split` part.
+
+    `questions` > 1 (training): the prompt goes on with the answer and further questions about other facts,
+    "... ASSISTANT: <value> what is the digit of <key> ? ASSISTANT:", and the answer is every value in order
+    (space separated): more answer tokens per sequence for the same context."""
     labels = load_digits().target
     labels = labels[:TRAIN_SAMPLES] if split == "train" else labels[TRAIN_SAMPLES:]
     rng = np.random.default_rng(seed)
@@ -98,18 +102,35 @@ def examples(n: int, facts: int, split: str, seed: int) -> list[tuple[str, str]]
         # facts would give the answer away
         values = [str(v) for v in labels[rng.choice(len(labels), size=facts, replace=False)]]
         keys = list(rng.choice(KEYS, size=facts, replace=False))
-        asked = int(rng.integers(0, facts))
+        asked = [int(a) for a in rng.permutation(facts)[:questions]]
         context = " ".join(f"the digit of {k} is {v} ." for k, v in zip(keys, values))
-        prompt = f"USER: <context>{context}</context> what is the digit of {keys[asked]} ? ASSISTANT:"
-        out.append((prompt, values[asked]))
+        turns = [f"what is the digit of {keys[a]} ? ASSISTANT:" for a in asked]
+        prompt = f"USER: <context>{context}</context> " + " ".join(
+            t + f" {values[a]}" for t, a in zip(turns[:-1], asked[:-1])
+        )
+        out.append(((prompt + " " + turns[-1]).replace("  ", " "), " ".join(values[a] for a in asked)))
     return out
 
 
 def encode(tokenizer, batch):
-    """Left-padded input ids, mask and the answer ids `(batch,)`."""
+    """Left-padded input ids, mask and the (last) answer ids `(batch,)`."""
     enc = tokenizer([p for p, _ in batch], return_tensors="pt", padding=True)
-    answers = torch.tensor([tokenizer.convert_tokens_to_ids(a) for _, a in batch])
+    answers = torch.tensor([tokenizer.convert_tokens_to_ids(a.split()[-1]) for _, a in batch])
     return enc["input_ids"], enc["attention_mask"], answers
+
+
+def encode_with_labels(tokenizer, batch):
+    """Prompt + final answer as one sequence; labels only on the answer tokens (every turn's answer)."""
+    enc = tokenizer([p + " " + a.split()[-1] for p, a in batch], return_tensors="pt", padding=True)
+    ids = enc["input_ids"]
+    answer_ids = torch.tensor([tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)])
+    after_assistant = torch.zeros_like(ids, dtype=torch.bool)
+    colon_after_assistant = (ids[:, :-1] == tokenizer.convert_tokens_to_ids("ASSISTANT")) & (
+        ids[:, 1:] == tokenizer.convert_tokens_to_ids(":")
+    )
+    after_assistant[:, 2:] = colon_after_assistant[:, :-1]  # the token after "ASSISTANT :"
+    is_answer = after_assistant & torch.isin(ids, answer_ids)
+    return ids, enc["attention_mask"], ids.masked_fill(~is_answer, -100)
 
 
 def answer_loss(model, ids, mask, answers):
@@ -125,14 +146,16 @@ def train_base(model, tokenizer, args):
     model.train()
     params = [p for n, p in model.named_parameters() if not n.startswith("model.deft.")]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    data = examples(args.train_steps * args.batch, args.facts, "train", seed=1)
+    data = examples(
+        args.train_steps * args.batch, args.facts, "train", seed=1, questions=args.train_questions
+    )
     began = time.perf_counter()
     for step in range(args.train_steps):
         lr = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.train_steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        ids, mask, answers = encode(tokenizer, data[step * args.batch : (step + 1) * args.batch])
-        loss, _ = answer_loss(model, ids, mask, answers)
+        ids, mask, labels = encode_with_labels(tokenizer, data[step * args.batch : (step + 1) * args.batch])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).lm_loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -246,6 +269,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--facts", type=int, default=6)
     ap.add_argument("--train-steps", type=int, default=2500)
+    ap.add_argument("--train-questions", type=int, default=6, help="questions per training context")
     ap.add_argument("--deft-steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
