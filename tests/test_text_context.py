@@ -278,3 +278,29 @@ def test_a_context_in_a_call_that_continues_a_cache_is_refused(deft):
     mask = torch.ones(1, inputs["input_ids"].shape[1] + later.shape[1], dtype=torch.long)
     with pytest.raises(ValueError, match=r"context markers .* continues a cache"):
         ours(input_ids=later, past_key_values=out.past_key_values, attention_mask=mask)
+
+
+def test_pipeline_takes_a_context_item(deft):
+    from transformers import pipeline
+
+    ours, proc = deft
+    image = tiny.images(1)[0]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": image},
+                *conversation(CONTEXTS[0], QUESTIONS[0], False)[0]["content"],
+            ],
+        }
+    ]
+    answer = pipeline("image-text-to-text", model=ours, processor=proc)(
+        text=messages, generate_kwargs=dict(GEN)
+    )[0]["generated_text"][-1]["content"]
+    inputs = proc(
+        images=[image],
+        text=[proc.apply_chat_template(conversation(CONTEXTS[0], QUESTIONS[0]), add_generation_prompt=True)],
+        return_tensors="pt",
+    )
+    new = ours.generate(**inputs, **GEN)[0, inputs["input_ids"].shape[1] :]
+    assert answer.strip() == TOKENIZER.decode(new, skip_special_tokens=True).strip()
