@@ -182,6 +182,7 @@ def test_cached_generate_equals_a_full_recompute(deft):
         cached = model.generate(**inputs, **GEN)
         assert torch.equal(cached, model.generate(**inputs, **GEN, use_cache=False))
         assert torch.equal(cached, greedy_full_recompute(model, inputs, 4))
+        assert torch.equal(cached, model.generate(**inputs, **GEN, cache_implementation="static"))
 
 
 def test_batch_rows_equal_single_runs(deft):
