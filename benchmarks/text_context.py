@@ -242,6 +242,9 @@ def evaluate(model, tokenizer, data, ratio, batch: int) -> dict:
     model.config.deft_text_retention_ratio = ratio
     correct = seen = context_tokens = 0
     informative = 0  # kept key/value tokens of the asked fact
+    kinds = {"key": 0, "value": 0, "filler": 0}  # kept context tokens by kind
+    key_ids = torch.tensor(tokenizer.convert_tokens_to_ids(KEYS))
+    value_ids = torch.tensor(tokenizer.convert_tokens_to_ids([str(d) for d in range(10)]))
     start = time.perf_counter()
     for i in range(0, len(data), batch):
         ids, mask, answers = encode(tokenizer, data[i : i + batch])
@@ -252,6 +255,9 @@ def evaluate(model, tokenizer, data, ratio, batch: int) -> dict:
             context_tokens += len(kept)
             asked = int(ids[b, -4])  # the key: "... <key> ? ASSISTANT :"
             kept_ids = ids[b, kept]
+            kinds["key"] += int(torch.isin(kept_ids, key_ids).sum())
+            kinds["value"] += int(torch.isin(kept_ids, value_ids).sum())
+            kinds["filler"] += len(kept) - int(torch.isin(kept_ids, torch.cat([key_ids, value_ids])).sum())
             # the asked fact survives when its key and the value two tokens later are both kept
             where = (kept_ids == asked).nonzero().flatten()
             informative += int(any(int(kept[w]) + 2 in set(kept.tolist()) for w in where))
@@ -260,6 +266,7 @@ def evaluate(model, tokenizer, data, ratio, batch: int) -> dict:
         "accuracy": correct / n,
         "asked_fact_kept": informative / n,
         "context_tokens_seen": context_tokens / n,
+        "kept_per_example": {kind: count / n for kind, count in kinds.items()},
         "tokens_seen": seen / n,
         "seconds": time.perf_counter() - start,
     }
@@ -297,7 +304,8 @@ def main(argv=None) -> dict:
         results[f"deft@{ratio:.3f}"] = evaluate(model, tokenizer, test, ratio, args.batch)
     for key, value in results.items():
         print(f"{key:24s} acc {value['accuracy']:.3f} asked-fact-kept {value['asked_fact_kept']:.3f} "
-              f"context {value['context_tokens_seen']:.1f} seen {value['tokens_seen']:.1f}")  # fmt: skip
+              f"context {value['context_tokens_seen']:.1f} seen {value['tokens_seen']:.1f} "
+              f"kept {value['kept_per_example']}")  # fmt: skip
     report = {
         "command": "python -m benchmarks.text_context " + " ".join(argv or []),
         "task": f"{args.facts} facts 'the digit of <key> is <value> .' (values: sklearn digits labels), one question",
