@@ -71,3 +71,16 @@ def test_speed_benchmark_runs_on_the_tiny_shape(tmp_path):
     )  # KV falls exactly with tokens kept
     assert out.with_suffix(".png").exists()
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_text_context_benchmark_compares_methods_at_the_same_budget(tmp_path):
+    from benchmarks import text_context
+
+    out = tmp_path / "facts.json"
+    argv = ["--train-steps", "2", "--deft-steps", "1", "--batch", "4", "--n-test", "8", "--ratios", "0.5"]
+    report = text_context.main([*argv, "--out", str(out)])
+    assert json.loads(out.read_text())["results"] == json.loads(json.dumps(report["results"]))
+    seen = {name: r["context_tokens_seen"] for name, r in report["results"].items() if name != "full"}
+    assert set(seen) == {f"{m}@0.500" for m in ("deft_untrained", "deft", "random", "first", "last")}
+    assert len(set(seen.values())) == 1  # every method keeps the same number of context tokens
+    assert report["results"]["full"]["context_tokens_seen"] == 2 * next(iter(seen.values()))
