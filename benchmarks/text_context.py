@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from contextlib import contextmanager
 
@@ -275,7 +276,7 @@ def evaluate(model, tokenizer, data, ratio, batch: int) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--facts", type=int, default=6)
-    ap.add_argument("--train-steps", type=int, default=2500)
+    ap.add_argument("--train-steps", type=int, default=4000)
     ap.add_argument("--train-questions", type=int, default=6, help="questions per training context")
     ap.add_argument("--deft-steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=64)
@@ -307,7 +308,7 @@ def main(argv=None) -> dict:
               f"context {value['context_tokens_seen']:.1f} seen {value['tokens_seen']:.1f} "
               f"kept {value['kept_per_example']}")  # fmt: skip
     report = {
-        "command": "python -m benchmarks.text_context " + " ".join(argv or []),
+        "command": " ".join(["python -m benchmarks.text_context", *(sys.argv[1:] if argv is None else argv)]),
         "task": f"{args.facts} facts 'the digit of <key> is <value> .' (values: sklearn digits labels), one question",
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "n_test": args.n_test,
