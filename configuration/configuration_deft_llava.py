@@ -32,8 +32,13 @@ class DeftLlavaConfig(LlavaConfig):
     defaults), plus:
 
     video_token_index (`int`, *optional*): id of the `<video>` placeholder; None disables video input.
-    compression_method (`str`, defaults to `"deft"`): which token compressor runs when `use_deft=True`.
+    compression_method (`str`, defaults to `"deft"`): which compression method runs when `use_deft=True`, a
+        name of the registry (`modeling_deft_llava/compressors/compression_registry.py`).
     compression_settings (`dict`, *optional*): typed settings of a baseline method (see its settings class).
+
+    Two seed names read wider than they sound, and stay for the seed's contract and old checkpoints:
+    `use_deft` switches compression on for whichever `compression_method` is set, and
+    `deft_retention_ratio` is the budget of every method (K = `num_kept_tokens(N, deft_retention_ratio)`).
 
     Example:
 
