@@ -121,6 +121,8 @@ class CompressionMethod:
     # decides from the prompt (`deft_prompt_length`): later decoding steps and a full recompute must decide
     # on the same prompt, so the model records its length for `generate`
     decides_on_prompt: ClassVar[bool] = False
+    # trains from task-loss gradients (`VisualBatch.token_gradients`): the trainer runs its full-token pass
+    learns_from_feedback: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ config time
     @classmethod
