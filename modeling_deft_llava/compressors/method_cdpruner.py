@@ -94,9 +94,11 @@ def instruction_relevance(
 
 
 def conditional_kernel(image_features: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
-    """`(batch, N, N)` float32 DPP kernel `L = diag(r) S diag(r)`, `S_ij = cos(x_i, x_j)`."""
+    """`(batch, N, N)` float32 DPP kernel `L = diag(r) S diag(r)`, `S_ij = cos(x_i, x_j)`, `S_ii = 1` exactly
+    (rounding would otherwise break the ties between tokens of equal relevance at random)."""
     unit = F.normalize(image_features.float(), dim=-1)  # (batch, N, D)
     similarity = unit @ unit.transpose(1, 2)  # (batch, N, N)
+    similarity.diagonal(dim1=1, dim2=2).fill_(1.0)
     return relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
 
 
@@ -108,7 +110,7 @@ def dpp_greedy_map(kernel: torch.Tensor, num_kept: int) -> torch.Tensor:
     updated after each pick j with `e_i = (L_ji - <c_j, c_i>) / d_j`, `c_i <- [c_i, e_i]`, `d_i^2 -= e_i^2`.
     Ties go to the lowest index. Once every open token's gain is at most `SPANNED_TOLERANCE` times the row's
     largest diagonal (the kernel's rank is used up: the determinant cannot grow), the remaining picks take
-    the open tokens by descending diagonal `L_ii` (their relevance), without further updates.
+    the open tokens by descending diagonal `L_ii = r_i^2 S_ii` (their relevance), without further updates.
 
     Args:
         kernel: `(batch, N, N)` symmetric positive semi-definite.
@@ -199,6 +201,8 @@ class DeftLlavaCDPrunerCompressor(TokenCompressor):
     - normalisation: the official code min-max normalises over the whole batch tensor (it runs batch 1);
       here per image, so batch rows equal single runs. A row with no question or constant relevance gets
       r = 1 (the official formula would divide by zero).
+    - `S_ii` is set to exactly 1 (the official code keeps the rounded `cos(x_i, x_i)`): with equal relevance
+      (`theta=0`, or no question) the first pick is then the lowest index, not a rounding accident.
     - rank exhaustion: when K exceeds the kernel's rank the official loop keeps picking by rounding noise
       (and can take the square root of a negative residual); here the remaining picks go by relevance
       (`dpp_greedy_map`). Below that point the picks are the official ones.
