@@ -35,10 +35,10 @@ class CDPrunerSettings:
 
     Args:
         negate_relevance: score each token by MINUS its cosine to the instruction, as the official code does
-            (`(-relevance).mean(dim=-1)`; its authors observed that CLIP's patch embeddings in LLaVA-1.5 are
-            anti-aligned with CLIP's text embedding of the question). Default False: the paper's plain cosine,
-            because here relevance is measured in the language model's embedding space, not CLIP's (see the
-            class docstring).
+            (`(-relevance).mean(dim=-1)`; its authors call the sign a phenomenon they observed only with CLIP
+            as used in LLaVA, Theia-4869/CDPruner issue 14). Default False: the cosine itself, because here
+            relevance is measured in the language model's embedding space, not CLIP's (see the class
+            docstring).
         theta: None (default, the official code) uses the min-max normalised relevance r as the kernel's
             quality. A number in [0, 1) uses `exp(alpha * r)`, `alpha = theta / (2 * (1 - theta))`, the
             official code's commented-out knob that trades relevance against diversity: 0 ignores the
@@ -197,7 +197,7 @@ class DeftLlavaCDPrunerCompressor(TokenCompressor):
       after the image up to the prompt length, so the chat template's tail (`ASSISTANT:`) is included, and
       with several images the text after later images too.
     - sign: the official code negates the cosine (a CLIP-specific observation of its authors); default here
-      is the paper's positive cosine, `negate_relevance=True` gives the official sign.
+      is the cosine itself, `negate_relevance=True` gives the official sign.
     - normalisation: the official code min-max normalises over the whole batch tensor (it runs batch 1);
       here per image, so batch rows equal single runs. A row with no question or constant relevance gets
       r = 1 (the official formula would divide by zero).
