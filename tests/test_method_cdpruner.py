@@ -143,6 +143,19 @@ def test_first_pick_is_the_most_relevant_token():
     assert torch.equal(picks[:, 0], relevance.argmax(dim=1))
 
 
+def test_hand_checked_relevance_against_diversity():
+    """x0 = (1, 0), x1 = (1, 0.1) (a near copy), x2 = (0, 1); the question is (1, 0). Raw relevance 1, 0.995, 0
+    -> r = 1 + 1e-6, 0.995, 1e-6. After x0 the gains are r1^2 (1 - cos^2) = 0.990 * 0.0099 = 0.0098 for x1 and
+    r2^2 = 1e-12 for x2: the near copy wins. With theta = 0.5 (alpha = 0.5) r = exp(r / 2) = 1.649, 1.645, 1.0
+    and the gains are 2.705 * 0.0099 = 0.027 for x1 and 1.0 for x2: the different token wins."""
+    features = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]]])
+    context = CompressionContext((1, 3), 2, text_embeds=torch.tensor([[[1.0, 0.0]]]))
+    result = build_compressor("cdpruner", 2)(features, context)
+    assert result.kept_indices.tolist() == [[0, 1]]
+    torch.testing.assert_close(result.scores, torch.tensor([[1 + 1e-6, 1 / math.sqrt(1.01) + 1e-6, 1e-6]]))
+    assert kept(features, context, theta=0.5).tolist() == [[0, 2]]
+
+
 def test_the_question_changes_the_choice():
     features, context = make_inputs(batch=1, num_kept=4)
     choices = []
