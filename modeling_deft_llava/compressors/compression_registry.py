@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 
 from .compression_method import CompressionMethod
+from .method_cdpruner import DeftLlavaCDPrunerCompressor
 from .method_deco import DeftLlavaDecoCompressor
 from .method_deft import DeftLlavaDeFTCompressor
 from .method_divprune import DeftLlavaDivPruneCompressor
@@ -38,6 +39,7 @@ METHODS: dict[str, type[CompressionMethod]] = {
         DeftLlavaFiCoCoVCompressor,
         DeftLlavaFastVCompressor,
         DeftLlavaFiCoCoLCompressor,
+        DeftLlavaCDPrunerCompressor,
     )
 }
 DEFAULT_METHOD = DeftLlavaDeFTCompressor.name
