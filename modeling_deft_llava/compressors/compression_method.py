@@ -75,6 +75,16 @@ class PromptBatch:
     text_mask: torch.Tensor
     prompt_length: int
 
+    def questions(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each item's batch row `(items,)` and its question `(items, seq)` bool: the real text tokens after
+        the item's last placeholder, up to the prompt length (`num_rows` placeholders per item, row-major)."""
+        where = self.placeholder_mask.nonzero()  # (items * N, 2): item j holds entries j*N .. j*N + N-1
+        row = where[::num_rows, 0]  # (items,)
+        last = where[num_rows - 1 :: num_rows, 1]  # (items,) column of the item's last placeholder
+        columns = torch.arange(self.placeholder_mask.shape[1], device=row.device)  # (seq,)
+        after = (columns > last.unsqueeze(1)) & (columns < self.prompt_length)  # (items, seq)
+        return row, self.text_mask[row] & after
+
 
 @dataclass
 class LanguageModelCall:

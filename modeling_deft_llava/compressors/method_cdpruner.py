@@ -144,17 +144,6 @@ def dpp_greedy_map(kernel: torch.Tensor, num_kept: int) -> torch.Tensor:
     return picked
 
 
-def question_mask(prompt: PromptBatch, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image's batch row `(images,)` and its question `(images, seq)` bool: the real text tokens after
-    the image's last placeholder, up to the prompt length (N placeholders per image, row-major)."""
-    where = prompt.placeholder_mask.nonzero()  # (images * N, 2): image j holds entries j*N .. j*N + N-1
-    row = where[::num_tokens, 0]  # (images,)
-    last = where[num_tokens - 1 :: num_tokens, 1]  # (images,) column of the image's last placeholder
-    columns = torch.arange(prompt.placeholder_mask.shape[1], device=row.device)  # (seq,)
-    after = (columns > last.unsqueeze(1)) & (columns < prompt.prompt_length)  # (images, seq)
-    return row, prompt.text_mask[row] & after
-
-
 class DeftLlavaCDPrunerCompressor(TokenCompressor):
     """CDPruner: keep the K visual tokens of maximal conditional diversity (a DPP conditioned on the question).
 
@@ -174,7 +163,7 @@ class DeftLlavaCDPrunerCompressor(TokenCompressor):
     Where it runs: the instruction is known only once the prompt is, so the method acts in
     `compress_with_prompt` (as `recoverable`): the processor writes all N placeholders, the method marks
     the K kept rows (`rows_used`) and the model drops the others and re-packs the batch. The instruction of an
-    image is the text after it in its row, up to the prompt length (`question_mask`), as the language
+    image is the text after it in its row, up to the prompt length (`PromptBatch.questions`), as the language
     model's input embeddings of those tokens.
 
     Shapes: `compress` takes `(batch, N, D)` features with `context.text_embeds` `(batch, T, D)` and
@@ -230,7 +219,7 @@ class DeftLlavaCDPrunerCompressor(TokenCompressor):
         """Keep K rows of each image, chosen with its question; mark the others unused (the model re-packs)."""
         tokens = torch.stack(list(features.pooler_output))  # (images, N, D)
         images, n, _ = tokens.shape
-        row, question = question_mask(prompt, n)  # (images,), (images, seq)
+        row, question = prompt.questions(n)  # (images,), (images, seq)
         context = CompressionContext(
             spatial_shape=(1, n),  # the method does not read the grid
             num_kept=num_kept_tokens(n, model.config.deft_retention_ratio),
