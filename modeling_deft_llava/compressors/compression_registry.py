@@ -17,6 +17,7 @@ from .method_divprune import DeftLlavaDivPruneCompressor
 from .method_fastv import DeftLlavaFastVCompressor
 from .method_ficoco_l import DeftLlavaFiCoCoLCompressor
 from .method_ficoco_v import DeftLlavaFiCoCoVCompressor
+from .method_prunesid import DeftLlavaPruneSIDCompressor
 from .method_random import DeftLlavaRandomCompressor
 from .method_recoverable import DeftLlavaRecoverableCompressor
 from .method_tome import DeftLlavaToMeCompressor
@@ -38,6 +39,7 @@ METHODS: dict[str, type[CompressionMethod]] = {
         DeftLlavaFiCoCoVCompressor,
         DeftLlavaFastVCompressor,
         DeftLlavaFiCoCoLCompressor,
+        DeftLlavaPruneSIDCompressor,
     )
 }
 DEFAULT_METHOD = DeftLlavaDeFTCompressor.name
