@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import asdict, dataclass, fields, replace
+from types import SimpleNamespace
 
 MODALITIES = ("image", "video", "text")
 INFERENCE_MODES = ("fast", "hybrid", "adaptive")
@@ -226,6 +227,7 @@ def placeholder_count(
     retention_ratio: float,
     inference_mode: str = DEFAULTS.deft_inference_mode,
     compression_method: str = DEFT_METHOD,
+    compression_settings: dict | None = None,
 ) -> int:
     """Placeholders the processor writes for one image (or video) of `num_tokens` encoder tokens.
 
@@ -240,6 +242,8 @@ def placeholder_count(
 
     cls = method_class(compression_method)
     settings = replace(DEFAULTS, deft_retention_ratio=retention_ratio, deft_inference_mode=inference_mode)
-    if not use_deft or cls.writes_all_placeholders(settings):
+    # the policy may depend on the method's own settings (PruneSID's `dynamic_budget`)
+    view = SimpleNamespace(**asdict(settings), compression_settings=compression_settings)
+    if not use_deft or cls.writes_all_placeholders(view):
         return num_tokens
     return num_kept_tokens(num_tokens, retention_ratio)
