@@ -1,8 +1,8 @@
 """PruneSID (`method_prunesid.py`): a slow plain-loop reference from the paper's steps, and fast behaviour tests.
 
-The reference computes the principal components from the eigen-decomposition of the token Gram matrix (not
-the SVD the method uses), runs greedy NMS group by group and token by token, and shares the budget with the
-official code's while-loops.
+The reference takes the principal components from an SVD of the `(D, N)` matrix (the method uses the
+eigenvectors of the token Gram matrix), runs greedy NMS group by group and token by token, and shares the
+budget with the official code's while-loops.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ DIM = 8
 
 def ref_groups(x: torch.Tensor, g: int) -> list[int]:
     """PSCA: the (D, N) matrix of sigmoid features centred per token; token t -> argmax_j |v_j[t]| over the top
-    g principal components v_j, eigenvectors of the (N, N) Gram matrix by descending eigenvalue."""
+    g principal components v_j, its right singular vectors by descending singular value."""
     n, d = x.shape
     s = torch.sigmoid(x.double())
     c = [[float(s[t, k]) - float(s[t].mean()) for k in range(d)] for t in range(n)]  # (N, D) lists
-    gram = torch.tensor([[sum(c[i][k] * c[j][k] for k in range(d)) for j in range(n)] for i in range(n)])
-    values, vectors = torch.linalg.eigh(gram)  # ascending
-    top = [vectors[:, i] for i in values.argsort(descending=True)[:g].tolist()]
+    matrix = torch.tensor([[c[t][k] for t in range(n)] for k in range(d)])  # (D, N)
+    vh = torch.linalg.svd(matrix, full_matrices=False).Vh  # (min(D, N), N), descending singular values
+    top = [vh[i] for i in range(g)]
     groups = []
     for t in range(n):
         loads = [abs(float(v[t])) for v in top]
