@@ -71,7 +71,7 @@ class PruneSIDSettings:
 
 def work_dtype(features: torch.Tensor) -> torch.dtype:
     """float32, or float64 for float64 inputs (the reference tests)."""
-    return torch.promote_types(features.dtype, torch.float32)
+    return torch.float64 if features.dtype == torch.float64 else torch.float32
 
 
 def principal_groups(features: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -99,8 +99,8 @@ def cosine_similarity_matrix(features: torch.Tensor) -> torch.Tensor:
 def mean_similarity(similarity: torch.Tensor) -> torch.Tensor:
     """rho, the image's global redundancy: `(batch, N, N)` -> `(batch,)` mean over the pairs i < j."""
     n = similarity.shape[1]
-    upper = torch.triu_indices(n, n, offset=1, device=similarity.device)  # (2, N(N-1)/2)
-    return similarity[:, upper[0], upper[1]].mean(dim=1)
+    upper = torch.ones(n, n, dtype=torch.bool, device=similarity.device).triu(diagonal=1)  # (N, N)
+    return similarity[:, upper].mean(dim=1)  # (batch, N(N-1)/2) -> (batch,)
 
 
 def group_nms(
