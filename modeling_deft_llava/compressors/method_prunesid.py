@@ -246,6 +246,7 @@ class DeftLlavaPruneSIDCompressor(TokenCompressor):
       (the official `need - lower - 1` share becomes `K - lower`).
     - The official output is grouped by component; ours is in patch order (the official LLaVA-NeXT path sorts
       by patch too, `restore_image_features_sorted`).
+    - G = `max(1, K // 4)`, at most `min(N, D)` (official `int(K / 4)`: 0 components, an error, for K < 4).
     - CLS attention is averaged over heads (official: summed), which ranks identically.
     - NMS: a token with zero attention is still a candidate (official: score 0 means removed); the pick leaves
       its group even when tau >= 1. Ties (attention, group sizes) go to the lowest index; the official
