@@ -128,6 +128,7 @@ class DeftLlavaConfig(LlavaConfig):
             self.deft_retention_ratio,
             self.deft_inference_mode,
             self.compression_method,
+            self.compression_settings,
         )
 
 

@@ -18,6 +18,7 @@ from .method_divprune import DeftLlavaDivPruneCompressor
 from .method_fastv import DeftLlavaFastVCompressor
 from .method_ficoco_l import DeftLlavaFiCoCoLCompressor
 from .method_ficoco_v import DeftLlavaFiCoCoVCompressor
+from .method_prunesid import DeftLlavaPruneSIDCompressor
 from .method_random import DeftLlavaRandomCompressor
 from .method_recoverable import DeftLlavaRecoverableCompressor
 from .method_tome import DeftLlavaToMeCompressor
@@ -40,6 +41,7 @@ METHODS: dict[str, type[CompressionMethod]] = {
         DeftLlavaFastVCompressor,
         DeftLlavaFiCoCoLCompressor,
         DeftLlavaCDPrunerCompressor,
+        DeftLlavaPruneSIDCompressor,
     )
 }
 DEFAULT_METHOD = DeftLlavaDeFTCompressor.name
