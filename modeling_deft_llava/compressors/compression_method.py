@@ -138,7 +138,9 @@ class CompressionMethod:
     @classmethod
     def writes_all_placeholders(cls, config) -> bool:
         """Placeholder policy: True when the processor writes all N placeholders per item (the method keeps K
-        of them inside the forward pass, or a content-dependent count); False for K per item."""
+        of them inside the forward pass, or a content-dependent count); False for K per item. `config` has
+        `deft_retention_ratio`, `deft_inference_mode` and `compression_settings` (a `DeftLlavaConfig` or the
+        processor's `PlaceholderPolicyInputs`)."""
         return False
 
     @classmethod
