@@ -17,7 +17,8 @@ A round submits N requests at once (one `LLM.generate` call; `max_num_seqs` admi
   request's arrival in the engine);
 - prompt tokens per request (text + the visual tokens kept) and the greedy answers' accuracy (a sanity check).
 Every round uses fresh images, prefix caching and vLLM's multimodal processor cache are off (no cache hits between
-repeats), and one warm-up round per (engine, N) is not counted. Writes JSON (atomically).
+repeats), and one warm-up round per (engine, N) is not counted. All engines are built first and the rounds are
+interleaved (every repeat visits every N and level), so the load of a shared machine hits every level alike. Writes JSON (atomically).
 """
 
 from __future__ import annotations
@@ -111,60 +112,67 @@ def _machine() -> dict:
     }
 
 
-def run_level(llm, processor, samples, concurrency: list[int], repeats: int, max_tokens: int) -> list[dict]:
-    from vllm import SamplingParams
+def _round(llm, requests, params) -> tuple[float, float, list]:
+    start = time.time()
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    return start, time.time() - start, outputs
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    requests = [
-        {
-            "prompt": processor.apply_chat_template(chat_messages(s.question), add_generation_prompt=True),
-            "multi_modal_data": {"image": s.pil_image()},
-        }
-        for s in samples
-    ]
+
+def run_interleaved(engines: dict, samples, requests, concurrency: list[int], repeats: int, params) -> dict:
+    """Every repeat visits every (N, level) in turn, so the shared machine's load drifts over all levels alike;
+    a round gives every level the same fresh images."""
     cursor = 0
 
-    def take(n: int):
+    def take(n: int) -> list[int]:
         nonlocal cursor
-        batch = list(range(cursor, cursor + n))
         cursor += n
-        return batch
+        return list(range(cursor - n, cursor))
 
     for n in concurrency:  # warm-up: one round per batch size (first calls at a new shape are slower)
-        llm.generate([requests[i] for i in take(n)], params, use_tqdm=False)
-    results = []
-    for n in concurrency:
-        rounds, ttft, engine_ttft, prompt_tokens, correct = [], [], [], set(), 0
-        for _ in range(repeats):
+        batch = take(n)
+        for llm in engines.values():
+            llm.generate([requests[i] for i in batch], params, use_tqdm=False)
+    stats = {
+        (level, n): {"rounds": [], "ttft": [], "engine_ttft": [], "prompt_tokens": set(), "correct": 0}
+        for level in engines
+        for n in concurrency
+    }
+    for repeat in range(repeats):
+        for n in concurrency:
             batch = take(n)
-            start = time.time()
-            outputs = llm.generate([requests[i] for i in batch], params, use_tqdm=False)
-            wall = time.time() - start
-            rounds.append({"wall_s": wall, "requests_per_s": n / wall})
-            for i, out in zip(batch, outputs):
-                if out.metrics is None:
-                    raise SystemExit("RequestOutput.metrics is None: the engine must run with log stats on")
-                ttft.append(out.metrics.arrival_time + out.metrics.first_token_latency - start)
-                engine_ttft.append(out.metrics.first_token_latency)
-                prompt_tokens.add(len(out.prompt_token_ids))
-                correct += out.outputs[0].text.strip() == samples[i].answer
-        results.append(
+            for level, llm in engines.items():
+                start, wall, outputs = _round(llm, [requests[i] for i in batch], params)
+                entry = stats[level, n]
+                entry["rounds"].append({"repeat": repeat, "wall_s": wall, "requests_per_s": n / wall})
+                for i, out in zip(batch, outputs):
+                    if out.metrics is None:
+                        raise SystemExit(
+                            "RequestOutput.metrics is None: the engine must run with log stats on"
+                        )
+                    entry["ttft"].append(out.metrics.arrival_time + out.metrics.first_token_latency - start)
+                    entry["engine_ttft"].append(out.metrics.first_token_latency)
+                    entry["prompt_tokens"].add(len(out.prompt_token_ids))
+                    entry["correct"] += out.outputs[0].text.strip() == samples[i].answer
+        print(f"  repeat {repeat + 1}/{repeats} done", flush=True)
+    results = {level: [] for level in engines}
+    for (level, n), entry in stats.items():
+        results[level].append(
             {
                 "concurrency": n,
                 "repeats": repeats,
-                "prompt_tokens_per_request": sorted(prompt_tokens),
-                "requests_per_s": _summary([r["requests_per_s"] for r in rounds]),
-                "ttft_s": _summary(ttft),
-                "engine_ttft_s": _summary(engine_ttft),
-                "accuracy": correct / (n * repeats),
-                "rounds": rounds,
+                "prompt_tokens_per_request": sorted(entry["prompt_tokens"]),
+                "requests_per_s": _summary([r["requests_per_s"] for r in entry["rounds"]]),
+                "ttft_s": _summary(entry["ttft"]),
+                "engine_ttft_s": _summary(entry["engine_ttft"]),
+                "accuracy": entry["correct"] / (n * repeats),
+                "rounds": entry["rounds"],
             }
         )
+        r = results[level][-1]
         print(
-            f"  N={n:>3}: {results[-1]['requests_per_s']['median']:7.2f} req/s (median of {repeats}), "
-            f"TTFT median {results[-1]['ttft_s']['median'] * 1000:7.1f} ms, p90 "
-            f"{results[-1]['ttft_s']['p90'] * 1000:7.1f} ms, prompt tokens {sorted(prompt_tokens)}, "
-            f"accuracy {results[-1]['accuracy']:.2f}",
+            f"  {level:>3}% N={n:>3}: {r['requests_per_s']['median']:7.2f} req/s (median of {repeats}), "
+            f"TTFT median {r['ttft_s']['median'] * 1000:7.1f} ms, p90 {r['ttft_s']['p90'] * 1000:7.1f} ms, "
+            f"prompt tokens {r['prompt_tokens_per_request']}, accuracy {r['accuracy']:.2f}",
             flush=True,
         )
     return results
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     concurrency = [int(x) for x in args.concurrency.split(",")]
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: faster start
-    from vllm import LLM
+    from vllm import LLM, SamplingParams
 
     from modeling_deft_llava import DeftLlavaProcessor
 
@@ -200,6 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
         max_num_seqs=max(concurrency),
         max_num_batched_tokens=4096,  # every prompt of the largest round fits in one prefill step
         gpu_memory_utilization=0.08,
+        # explicit, because the engines share this process: vLLM's CPU worker otherwise sizes the cache from
+        # the process's memory, which the first engine already counts
+        kv_cache_memory_bytes=256 * 2**20,
         enable_prefix_caching=False,
         mm_processor_cache_gb=0,
         disable_log_stats=False,  # per-request metrics (first-token latency)
@@ -207,22 +218,31 @@ def main(argv: list[str] | None = None) -> dict:
     )
     samples = make_split("test", sum(concurrency) * (1 + args.repeats), seed=TEST_SEED)
     processor = DeftLlavaProcessor.from_pretrained(args.checkpoint)
-    runs = []
-    for level in levels:
-        print(f"{level}% of visual tokens kept, hf_overrides={LEVELS[level]}", flush=True)
+    requests = [
+        {
+            "prompt": processor.apply_chat_template(chat_messages(s.question), add_generation_prompt=True),
+            "multi_modal_data": {"image": s.pil_image()},
+        }
+        for s in samples
+    ]
+    engines, start_up = {}, {}
+    for level in levels:  # all engines live at once (each reserves its own small KV cache)
+        print(f"engine: {level}% of visual tokens kept, hf_overrides={LEVELS[level]}", flush=True)
         started = time.time()
-        llm = LLM(args.checkpoint, hf_overrides=LEVELS[level], **engine)
-        start_up = time.time() - started
-        results = run_level(llm, processor, samples, concurrency, args.repeats, args.max_tokens)
-        runs.append(
-            {
-                "kept_percent": level,
-                "hf_overrides": LEVELS[level],
-                "engine_start_s": start_up,
-                "results": results,
-            }
-        )
-        del llm
+        engines[level] = LLM(args.checkpoint, hf_overrides=LEVELS[level], **engine)
+        start_up[level] = time.time() - started
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    results = run_interleaved(engines, samples, requests, concurrency, args.repeats, params)
+    runs = [
+        {
+            "kept_percent": level,
+            "hf_overrides": LEVELS[level],
+            "engine_start_s": start_up[level],
+            "results": results[level],
+        }
+        for level in levels
+    ]
+    del engines
 
     report = {
         "command": " ".join(
