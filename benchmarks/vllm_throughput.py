@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--concurrency", default="1,8,32", help="requests submitted at once")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="rounds per (level, concurrency), after a warm-up"
+        "--repeats", type=int, default=20, help="rounds per (level, concurrency), after a warm-up"
     )
     parser.add_argument("--max-tokens", type=int, default=2, help="tokens generated per request")
     parser.add_argument("--out", default=str(OUT))
