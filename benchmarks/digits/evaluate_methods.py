@@ -122,6 +122,25 @@ def load(folder: str, settings: dict):
     return model, processor
 
 
+def spread_by_ratio(rows: list[dict], ratios: list[float]) -> dict:
+    """Per budget: the best and the worst method (every row label, positions included) by answer accuracy,
+    the gap in points, and whether their 95% Wilson intervals are disjoint."""
+    out = {}
+    for ratio in ratios:
+        measured = [r for r in rows if r["retention_ratio"] == ratio and r.get("accuracy") is not None]
+        if len(measured) < 2:
+            continue
+        best = max(measured, key=lambda r: r["accuracy"])
+        worst = min(measured, key=lambda r: r["accuracy"])
+        out[str(ratio)] = {
+            "best": {k: best[k] for k in ("method", "accuracy", "wilson95")},
+            "worst": {k: worst[k] for k in ("method", "accuracy", "wilson95")},
+            "spread_points": 100 * (best["accuracy"] - worst["accuracy"]),
+            "wilson_intervals_disjoint": worst["wilson95"][1] < best["wilson95"][0],
+        }
+    return out
+
+
 TITLES = {
     "easy": "Two-digit VQA on real handwritten digits",
     "dense": "Dense 3x3-digit VQA on real handwritten digits",
@@ -196,8 +215,11 @@ def main(argv=None) -> None:
         default=0,
         help="measure prefill FLOPs, layer lengths and time on this many queries per row (0: off)",
     )
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     task = TASKS[args.task]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.base, args.deft = args.base or task.checkpoint, args.deft or task.deft_checkpoint
     args.out = args.out or task.results
     if args.ratios is None:
@@ -301,6 +323,7 @@ def main(argv=None) -> None:
                 f"{label:14} ratio {ratio:5.3f} K={k:2d}: {res['accuracy']:.1%} ({row['share_of_full']:.1%} of full;"
                 f" strict {res['strict_accuracy']:.1%}; {row['mean_visual_tokens']:.1f} visual tokens seen)"
             )
+    results["spread"] = spread_by_ratio(results["rows"], ratios)
     results["wall_time_s"] = time.time() - start
     atomic_write_json(args.out, results)
     plot(results, os.path.splitext(args.out)[0] + ".png")

@@ -55,6 +55,22 @@ def write_training_data(folder: str, num_samples: int, make_split) -> str:
     return path
 
 
+def learned_mixture(model) -> dict:
+    """The score mixture `beta = softmax(mixture_logits)` (components: semantic, feedback, group), over all
+    three (training) and over semantic + group (inference: the feedback score needs the task loss)."""
+    import torch
+
+    logits = [v for k, v in model.state_dict().items() if k.endswith("mixture_logits")]
+    if len(logits) != 1:
+        return {"note": f"{len(logits)} mixture_logits tensors found"}
+    raw = logits[0].detach().float()
+    return {
+        "mixture_logits": raw.tolist(),
+        "beta_training": dict(zip(("semantic", "feedback", "group"), torch.softmax(raw, 0).tolist())),
+        "beta_inference": dict(zip(("semantic", "group"), torch.softmax(raw[[0, 2]], 0).tolist())),
+    }
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=sorted(TASKS), default="easy")
@@ -77,6 +93,12 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="default: the task's DeFT checkpoint (tasks.py)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--feedback-every-n-steps",
+        type=int,
+        default=1,
+        help="full-token feedback pass every n optimizer steps (0: feedback off, the ablation)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         import torch
@@ -112,7 +134,7 @@ def main(argv=None) -> None:
             "--use_lora", "false",
             "--train_projector", "false",
             "--train_deft_modules", "true",
-            "--feedback_every_n_steps", "1",
+            "--feedback_every_n_steps", str(args.feedback_every_n_steps),
             "--output_dir", run,
             "--max_steps", str(args.steps),
             "--per_device_train_batch_size", str(args.batch_size),
@@ -148,6 +170,8 @@ def main(argv=None) -> None:
             "seed": args.seed,
             "semantic_dim": args.semantic_dim,
             "saliency_hidden_dim": args.saliency_hidden_dim,
+            "feedback_every_n_steps": args.feedback_every_n_steps,
+            "learned_mixture": learned_mixture(model),
             "wall_time_s": time.time() - start,
             "log": log,
         },

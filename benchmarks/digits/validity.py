@@ -159,8 +159,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=7, help="seed of the random/background token choices")
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--out", default=None, help="default: the task's validity JSON (tasks.py)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
     task = TASKS[args.task]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.model, args.out = args.model or task.checkpoint, args.out or task.validity
     command = shlex.join(
         [".venv/bin/python", "-m", "benchmarks.digits.validity", *(sys.argv[1:] if argv is None else argv)]
