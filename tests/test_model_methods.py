@@ -50,6 +50,13 @@ def test_method_in_forward_and_generate(method):
         assert torch.equal(model.generate(**single, **GEN)[0, -4:], generated[b, -4:])
 
 
+@pytest.mark.parametrize("method", ["fastv", "ficoco_l"])
+def test_in_llm_methods_refuse_renumbered_positions(method):
+    # before: accepted and silently ignored (outputs bit-identical to original positions)
+    with pytest.raises(ValueError, match="deft_keep_original_positions=False would change nothing"):
+        tiny.config(**method_settings(method), deft_keep_original_positions=False)
+
+
 def test_bad_method_settings_fail_at_config_time():
     with pytest.raises(ValueError, match="not a perfect square"):
         tiny.config(use_deft=True, deft_retention_ratio=0.3, compression_method="deco")
