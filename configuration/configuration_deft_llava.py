@@ -34,8 +34,13 @@ class DeftLlavaConfig(LlavaConfig):
     video_token_index (`int`, *optional*): id of the `<video>` placeholder; None disables video input.
     context_start_token_index, context_end_token_index (`int`, *optional*): ids of the `<context>` and
         `</context>` markers around a long text context (`text_context.py`); None (both) disables them.
-    compression_method (`str`, defaults to `"deft"`): which token compressor runs when `use_deft=True`.
+    compression_method (`str`, defaults to `"deft"`): which compression method runs when `use_deft=True`, a
+        name of the registry (`modeling_deft_llava/compressors/compression_registry.py`).
     compression_settings (`dict`, *optional*): typed settings of a baseline method (see its settings class).
+
+    Two seed names read wider than they sound, and stay for the seed's contract and old checkpoints:
+    `use_deft` switches compression on for whichever `compression_method` is set, and
+    `deft_retention_ratio` is the budget of every method (K = `num_kept_tokens(N, deft_retention_ratio)`).
 
     Example:
 
@@ -129,6 +134,7 @@ class DeftLlavaConfig(LlavaConfig):
             self.deft_retention_ratio,
             self.deft_inference_mode,
             self.compression_method,
+            self.compression_settings,
         )
 
 

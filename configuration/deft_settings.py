@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 MODALITIES = ("image", "video", "text")
 INFERENCE_MODES = ("fast", "hybrid", "adaptive")
@@ -227,12 +227,28 @@ def validate_compression_method(value, name="compression_method") -> None:
     method_class(value)
 
 
+@dataclass(frozen=True)
+class PlaceholderPolicyInputs:
+    """What a method's placeholder policy (`writes_all_placeholders`) reads: the DeFT budget and mode, and the
+    method's own `compression_settings` (PruneSID's `dynamic_budget` decides its count)."""
+
+    deft_retention_ratio: float = DEFAULTS.deft_retention_ratio
+    deft_inference_mode: str = DEFAULTS.deft_inference_mode
+    compression_settings: dict | None = None
+
+    def __post_init__(self):
+        validate_deft_settings(
+            deft_retention_ratio=self.deft_retention_ratio, deft_inference_mode=self.deft_inference_mode
+        )
+
+
 def placeholder_count(
     num_tokens: int,
     use_deft: bool,
     retention_ratio: float,
     inference_mode: str = DEFAULTS.deft_inference_mode,
     compression_method: str = DEFT_METHOD,
+    compression_settings: dict | None = None,
 ) -> int:
     """Placeholders the processor writes for one image (or video) of `num_tokens` encoder tokens.
 
@@ -246,7 +262,11 @@ def placeholder_count(
     from ..compressors.compression_registry import method_class  # the one list of method names
 
     cls = method_class(compression_method)
-    settings = replace(DEFAULTS, deft_retention_ratio=retention_ratio, deft_inference_mode=inference_mode)
+    settings = PlaceholderPolicyInputs(
+        deft_retention_ratio=retention_ratio,
+        deft_inference_mode=inference_mode,
+        compression_settings=compression_settings,
+    )
     if not use_deft or cls.writes_all_placeholders(settings):
         return num_tokens
     return num_kept_tokens(num_tokens, retention_ratio)

@@ -34,6 +34,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 try:  # advisory locks tell a live writer's staging folder from a killed one's (not on Windows)
@@ -163,6 +164,44 @@ def _writer_gone(folder: Path) -> bool:
     finally:
         os.close(handle)  # closing drops the lock we may have taken
     return True
+
+
+@contextmanager
+def run_lock(target):
+    """`with run_lock(folder):` one writer at a time for `folder` (a training run's `output_dir`).
+
+    Takes an exclusive advisory lock (`flock`) on the hidden file `.<name>.run-lock` next to `folder`, held until
+    the block ends (a killed holder's lock is released by the kernel). The file records the holder's process id.
+
+    Raises:
+        RuntimeError: another live process holds the lock (names the folder and that process).
+    """
+    if fcntl is None:  # pragma: no cover - Windows: no advisory locks, no protection
+        yield
+        return
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = target.parent / f".{target.name}.run-lock"
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(handle, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(handle)
+        raise RuntimeError(
+            f"another run is writing into {str(target)!r} (process {holder}, lock {str(path)!r}); wait for it to "
+            "finish or choose another output_dir"
+        ) from None
+    try:
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        os.close(handle)  # closing drops the lock
 
 
 def new_staging(target) -> Path:

@@ -84,6 +84,7 @@ def compression_summary(config) -> str:
         config.deft_retention_ratio,
         config.deft_inference_mode,
         config.compression_method,
+        config.compression_settings,
     )
     if kept == num_tokens:
         return (

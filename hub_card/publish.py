@@ -176,10 +176,11 @@ def publish(
             "no Hugging Face token: run `hf auth login` or set HF_TOKEN (or use --dry-run OUT to only build "
             "the folder); nothing was uploaded"
         )
-    with tempfile.TemporaryDirectory(prefix="deft-publish-") as tmp:
+    # a locked staging folder in the temporary directory: the next publish deletes a killed one's
+    with staged(Path(tempfile.gettempdir()) / "deft-publish") as tmp:
         hub = build_hub_folder(
             folder,
-            Path(tmp) / "hub",
+            tmp / "hub",
             repo_id,
             results=results,
             base_model=base_model,

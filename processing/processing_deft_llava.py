@@ -21,7 +21,13 @@ from .image_depth import images_to_eight_bit
 check_transformers_version()  # a clear ImportError outside the tested range (also in a Hub folder)
 
 # the DeFT keys a processor needs (same names and defaults as the config)
-PROCESSOR_DEFT_KEYS = ("use_deft", "deft_retention_ratio", "deft_inference_mode", "compression_method")
+PROCESSOR_DEFT_KEYS = (
+    "use_deft",
+    "deft_retention_ratio",
+    "deft_inference_mode",
+    "compression_method",
+    "compression_settings",
+)
 
 
 def placeholder_id(tokenizer, token: str | None) -> int | None:
@@ -48,7 +54,8 @@ class DeftLlavaProcessor(LlavaProcessor):
             the tokenizer has both; then `apply_chat_template` turns a content item
             `{"type": "context", "text": ...}` into that text between the markers, whatever the chat template
             (a template that knows only text items renders it). Without them a context item is a ValueError.
-        use_deft, deft_retention_ratio, deft_inference_mode, compression_method: as in `DeftLlavaConfig`.
+        use_deft, deft_retention_ratio, deft_inference_mode, compression_method, compression_settings: as in
+            `DeftLlavaConfig` (a method's settings may decide its placeholder count: PruneSID `dynamic_budget`).
 
     The full signature is repeated on purpose: `ProcessorMixin.to_dict` saves only named `__init__` arguments.
     """
@@ -69,6 +76,7 @@ class DeftLlavaProcessor(LlavaProcessor):
         deft_retention_ratio: float = DEFAULTS.deft_retention_ratio,
         deft_inference_mode: str = DEFAULTS.deft_inference_mode,
         compression_method: str = "deft",
+        compression_settings: dict | None = None,
         **kwargs,
     ):
         validate_deft_settings(
@@ -86,6 +94,7 @@ class DeftLlavaProcessor(LlavaProcessor):
         self.deft_retention_ratio = deft_retention_ratio
         self.deft_inference_mode = deft_inference_mode
         self.compression_method = compression_method
+        self.compression_settings = compression_settings
         video_token = tokenizer.video_token if hasattr(tokenizer, "video_token") else video_token
         self.video_token_id = placeholder_id(tokenizer, video_token)
         self.video_token = video_token if self.video_token_id is not None else None
@@ -123,7 +132,13 @@ class DeftLlavaProcessor(LlavaProcessor):
             kwargs.pop(key, None)  # model-only settings: they do not change placeholders
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if overrides:
-            validate_deft_settings(**{k: v for k, v in overrides.items() if k != "compression_method"})
+            validate_deft_settings(
+                **{
+                    k: v
+                    for k, v in overrides.items()
+                    if k not in ("compression_method", "compression_settings")
+                }
+            )
             if "compression_method" in overrides:
                 validate_compression_method(overrides["compression_method"])
             for key, value in overrides.items():
@@ -177,6 +192,7 @@ class DeftLlavaProcessor(LlavaProcessor):
             self.deft_retention_ratio,
             self.deft_inference_mode,
             self.compression_method,
+            self.compression_settings,
         )
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:

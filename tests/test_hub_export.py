@@ -548,6 +548,33 @@ def test_publish_with_a_failed_validation_uploads_nothing(saved_source, hub_serv
     assert [p for p in tmp_path.iterdir()] == []
 
 
+def test_a_killed_publish_leaves_no_temporary_folder_behind(saved_source, hub_server, tmp_path, monkeypatch):
+    """A publish killed while uploading leaves its working folder in the temporary directory; the next
+    publish deletes it (its writer is gone) and its own on the way out."""
+    import tempfile
+
+    from huggingface_hub import HfApi
+    from modeling_deft_llava.hub_card.publish import PublishError, publish
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    (scratch / ".deft-publish.staging-killed" / "hub").mkdir(parents=True)  # what a killed publish left
+
+    def failing_validator(folder, out):
+        raise isolated_check.IsolatedCheckError("stop before the upload")
+
+    with pytest.raises(PublishError):
+        publish(
+            saved_source,
+            "someone/tiny-deft",
+            token="hf_standin",
+            api=HfApi(endpoint=hub_server[1]),
+            validator=failing_validator,
+        )
+    assert sorted(scratch.iterdir()) == []
+
+
 def test_the_validator_rejects_a_broken_export(exported, tmp_path):
     """The real isolated check fails on a folder whose code does not import without the project."""
     broken = tmp_path / "broken"

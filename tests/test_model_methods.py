@@ -50,6 +50,13 @@ def test_method_in_forward_and_generate(method):
         assert torch.equal(model.generate(**single, **GEN)[0, -4:], generated[b, -4:])
 
 
+@pytest.mark.parametrize("method", ["fastv", "ficoco_l"])
+def test_in_llm_methods_refuse_renumbered_positions(method):
+    # before: accepted and silently ignored (outputs bit-identical to original positions)
+    with pytest.raises(ValueError, match="deft_keep_original_positions=False would change nothing"):
+        tiny.config(**method_settings(method), deft_keep_original_positions=False)
+
+
 def test_bad_method_settings_fail_at_config_time():
     with pytest.raises(ValueError, match="not a perfect square"):
         tiny.config(use_deft=True, deft_retention_ratio=0.3, compression_method="deco")
@@ -74,3 +81,22 @@ def test_bad_method_settings_fail_at_config_time():
             compression_method="ficoco_v",
             compression_settings={"start_layer": 1},
         )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_with_beams_and_in_bfloat16(method):
+    # every registered method: beam search (the features are expanded per beam) and bf16
+    settings = method_settings(method)
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    inputs = batch_inputs(processor, questions=("what is in the picture ?", "a ?"))
+    beams = model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    assert beams.shape[0] == 4 and beams.shape[1] <= inputs["input_ids"].shape[1] + 3
+    half = model.to(torch.bfloat16)
+    inputs = dict(inputs, pixel_values=inputs["pixel_values"].to(torch.bfloat16))
+    with torch.no_grad():
+        assert torch.isfinite(half(**inputs).logits.float()).all()
+    cached, uncached = half.generate(**inputs, **GEN), half.generate(**inputs, **GEN, use_cache=False)
+    # the prefill is the same computation; later steps may differ by bf16 rounding (cache vs recompute), as in
+    # stock LLaVA: the exact cached = uncached check is the float32 test above
+    prompt = inputs["input_ids"].shape[1]
+    assert torch.equal(cached[:, : prompt + 1], uncached[:, : prompt + 1])

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import tiny
 import torch
+from modeling_deft_llava.hub_card.atomic_write import run_lock
 from modeling_deft_llava.hub_card.export import export_for_hub
 from safetensors.torch import load_file
 from test_training import make_workspace, run_args
@@ -260,6 +261,16 @@ def test_training_into_a_used_folder_needs_resume_or_overwrite(harness, workspac
     assert fresh["code"] == 0, fresh["output"]
     assert checkpoints(out) == ["checkpoint-4", "checkpoint-7"] and not (out / "notes.txt").exists()
     assert_same_adapter(out, reference)
+
+
+def test_two_runs_never_write_into_one_output_dir(harness, workspace, tmp_path):
+    out = tmp_path / "shared"
+    with run_lock(out):  # a live run holds the folder
+        second = harness.train(args_for(workspace, out))
+    assert second["status"] == "exit" and second["code"] != 0
+    assert "another run is writing into" in second["output"] and str(os.getpid()) in second["output"]
+    assert not out.exists() or not any(out.iterdir())  # the second run wrote nothing
+    assert not list(tmp_path.glob(".shared.run-lock"))  # released: the lock file is gone
 
 
 def test_resume_never_starts_over_on_top_of_unmarked_checkpoints(harness, workspace, reference, tmp_path):

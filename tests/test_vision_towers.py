@@ -21,8 +21,8 @@ from modeling_deft_llava.compressors.compression_registry import ALL_METHODS
 
 METHODS = ("deft",) + tuple(ALL_METHODS)
 # what each of these ranks or protects is the CLS token: VisionZip and FiCoCo-V its attention, Recoverable
-# its embedding (or attention), ToMe keeps it out of every merge
-NEEDS_CLS = ("visionzip", "recoverable", "tome", "ficoco_v")
+# its embedding (or attention), ToMe keeps it out of every merge, PruneSID's NMS ranks by its attention
+NEEDS_CLS = ("visionzip", "recoverable", "tome", "ficoco_v", "prunesid")
 WITHOUT_CLS = tuple(m for m in METHODS if m not in NEEDS_CLS)
 
 

@@ -13,15 +13,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import nullcontext
 
 import datasets
 import torch
 import transformers
-from modeling_deft_llava.configuration.configuration_deft_llava import DEFT_METHOD
-from modeling_deft_llava.hub_card.atomic_write import remove_tree
+from modeling_deft_llava.hub_card.atomic_write import remove_tree, run_lock
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
+from modeling_deft_llava.compressors.compression_registry import method_class
 
 from .arguments import DeftLlavaFinetuneArguments
 from .collator import DeftLlavaDataCollator
@@ -47,11 +48,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[DeftLlavaFinetuneArgument
 
 
 def feedback_enabled(model, args: DeftLlavaFinetuneArguments) -> bool:
-    """Feedback-guided scoring needs the DeFT compressor (not a baseline method) and a non-zero interval."""
+    """Feedback-guided scoring needs a method that learns from task-loss gradients (`learns_from_feedback`:
+    DeFT) and a non-zero interval."""
     config = model.config
-    return bool(
-        args.feedback_every_n_steps > 0 and config.use_deft and config.compression_method == DEFT_METHOD
-    )
+    if not (args.feedback_every_n_steps > 0 and config.use_deft):
+        return False
+    return method_class(config.compression_method).learns_from_feedback
 
 
 def _setup_logging(training_args: TrainingArguments) -> None:
@@ -165,8 +167,18 @@ def train(
 
     `output_dir` must be empty unless resuming or `overwrite_output_dir` (`check_output_folders`). Resuming first
     repairs what a killed run left (`recover_output_dir`), continues from the newest complete checkpoint, and
-    changes nothing when that checkpoint is already at the last step and the final save is complete."""
+    changes nothing when that checkpoint is already at the last step and the final save is complete.
+
+    Raises:
+        RuntimeError: another run is writing into the same `output_dir` (`hub_card.atomic_write.run_lock`).
+    """
     _setup_logging(training_args)
+    main_process = training_args.process_index == 0
+    with run_lock(training_args.output_dir) if main_process else nullcontext():
+        return _train(args, training_args, callbacks)
+
+
+def _train(args, training_args, callbacks) -> DeftLlavaTrainer:
     check_output_folders(args, training_args)
     with training_args.main_process_first(desc="preparing output_dir"):
         if training_args.process_index == 0:

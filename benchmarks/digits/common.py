@@ -37,8 +37,9 @@ IMAGE_STD = [0.3, 0.3, 0.3]
 TEST_SEED = 1234  # the held-out query set of the benchmark
 
 
-def build_processor() -> LlavaProcessor:
-    tokenizer = build_word_tokenizer(WORDS)
+def build_processor(words=WORDS) -> LlavaProcessor:
+    """The processor of a digits task; `words` is its vocabulary (`tasks.DigitsTask.words`; easy by default)."""
+    tokenizer = build_word_tokenizer(list(words))
     image_processor = CLIPImageProcessor(
         do_resize=True,
         size={"shortest_edge": CANVAS},
@@ -164,19 +165,24 @@ class DigitsCollator:
 
 
 @torch.no_grad()
-def evaluate_generate(model, processor, samples, batch_size: int = 100, desc: str = "eval") -> dict:
-    """Greedy `generate` exact-match accuracy (decoded answer, special tokens skipped, stripped)."""
+def evaluate_generate(
+    model, processor, samples, batch_size: int = 100, desc: str = "eval", max_new_tokens: int = 2
+) -> dict:
+    """Greedy `generate` exact-match accuracy (decoded answer, special tokens skipped, stripped).
+    `max_new_tokens`: the task's answer tokens + 1 (room for `</s>`); 2 for the easy task's one-digit answers.
+    Also returns every generated token id (`generated_ids`, one list per sample)."""
     model.eval()
     collate = DigitsCollator(processor, train=False)
     correct = 0
-    preds, first_ids = [], []
+    preds, first_ids, generated = [], [], []
     for start in tqdm(range(0, len(samples), batch_size), desc=desc):
         chunk = samples[start : start + batch_size]
         batch = collate(chunk)
-        out = model.generate(**batch, max_new_tokens=2, do_sample=False)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
         new = out[:, batch["input_ids"].shape[1] :]
         texts = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
         first_ids.extend(new[:, 0].tolist())
+        generated.extend(new.tolist())
         for s, t in zip(chunk, texts):
             preds.append(t.strip())
             correct += int(t.strip() == s.answer)
@@ -189,7 +195,29 @@ def evaluate_generate(model, processor, samples, batch_size: int = 100, desc: st
         "wilson95": [lo, hi],
         "predictions": preds,
         "first_token_ids": first_ids,
+        "generated_ids": generated,
     }
+
+
+def answer_token_ids(tokenizer, answer: str) -> list[int]:
+    """The answer's token ids, without special tokens (`"4 0 7"` -> three ids)."""
+    return tokenizer(answer, add_special_tokens=False)["input_ids"]
+
+
+def answer_correct(generated: list[int], answer: list[int]) -> bool:
+    """Answer accuracy: the first generated tokens are the answer's tokens (what follows is not checked)."""
+    return list(generated[: len(answer)]) == list(answer)
+
+
+def accuracy_by_kind(hits: list[bool], kinds: list[str], all_kinds) -> dict:
+    """Accuracy, count and Wilson interval per question kind."""
+    out = {}
+    for kind in all_kinds:
+        row = [h for h, k in zip(hits, kinds) if k == kind]
+        c = int(sum(row))
+        out[kind] = {"accuracy": c / max(len(row), 1), "correct": c, "n": len(row)}
+        out[kind]["wilson95"] = list(wilson_interval(c, len(row)))
+    return out
 
 
 def atomic_write_json(path: str, obj) -> None:

@@ -103,9 +103,17 @@ class DigitsSample:
         return self.ink_mask_left | self.ink_mask_right
 
     def ink_tokens(self, which: str = "both") -> np.ndarray:
-        """Visual-token indices (row * 8 + col) of ink patches of 'left', 'right' or 'both' digits."""
+        """Visual-token indices (row * 8 + col) of ink patches of 'left', 'right' or 'both' digits; the
+        task-neutral names the dense task shares: 'all' (= 'both'), 'asked' (the asked side), 'other'."""
+        other = "right" if self.side == "left" else "left"
+        which = {"all": "both", "asked": self.side, "other": other}.get(which, which)
         mask = {"left": self.ink_mask_left, "right": self.ink_mask_right, "both": self.ink_mask}[which]
         return np.flatnonzero(mask.reshape(-1))
+
+    @property
+    def kind(self) -> str:
+        """The question kind (the easy task has one: which side)."""
+        return "side"
 
     def background_tokens(self) -> np.ndarray:
         return np.flatnonzero(self.background_mask.reshape(-1))
@@ -126,7 +134,20 @@ class DigitsSample:
 
 
 def _patch_mass(layer: np.ndarray) -> np.ndarray:
-    return layer.reshape(GRID, PATCH, GRID, PATCH).sum(axis=(1, 3))
+    return layer.reshape(GRID, PATCH, GRID, PATCH).sum(axis=(1, 3))  # (8, 8) ink per patch
+
+
+def paste_digit(digit: np.ndarray, x: int, y: int) -> np.ndarray:
+    """A (64, 64) float32 layer holding one 8x8 source digit (0..16), upscaled 2x nearest, at top-left (x, y)."""
+    layer = np.zeros((CANVAS, CANVAS), dtype=np.float32)
+    layer[y : y + DIGIT_SIZE, x : x + DIGIT_SIZE] = np.kron(digit, np.ones((SCALE, SCALE), dtype=np.float32))
+    return layer
+
+
+def canvas_rgb(canvas: np.ndarray) -> np.ndarray:
+    """(64, 64) ink in source units (0..16) -> (64, 64, 3) uint8 RGB, white ink on black."""
+    gray = np.round(canvas * (255.0 / 16.0)).astype(np.uint8)
+    return np.repeat(gray[:, :, None], 3, axis=2)
 
 
 def make_sample(split: str, index: int, seed: int) -> DigitsSample:
@@ -142,19 +163,12 @@ def make_sample(split: str, index: int, seed: int) -> DigitsSample:
     right_xy = (half + int(rng.integers(0, max_x + 1)), int(rng.integers(0, max_y + 1)))
     side = SIDES[int(rng.integers(0, 2))]
 
-    layers = []
-    for src, (x, y) in ((left_src, left_xy), (right_src, right_xy)):
-        layer = np.zeros((CANVAS, CANVAS), dtype=np.float32)
-        layer[y : y + DIGIT_SIZE, x : x + DIGIT_SIZE] = np.kron(
-            images[src], np.ones((SCALE, SCALE), dtype=np.float32)
-        )
-        layers.append(layer)
+    layers = [paste_digit(images[src], x, y) for src, (x, y) in ((left_src, left_xy), (right_src, right_xy))]
     canvas = np.clip(layers[0] + layers[1], 0, 16)
-    gray = np.round(canvas * (255.0 / 16.0)).astype(np.uint8)
     mass_l, mass_r = _patch_mass(layers[0]), _patch_mass(layers[1])
     left_digit, right_digit = int(targets[left_src]), int(targets[right_src])
     return DigitsSample(
-        image=np.repeat(gray[:, :, None], 3, axis=2),
+        image=canvas_rgb(canvas),
         question=QUESTION_TEMPLATE.format(side=side),
         answer=str(left_digit if side == "left" else right_digit),
         side=side,
@@ -173,11 +187,13 @@ def make_sample(split: str, index: int, seed: int) -> DigitsSample:
 
 
 class DigitsSplit(Sequence):
-    """A lazy, deterministic sequence of `num_samples` samples (generated on access, nothing stored)."""
+    """A lazy, deterministic sequence of `num_samples` samples (generated on access, nothing stored).
+    `maker(split, index, seed)` builds one sample: this module's `make_sample` (the easy task) by default."""
 
-    def __init__(self, split: str, num_samples: int, seed: int):
+    def __init__(self, split: str, num_samples: int, seed: int, maker=None):
         source_indices(split)  # validates the split name
         self.split, self.num_samples, self.seed = split, int(num_samples), int(seed)
+        self.maker = maker or make_sample
 
     def __len__(self) -> int:
         return self.num_samples
@@ -189,7 +205,7 @@ class DigitsSplit(Sequence):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        return make_sample(self.split, index, self.seed)
+        return self.maker(self.split, index, self.seed)
 
 
 def make_split(split: str, num_samples: int, seed: int) -> DigitsSplit:

@@ -26,29 +26,48 @@ from modeling_deft_llava.configuration.deft_settings import num_kept_tokens
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
 from modeling_deft_llava.compressors.compression_registry import BASELINE_METHODS
 
-from .common import NUM_VISUAL_TOKENS, TEST_SEED, DigitsCollator, atomic_write_json, evaluate_generate
-from .data import make_split, wilson_interval
+from .common import (
+    NUM_VISUAL_TOKENS,
+    TEST_SEED,
+    DigitsCollator,
+    accuracy_by_kind,
+    answer_correct,
+    answer_token_ids,
+    atomic_write_json,
+    evaluate_generate,
+)
+from .costs import prefill_costs
+from .data import wilson_interval
+from .tasks import TASKS
 
 MODEL_METHODS = tuple(BASELINE_METHODS)  # every baseline, in the registry's order
 
 DEFT_VARIANTS = ("deft", "deft_hybrid", "deft_adaptive")
 
 
-def score(res: dict, samples, tokenizer) -> dict:
+def score(res: dict, samples, tokenizer, kinds=("side",)) -> dict:
     """Two exact-match views of the same greedy generations:
-    `accuracy`: the first generated token is the answer digit (the task's one-token answer);
-    `strict_accuracy`: the decoded generation is exactly the digit (the digit followed by `</s>`)."""
-    answers = tokenizer.convert_ids_to_tokens(res["first_token_ids"])
-    correct = sum(a == s.answer for a, s in zip(answers, samples))
+    `accuracy`: the first generated tokens are the answer's tokens (the task's answer; one digit for the easy
+    task, one or three for the dense task); `strict_accuracy`: the decoded generation is exactly the answer
+    (the answer followed by `</s>`, nothing more). Per question kind too (`by_kind`) when a task has several."""
+    hits = [
+        answer_correct(g, answer_token_ids(tokenizer, s.answer))
+        for g, s in zip(res["generated_ids"], samples)
+    ]
+    correct = int(sum(hits))
     n = len(samples)
-    return {
+    out = {
         "accuracy": correct / n,
         "correct": correct,
         "n": n,
         "wilson95": list(wilson_interval(correct, n)),
         "strict_accuracy": res["accuracy"],
         "strict_correct": res["correct"],
+        "strict_wilson95": res["wilson95"],
     }
+    if len(kinds) > 1:
+        out["by_kind"] = accuracy_by_kind(hits, [s.kind for s in samples], kinds)
+    return out
 
 
 def method_settings(method: str, ratio: float, positions: str = "original") -> dict:
@@ -105,44 +124,85 @@ def load(folder: str, settings: dict):
     return model, processor
 
 
+def spread_by_ratio(rows: list[dict], ratios: list[float]) -> dict:
+    """Per budget: the best and the worst method (every row label, positions included) by answer accuracy,
+    the gap in points, and whether their 95% Wilson intervals are disjoint."""
+    out = {}
+    for ratio in ratios:
+        measured = [r for r in rows if r["retention_ratio"] == ratio and r.get("accuracy") is not None]
+        if len(measured) < 2:
+            continue
+        best = max(measured, key=lambda r: r["accuracy"])
+        worst = min(measured, key=lambda r: r["accuracy"])
+        out[str(ratio)] = {
+            "best": {k: best[k] for k in ("method", "accuracy", "wilson95")},
+            "worst": {k: worst[k] for k in ("method", "accuracy", "wilson95")},
+            "spread_points": 100 * (best["accuracy"] - worst["accuracy"]),
+            "wilson_intervals_disjoint": worst["wilson95"][1] < best["wilson95"][0],
+        }
+    return out
+
+
+TITLES = {
+    "easy": "Two-digit VQA on real handwritten digits",
+    "dense": "Dense 3x3-digit VQA on real handwritten digits",
+}
+
+
 def plot(results: dict, path: str) -> None:
+    """Accuracy against the visual tokens the language model saw; with measured costs, also against prefill
+    FLOPs (share of the all-token model's)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    full = results["full"]["accuracy"]
-    ax.set_prop_cycle(color=plt.cm.tab20.colors)
-    for method in results["methods"]:
-        rows = sorted(
-            (r["mean_visual_tokens"] / NUM_VISUAL_TOKENS, r["accuracy"])
-            for r in results["rows"]
-            if r["method"] == method and r.get("accuracy") is not None
+    full = results["full"]
+    with_costs = "prefill_flops" in full
+    fig, axes = plt.subplots(1, 2 if with_costs else 1, figsize=(13 if with_costs else 7, 4.8), squeeze=False)
+    views = [("visual tokens the language model saw (share of 64)", _seen_share)]
+    if with_costs:
+        views.append(
+            ("prefill FLOPs (share of all 64 tokens)", lambda r: r["prefill_flops"] / full["prefill_flops"])
         )
-        if rows:
-            ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", label=method)
-    ax.axhline(full, color="k", linestyle="--", label=f"all 64 tokens ({full:.1%})")
-    ax.axhline(0.1, color="grey", linestyle=":", label="chance (10%)")
-    ax.set(
-        xlabel="visual tokens the language model saw (share of 64)",
-        ylabel="held-out exact match",
-        title="Two-digit VQA on real handwritten digits",
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    for ax, (xlabel, x_of) in zip(axes[0], views):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
+        for method in results["methods"]:
+            rows = sorted(
+                (x_of(r), r["accuracy"])
+                for r in results["rows"]
+                if r["method"] == method and r.get("accuracy") is not None
+            )
+            if rows:
+                style = "--" if "renumbered" in method else "-"
+                ax.plot([r[0] for r in rows], [r[1] for r in rows], style, marker="o", ms=3, label=method)
+        ax.axhline(
+            full["accuracy"], color="k", linestyle="--", label=f"all 64 tokens ({full['accuracy']:.1%})"
+        )
+        if results.get("task", "easy") == "easy":
+            ax.axhline(0.1, color="grey", linestyle=":", label="chance (10%)")
+        ax.set(xlabel=xlabel, ylabel="held-out answer accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=6, ncol=2)
+    fig.suptitle(TITLES[results.get("task", "easy")])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def _seen_share(row: dict) -> float:
+    seen = row.get("mean_visual_tokens_per_lm_layer", row["mean_visual_tokens"])
+    return seen / NUM_VISUAL_TOKENS
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", default="checkpoints/digits-llava-base", help="all-token model folder")
-    parser.add_argument(
-        "--deft", default="checkpoints/digits-deft-llava", help="folder with trained DeFT modules"
-    )
+    parser.add_argument("--task", choices=sorted(TASKS), default="easy")
+    parser.add_argument("--base", default=None, help="all-token model folder (default: the task's)")
+    parser.add_argument("--deft", default=None, help="folder with trained DeFT modules (default: the task's)")
     parser.add_argument("--methods", default=",".join(DEFT_VARIANTS + MODEL_METHODS))
-    parser.add_argument("--ratios", default="0.5,0.482,0.25,0.125")
+    parser.add_argument(
+        "--ratios", default=None, help="default: 0.5,0.482,0.25,0.125 (easy), 0.5,0.25,0.125,0.0625 (dense)"
+    )
     parser.add_argument("--n", type=int, default=1000, help="held-out queries")
     parser.add_argument(
         "--positions",
@@ -150,8 +210,22 @@ def main(argv=None) -> None:
         help="comma-separated: original (kept tokens keep their position ids) and/or renumbered (0..L-1)",
     )
     parser.add_argument("--batch-size", type=int, default=125)
-    parser.add_argument("--out", default="benchmarks/results/digits_accuracy.json")
+    parser.add_argument("--out", default=None, help="default: the task's results JSON (tasks.py)")
+    parser.add_argument(
+        "--cost-samples",
+        type=int,
+        default=0,
+        help="measure prefill FLOPs, layer lengths and time on this many queries per row (0: off)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
+    task = TASKS[args.task]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.base, args.deft = args.base or task.checkpoint, args.deft or task.deft_checkpoint
+    args.out = args.out or task.results
+    if args.ratios is None:
+        args.ratios = "0.5,0.482,0.25,0.125" if args.task == "easy" else "0.5,0.25,0.125,0.0625"
 
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in DEFT_VARIANTS + MODEL_METHODS]
@@ -173,17 +247,26 @@ def main(argv=None) -> None:
     if not position_modes or any(p not in ("original", "renumbered") for p in position_modes):
         parser.error(f"--positions must list original and/or renumbered, got {args.positions!r}")
 
-    samples = make_split("test", args.n, seed=TEST_SEED)
+    samples = task.make_split("test", args.n, seed=TEST_SEED)
     torch.set_grad_enabled(False)
     start = time.time()
+
+    def run(model, processor, desc: str) -> dict:
+        """Accuracy of one configuration, plus its prefill cost when asked (`--cost-samples`)."""
+        res = evaluate_generate(
+            model, processor, samples, args.batch_size, desc=desc, max_new_tokens=task.max_answer_tokens + 1
+        )
+        out = score(res, samples, processor.tokenizer, task.kinds)
+        if args.cost_samples:
+            batch = DigitsCollator(processor, train=False)(samples[: args.cost_samples])
+            out.update(prefill_costs(model, batch))
+        return out
+
     model, processor = load(args.base, method_settings("full", 1.0))
-    full = score(
-        evaluate_generate(model, processor, samples, args.batch_size, desc="full"),
-        samples,
-        processor.tokenizer,
-    )
+    full = run(model, processor, "full")
     full_acc = full["accuracy"]
     results = {
+        "task": args.task,
         "command": "python -m benchmarks.digits.evaluate_methods "
         + " ".join(argv if argv is not None else os.sys.argv[1:]),
         "base": args.base,
@@ -192,14 +275,16 @@ def main(argv=None) -> None:
         "test_seed": TEST_SEED,
         "visual_tokens_full": NUM_VISUAL_TOKENS,
         "metric": score.__doc__,
+        "costs": prefill_costs.__doc__ if args.cost_samples else None,
+        "cost_samples": args.cost_samples,
+        "torch_threads": torch.get_num_threads(),
         "full": full,
         "methods": [],  # row labels, filled below
         "rows": [],
     }
     if any(m in DEFT_VARIANTS for m in methods):  # the DeFT checkpoint must hold the same backbone
         model, processor = load(args.deft, method_settings("full", 1.0))
-        same = evaluate_generate(model, processor, samples, args.batch_size, desc="full (deft ckpt)")
-        results["full_deft_checkpoint"] = score(same, samples, processor.tokenizer)
+        results["full_deft_checkpoint"] = run(model, processor, "full (deft ckpt)")
     for method, positions in [(m, p) for p in position_modes for m in methods]:
         label = method if positions == "original" else f"{method} (renumbered)"
         if label not in results["methods"]:
@@ -232,11 +317,7 @@ def main(argv=None) -> None:
                 if method in DEFT_VARIANTS
                 else results["full"]
             )
-            res = score(
-                evaluate_generate(model, processor, samples, args.batch_size, desc=f"{label}@{ratio}"),
-                samples,
-                processor.tokenizer,
-            )
+            res = run(model, processor, f"{label}@{ratio}")
             row.update(res, share_of_full=res["accuracy"] / reference["accuracy"])
             row["mean_visual_tokens"] = mean_visual_tokens(model, processor, samples, args.batch_size, k)
             results["rows"].append(row)
@@ -244,6 +325,7 @@ def main(argv=None) -> None:
                 f"{label:14} ratio {ratio:5.3f} K={k:2d}: {res['accuracy']:.1%} ({row['share_of_full']:.1%} of full;"
                 f" strict {res['strict_accuracy']:.1%}; {row['mean_visual_tokens']:.1f} visual tokens seen)"
             )
+    results["spread"] = spread_by_ratio(results["rows"], ratios)
     results["wall_time_s"] = time.time() - start
     atomic_write_json(args.out, results)
     plot(results, os.path.splitext(args.out)[0] + ".png")

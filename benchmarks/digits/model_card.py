@@ -2,6 +2,7 @@
 
     python -m benchmarks.digits.model_card [--checkpoint checkpoints/digits-deft-llava] \
         [--results benchmarks/results/digits_accuracy.json]
+    python -m benchmarks.digits.model_card --task dense   # -> checkpoints/digits-dense-deft-llava/README.md
 
 Every number in the card comes from the results file (written by `benchmarks.digits.evaluate_methods`).
 """
@@ -15,6 +16,13 @@ import os
 from modeling_deft_llava.hub_card.model_card import build_model_card
 
 from modeling_deft_llava import DeftLlavaConfig
+
+from .tasks import TASKS
+
+QUESTIONS = {
+    "easy": "two-digit questions",
+    "dense": "dense 3x3-digit questions (benchmarks/digits/README.md, dense task)",
+}
 
 
 def results_rows(results: dict) -> dict:
@@ -42,9 +50,12 @@ def results_rows(results: dict) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="checkpoints/digits-deft-llava")
-    parser.add_argument("--results", default="benchmarks/results/digits_accuracy.json")
+    parser.add_argument("--task", choices=sorted(TASKS), default="easy")
+    parser.add_argument("--checkpoint", default=None, help="default: the task's DeFT checkpoint (tasks.py)")
+    parser.add_argument("--results", default=None, help="default: the task's results JSON (tasks.py)")
     args = parser.parse_args(argv)
+    task = TASKS[args.task]
+    args.checkpoint, args.results = args.checkpoint or task.deft_checkpoint, args.results or task.results
     for path in (os.path.join(args.checkpoint, "config.json"), args.results):
         if not os.path.isfile(path):
             parser.error(f"{path!r} not found")
@@ -55,8 +66,8 @@ def main(argv=None) -> None:
         config, results_rows(results), model_name="DeFT-LLaVA digits (tiny, trained here)"
     )
     text = str(card) + (
-        f"\n\nResults: {results['n']} held-out two-digit questions (seed {results['test_seed']}), greedy decoding; "
-        f"`accuracy` = the answer token is the right digit, `strict` = the generation is exactly the digit. "
+        f"\n\nResults: {results['n']} held-out {QUESTIONS[args.task]} (seed {results['test_seed']}), greedy "
+        f"decoding; `accuracy` = the answer tokens are right, `strict` = the generation is exactly the answer. "
         f"Command: `{results['command']}`.\n"
     )
     tmp = os.path.join(args.checkpoint, ".README.md.tmp")

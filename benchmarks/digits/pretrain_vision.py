@@ -8,6 +8,10 @@ use (`vision_feature_layer`, CLS dropped); the head is thrown away afterwards an
 weights are saved (to benchmarks/digits/_work/, git-ignored) for stage 2.
 
     .venv/bin/python -m benchmarks.digits.pretrain_vision --steps 3000 --seed 0
+    .venv/bin/python -m benchmarks.digits.pretrain_vision --task dense --init-vision checkpoints/digits-llava-base
+
+`--task dense` trains on dense canvases (`dense.py`: a patch holding ink of two different digits is ignored);
+`--init-vision FOLDER` starts from the vision tower of a saved LLaVA (a warm start, recorded in the JSON).
 """
 
 from __future__ import annotations
@@ -23,16 +27,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import LlavaForConditionalGeneration
 
 from .common import (
     SELECT_STRATEGY,
-    STAGE1_PATH,
     VISION_FEATURE_LAYER,
     build_model,
     build_processor,
     pixel_values,
 )
-from .data import make_sample, make_split
+from .tasks import TASKS
 
 
 def patch_features(vision_tower, pixels: torch.Tensor) -> torch.Tensor:
@@ -48,22 +52,29 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0, help="model init seed (stage 2 must use the same)")
     ap.add_argument("--data-seed", type=int, default=101, help="seed of the stage-1 training canvases")
-    ap.add_argument("--out", default=STAGE1_PATH)
+    ap.add_argument("--task", choices=sorted(TASKS), default="easy")
+    ap.add_argument("--out", default=None, help="default: the task's stage-1 path (tasks.py)")
+    ap.add_argument("--init-vision", default=None, help="start from the vision tower of this LLaVA folder")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    task = TASKS[args.task]
+    args.out = args.out or task.stage1
 
     torch.manual_seed(args.seed)
-    processor = build_processor()
+    processor = build_processor(task.words)
     model = build_model(processor, seed=args.seed)
     tower = model.model.vision_tower
+    if args.init_vision:
+        warm = LlavaForConditionalGeneration.from_pretrained(args.init_vision).model.vision_tower
+        tower.load_state_dict(warm.state_dict(), strict=True)
     hidden = tower.config.hidden_size
     head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 11))
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
-    data = make_split("train", args.steps * args.batch_size, seed=args.data_seed)
+    data = task.make_split("train", args.steps * args.batch_size, seed=args.data_seed)
     tower.train()
     head.train()
     t0 = time.time()
@@ -97,7 +108,7 @@ def main(argv=None) -> dict:
     head.eval()
     correct_ink = total_ink = correct_bg = total_bg = 0
     with torch.no_grad():
-        test = [make_sample("test", i, 4321) for i in range(500)]
+        test = task.make_split("test", 500, seed=4321)[:]
         for start in range(0, len(test), 100):
             chunk = test[start : start + 100]
             labels = torch.from_numpy(np.stack([s.patch_labels() for s in chunk]))
@@ -117,6 +128,9 @@ def main(argv=None) -> dict:
         "lr": args.lr,
         "seed": args.seed,
         "data_seed": args.data_seed,
+        "task": args.task,
+        "init_vision": args.init_vision,
+        "threads": torch.get_num_threads(),
         "wall_time_s": round(train_time, 1),
         "heldout_ink_patch_accuracy": correct_ink / max(total_ink, 1),
         "heldout_ink_patches": total_ink,

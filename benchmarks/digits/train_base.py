@@ -6,6 +6,7 @@ Loads the stage-1 vision tower (run `pretrain_vision` first, same --seed), train
 model + processor + train_log.json to checkpoints/digits-llava-base/.
 
     .venv/bin/python -m benchmarks.digits.train_base --steps 3000 --seed 0
+    .venv/bin/python -m benchmarks.digits.train_base --task dense   # -> checkpoints/digits-dense-llava-base
 """
 
 from __future__ import annotations
@@ -22,18 +23,16 @@ from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration, LlavaProcessor, Trainer, TrainingArguments
 
 from .common import (
-    CHECKPOINT_DIR,
     ROPE_THETA,
-    STAGE1_PATH,
     TEST_SEED,
-    WORK_DIR,
     DigitsCollator,
     atomic_write_json,
     build_model,
     build_processor,
     evaluate_generate,
 )
-from .data import INK_THRESHOLD, SCALE, make_split, source_indices
+from .data import INK_THRESHOLD, SCALE, source_indices
+from .tasks import TASKS
 
 
 def dir_size(path: str) -> int:
@@ -49,8 +48,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0, help="model init + Trainer seed (same as stage 1)")
     ap.add_argument("--data-seed", type=int, default=202, help="seed of the stage-2 training samples")
     ap.add_argument("--eval-samples", type=int, default=2000)
-    ap.add_argument("--stage1", default=STAGE1_PATH)
-    ap.add_argument("--out", default=CHECKPOINT_DIR)
+    ap.add_argument("--task", choices=sorted(TASKS), default="easy")
+    ap.add_argument("--stage1", default=None, help="default: the task's stage-1 path (tasks.py)")
+    ap.add_argument("--out", default=None, help="default: the task's checkpoint folder (tasks.py)")
     ap.add_argument(
         "--init-from",
         default=None,
@@ -64,6 +64,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    task = TASKS[args.task]
+    args.stage1, args.out = args.stage1 or task.stage1, args.out or task.checkpoint
     command = shlex.join(
         [".venv/bin/python", "-m", "benchmarks.digits.train_base", *(sys.argv[1:] if argv is None else argv)]
     )
@@ -79,7 +81,7 @@ def main(argv=None) -> dict:
         previous = prev_log.get("previous_stage2_phases", []) + [prev_log["stage2"]]
         source = f"continued from {args.init_from}"
     else:
-        processor = build_processor()
+        processor = build_processor(task.words)
         model = build_model(processor, seed=args.seed, rope_theta=args.rope_theta, text_heads=args.text_heads)
         missing, unexpected = model.model.vision_tower.load_state_dict(load_file(args.stage1), strict=True)
         assert not missing and not unexpected
@@ -89,9 +91,9 @@ def main(argv=None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,}; {source}")
 
-    train_data = make_split("train", args.steps * args.batch_size, seed=args.data_seed)
+    train_data = task.make_split("train", args.steps * args.batch_size, seed=args.data_seed)
     targs = TrainingArguments(
-        output_dir=os.path.join(WORK_DIR, "trainer"),
+        output_dir=task.work("trainer"),
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr,
@@ -121,9 +123,11 @@ def main(argv=None) -> dict:
 
     model.config.use_cache = True
     model.config.text_config.use_cache = True
-    test = make_split("test", args.eval_samples, seed=TEST_SEED)
+    test = task.make_split("test", args.eval_samples, seed=TEST_SEED)
     t1 = time.time()
-    ev = evaluate_generate(model, processor, test, desc="held-out generate")
+    ev = evaluate_generate(
+        model, processor, test, desc="held-out generate", max_new_tokens=task.max_answer_tokens + 1
+    )
     eval_time = time.time() - t1
     print(
         f"held-out exact match: {ev['correct']}/{ev['n']} = {ev['accuracy']:.4f}, Wilson95 {ev['wilson95']}"
@@ -135,14 +139,21 @@ def main(argv=None) -> dict:
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
     size = dir_size(args.out)
+    by_kind = {
+        kind: [p == s.answer for p, s in zip(ev["predictions"], test) if s.kind == kind]
+        for kind in task.kinds
+    }
     log = {
+        "task": args.task,
         "heldout_accuracy": ev["accuracy"],
+        "heldout_accuracy_by_kind": {k: sum(v) / max(len(v), 1) for k, v in by_kind.items()},
         "heldout_correct": ev["correct"],
         "heldout_samples": ev["n"],
         "heldout_wilson95": ev["wilson95"],
         "heldout_split": {"split": "test", "seed": TEST_SEED, "source_images": len(source_indices("test"))},
         "train_source_images": len(source_indices("train")),
-        "eval": "greedy generate, max_new_tokens=2, decoded answer (special tokens skipped) == target digit",
+        "eval": f"greedy generate, max_new_tokens={task.max_answer_tokens + 1}, decoded answer (special tokens "
+        "skipped) == target answer",
         "stage1": {k: v for k, v in stage1.items() if k != "log"},
         "stage2": {
             "steps": args.steps,

@@ -2,6 +2,7 @@
 
     python -m benchmarks.digits.train_deft [--base checkpoints/digits-llava-base] [--retention 0.25] \
         [--steps 600] [--semantic-dim 128] [--saliency-hidden-dim 64] [--out checkpoints/digits-deft-llava]
+    python -m benchmarks.digits.train_deft --task dense   # -> checkpoints/digits-dense-deft-llava
 
 1. Writes training-split canvases as PNG files and a LLaVA conversation JSONL (`_work/deft_data/`).
 2. Converts the all-token base model into a DeFT-LLaVA folder (`modeling_deft_llava.commands.convert`; fresh DeFT
@@ -25,14 +26,16 @@ import time
 
 from modeling_deft_llava.commands.convert import convert
 
-from .common import WORK_DIR, atomic_write_json
-from .data import make_split, user_text
+from .common import atomic_write_json
+from .data import user_text
+from .tasks import TASKS
 
 TRAIN_SEED = 777  # training canvases for stage 3 (disjoint source images from the held-out split)
 
 
-def write_training_data(folder: str, num_samples: int) -> str:
-    """PNG canvases + `train.jsonl` (LLaVA conversations) from the training split; returns the JSONL path."""
+def write_training_data(folder: str, num_samples: int, make_split) -> str:
+    """PNG canvases + `train.jsonl` (LLaVA conversations) from the training split of a task (`make_split`);
+    returns the JSONL path."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "train.jsonl")
     samples = make_split("train", num_samples, seed=TRAIN_SEED)
@@ -52,9 +55,26 @@ def write_training_data(folder: str, num_samples: int) -> str:
     return path
 
 
+def learned_mixture(model) -> dict:
+    """The score mixture `beta = softmax(mixture_logits)` (components: semantic, feedback, group), over all
+    three (training) and over semantic + group (inference: the feedback score needs the task loss)."""
+    import torch
+
+    logits = [v for k, v in model.state_dict().items() if k.endswith("mixture_logits")]
+    if len(logits) != 1:
+        return {"note": f"{len(logits)} mixture_logits tensors found"}
+    raw = logits[0].detach().float()
+    return {
+        "mixture_logits": raw.tolist(),
+        "beta_training": dict(zip(("semantic", "feedback", "group"), torch.softmax(raw, 0).tolist())),
+        "beta_inference": dict(zip(("semantic", "group"), torch.softmax(raw[[0, 2]], 0).tolist())),
+    }
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", default="checkpoints/digits-llava-base")
+    parser.add_argument("--task", choices=sorted(TASKS), default="easy")
+    parser.add_argument("--base", default=None, help="all-token LLaVA (default: the task's, tasks.py)")
     parser.add_argument("--retention", type=float, default=0.25)
     parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--steps", type=int, default=600)
@@ -70,16 +90,29 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--saliency-hidden-dim", type=int, default=64, help="hidden width of the saliency MLP"
     )
-    parser.add_argument("--out", default="checkpoints/digits-deft-llava")
+    parser.add_argument("--out", default=None, help="default: the task's DeFT checkpoint (tasks.py)")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--feedback-every-n-steps",
+        type=int,
+        default=1,
+        help="full-token feedback pass every n optimizer steps (0: feedback off, the ablation)",
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    task = TASKS[args.task]
+    args.base, args.out = args.base or task.checkpoint, args.out or task.deft_checkpoint
     if not os.path.isfile(os.path.join(args.base, "config.json")):
         parser.error(f"base checkpoint {args.base!r} not found: run benchmarks.digits.train_base first")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         parser.error(f"{args.out!r} exists; pass --overwrite to replace it")
     start = time.time()
-    data = write_training_data(os.path.join(WORK_DIR, "deft_data"), args.samples)
-    init = os.path.join(WORK_DIR, "deft_init")
+    data = write_training_data(task.work("deft_data"), args.samples, task.make_split)
+    init = task.work("deft_init")
     convert(
         args.base,
         init,
@@ -89,7 +122,7 @@ def main(argv=None) -> None:
         deft_semantic_dim=args.semantic_dim,
         deft_saliency_hidden_dim=args.saliency_hidden_dim,
     )
-    run = os.path.join(WORK_DIR, "deft_run")
+    run = task.work("deft_run")
     shutil.rmtree(run, ignore_errors=True)
 
     from modeling_deft_llava.training.train import parse_args, train
@@ -101,7 +134,7 @@ def main(argv=None) -> None:
             "--use_lora", "false",
             "--train_projector", "false",
             "--train_deft_modules", "true",
-            "--feedback_every_n_steps", "1",
+            "--feedback_every_n_steps", str(args.feedback_every_n_steps),
             "--output_dir", run,
             "--max_steps", str(args.steps),
             "--per_device_train_batch_size", str(args.batch_size),
@@ -128,6 +161,7 @@ def main(argv=None) -> None:
         {
             "command": "python -m benchmarks.digits.train_deft "
             + " ".join(argv if argv is not None else os.sys.argv[1:]),
+            "task": args.task,
             "base": args.base,
             "retention": args.retention,
             "steps": args.steps,
@@ -136,6 +170,8 @@ def main(argv=None) -> None:
             "seed": args.seed,
             "semantic_dim": args.semantic_dim,
             "saliency_hidden_dim": args.saliency_hidden_dim,
+            "feedback_every_n_steps": args.feedback_every_n_steps,
+            "learned_mixture": learned_mixture(model),
             "wall_time_s": time.time() - start,
             "log": log,
         },

@@ -16,7 +16,12 @@ the visual tokens not kept, left-pad the batch, pass explicit `position_ids` (or
 
 Expected for a valid benchmark: (a) high, (b) close to (a), (d) near chance (10%).
 
+`--task dense` (`dense.py`): "asked" ink is the ink of the asked cell, row, or of all digits for counts; the dense
+table adds budget-sized oracles (K = 16 and 8: the heaviest ink tokens of the asked digits, of any digit, and
+random tokens), each with original and renumbered positions. Multi-token answers are teacher-forced.
+
     .venv/bin/python -m benchmarks.digits.validity
+    .venv/bin/python -m benchmarks.digits.validity --task dense   # -> benchmarks/digits/validity_dense.json
 """
 
 from __future__ import annotations
@@ -32,8 +37,17 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from .common import CHECKPOINT_DIR, HERE, TEST_SEED, DigitsCollator, atomic_write_json, evaluate_generate
-from .data import make_split, wilson_interval
+from .common import (
+    TEST_SEED,
+    DigitsCollator,
+    accuracy_by_kind,
+    answer_correct,
+    answer_token_ids,
+    atomic_write_json,
+    evaluate_generate,
+)
+from .data import wilson_interval
+from .tasks import TASKS
 
 
 @torch.no_grad()
@@ -49,49 +63,62 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def last_logits_with_kept_tokens(model, batch, keep: list[np.ndarray], renumber: bool) -> torch.Tensor:
-    """Logits at the last position when only visual tokens `keep[i]` (indices 0..N-1) of sample i stay."""
-    input_ids = batch["input_ids"]
-    assert bool(batch["attention_mask"].all()), "expects unpadded prompts (all prompts have equal length)"
+def answer_hits(model, batch, answers: list[list[int]], keep: list[np.ndarray], renumber: bool) -> list[bool]:
+    """Teacher-forced check that sample i's answer tokens `answers[i]` are the argmax, each after the prompt
+    and the answer tokens before it, when only visual tokens `keep[i]` (indices 0..N-1) stay. This is the same
+    as greedy generation starting with the answer (one answer token: the argmax after the prompt).
+
+    Original positions are the row's unpadded positions (what `generate` derives from a left-padded mask);
+    renumbered ones count 0..L-1 over what stays."""
+    input_ids, attention = batch["input_ids"], batch["attention_mask"].bool()
     image_id = model.config.image_token_id
-    feats = image_features(model, batch["pixel_values"])
-    embeds = model.get_input_embeddings()(input_ids)
+    feats = image_features(model, batch["pixel_values"])  # (batch, N, hidden)
+    embed = model.get_input_embeddings()
+    embeds = embed(input_ids)  # (batch, seq, hidden)
     is_image = input_ids == image_id
     embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.to(embeds.dtype))
     rows, positions = [], []
     for i in range(input_ids.shape[0]):
-        image_pos = torch.nonzero(is_image[i]).squeeze(-1)
-        assert len(image_pos) == feats.shape[1]
-        kept = torch.ones(input_ids.shape[1], dtype=torch.bool)
+        real = torch.nonzero(attention[i]).squeeze(-1)  # unpadded prompt, (prompt_len,)
+        image_pos = torch.nonzero(is_image[i, real]).squeeze(-1)  # placeholder positions in the prompt
+        if len(image_pos) != feats.shape[1]:
+            raise ValueError(f"row {i}: {len(image_pos)} placeholders for {feats.shape[1]} visual tokens")
+        kept = torch.ones(len(real), dtype=torch.bool)
         kept[image_pos] = False
         kept[image_pos[torch.as_tensor(np.asarray(keep[i], dtype=np.int64))]] = True
-        idx = torch.nonzero(kept).squeeze(-1)
-        rows.append(embeds[i, idx])
-        positions.append(torch.arange(len(idx)) if renumber else idx)
+        idx = torch.nonzero(kept).squeeze(-1)  # (kept_len,) positions in the unpadded prompt
+        forced = torch.as_tensor(answers[i][:-1], dtype=torch.long)  # answer tokens fed back, (A_i - 1,)
+        rows.append(torch.cat([embeds[i, real][idx], embed(forced)]))
+        pos = torch.cat([idx, len(real) + torch.arange(len(forced))])
+        positions.append(torch.arange(len(pos)) if renumber else pos)
     length = max(len(r) for r in rows)
     b, d = len(rows), embeds.shape[-1]
     x = embeds.new_zeros(b, length, d)
     mask = torch.zeros(b, length, dtype=torch.long)
     pos = torch.zeros(b, length, dtype=torch.long)
-    for i, (r, p) in enumerate(zip(rows, positions)):  # left padding
+    for i, (r, p) in enumerate(zip(rows, positions)):  # left padding: every row ends at the last column
         x[i, length - len(r) :] = r
         mask[i, length - len(r) :] = 1
         pos[i, length - len(r) :] = p
-    out = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, logits_to_keep=1)
-    return out.logits[:, -1]
+    longest = max(len(a) for a in answers)
+    logits = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, logits_to_keep=longest).logits
+    pred = logits.argmax(-1)  # (batch, longest): the last `longest` positions of each row
+    return [pred[i, longest - len(a) :].tolist() == list(a) for i, a in enumerate(answers)]
 
 
 def selections(sample, index: int, seed: int) -> dict[str, tuple[np.ndarray, bool]]:
-    """Condition name -> (kept visual-token indices, renumber positions)."""
+    """Condition name -> (kept visual-token indices, renumber positions). 'asked' ink is the ink of what the
+    question asks about (easy: the asked side; dense: the asked cell, row, or every digit for counts)."""
     rng = np.random.default_rng([seed, index])
-    ink = sample.ink_tokens("both")
+    ink = sample.ink_tokens("all")
     bg = sample.background_tokens()
-    asked = sample.ink_tokens(sample.side)
-    other = sample.ink_tokens("right" if sample.side == "left" else "left")
+    asked = sample.ink_tokens("asked")
+    other = sample.ink_tokens("other")
     bg_same = np.sort(rng.choice(bg, size=min(len(ink), len(bg)), replace=False))
     bg_8 = np.sort(rng.choice(bg, size=min(8, len(bg)), replace=False))
     rand16 = np.sort(rng.choice(64, size=16, replace=False))
-    return {
+    rand8 = np.sort(rng.choice(64, size=8, replace=False))
+    out = {
         "a_all64_manual": (np.arange(64), False),
         "b_ink_both_original_pos": (ink, False),
         "c_ink_both_renumbered_pos": (ink, True),
@@ -102,31 +129,64 @@ def selections(sample, index: int, seed: int) -> dict[str, tuple[np.ndarray, boo
         "x_ink_asked_side_only_original_pos": (asked, False),
         "x_ink_other_side_only_original_pos": (other, False),
     }
+    if sample.kind == "side":  # the easy task's table stays as it was
+        return out
+    # budget-sized oracles (K = 16 and 8 of 64): the heaviest ink tokens of the asked digits (query-aware) or
+    # of any digit (query-agnostic), against random tokens
+    mass = sample.ink_mass  # (cells, 8, 8)
+    asked_mass = mass[list(sample.asked_cells)].sum(axis=0).reshape(-1)
+    all_mass = mass.sum(axis=0).reshape(-1)
+    for k, rand in ((16, rand16), (8, rand8)):
+        top_asked = np.sort(np.argsort(-asked_mass, kind="stable")[:k])
+        top_all = np.sort(np.argsort(-all_mass, kind="stable")[:k])
+        pct = {16: "25pct", 8: "12.5pct"}[k]
+        out[f"k{k}_asked_ink_heaviest_original_pos"] = (top_asked, False)
+        out[f"k{k}_asked_ink_heaviest_renumbered_pos"] = (top_asked, True)
+        out[f"k{k}_any_ink_heaviest_original_pos"] = (top_all, False)
+        out[f"k{k}_any_ink_heaviest_renumbered_pos"] = (top_all, True)
+        if k == 8:
+            out[f"e_random{pct}_original_pos"] = (rand, False)
+            out[f"e_random{pct}_renumbered_pos"] = (rand, True)
+    out["x_ink_asked_renumbered_pos"] = (asked, True)
+    return out
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=CHECKPOINT_DIR)
+    ap.add_argument("--task", choices=sorted(TASKS), default="easy")
+    ap.add_argument("--model", default=None, help="default: the task's checkpoint (tasks.py)")
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=7, help="seed of the random/background token choices")
     ap.add_argument("--batch-size", type=int, default=100)
-    ap.add_argument("--out", default=os.path.join(HERE, "validity.json"))
+    ap.add_argument("--out", default=None, help="default: the task's validity JSON (tasks.py)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
+    task = TASKS[args.task]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.model, args.out = args.model or task.checkpoint, args.out or task.validity
     command = shlex.join(
         [".venv/bin/python", "-m", "benchmarks.digits.validity", *(sys.argv[1:] if argv is None else argv)]
     )
     t0 = time.time()
     processor = LlavaProcessor.from_pretrained(args.model)
     model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
-    test = make_split("test", args.samples, seed=TEST_SEED)
+    test = task.make_split("test", args.samples, seed=TEST_SEED)
     tok = processor.tokenizer
-    answer_ids = {str(d): tok.convert_tokens_to_ids(str(d)) for d in range(10)}
+    answers = [answer_token_ids(tok, s.answer) for s in test]
 
-    gen = evaluate_generate(model, processor, test, batch_size=args.batch_size, desc="(a) generate")
+    gen = evaluate_generate(
+        model,
+        processor,
+        test,
+        batch_size=args.batch_size,
+        desc="(a) generate",
+        max_new_tokens=task.max_answer_tokens + 1,
+    )
+    gen_hits = [answer_correct(g, a) for g, a in zip(gen["generated_ids"], answers)]
     collate = DigitsCollator(processor, train=False)
-    correct: dict[str, int] = {}
+    hits: dict[str, list[bool]] = {}
     kept_counts: dict[str, list[int]] = {}
-    agree_manual_generate = 0
     for start in tqdm(range(0, len(test), args.batch_size), desc="token subsets"):
         chunk = test[start : start + args.batch_size]
         batch = collate(chunk)
@@ -134,36 +194,37 @@ def main(argv=None) -> dict:
         for name in sels[0]:
             keep = [sel[name][0] for sel in sels]
             renumber = sels[0][name][1]
-            pred = last_logits_with_kept_tokens(model, batch, keep, renumber).argmax(-1)
-            for j, s in enumerate(chunk):
-                hit = int(pred[j].item() == answer_ids[s.answer])
-                correct[name] = correct.get(name, 0) + hit
-                if name == "a_all64_manual":
-                    agree_manual_generate += int(
-                        tok.decode([pred[j].item()]).strip() == gen["predictions"][start + j]
-                    )
+            chunk_answers = answers[start : start + len(chunk)]
+            hits.setdefault(name, []).extend(answer_hits(model, batch, chunk_answers, keep, renumber))
             kept_counts.setdefault(name, []).extend(len(k) for k in keep)
-
+    agree_manual_generate = sum(h == g for h, g in zip(hits["a_all64_manual"], gen_hits))
     n = len(test)
+    kinds = [s.kind for s in test]
 
-    def entry(c: int, counts=None) -> dict:
+    def entry(row_hits: list[bool], counts=None) -> dict:
+        c = int(sum(row_hits))
         e = {"accuracy": c / n, "correct": c, "n": n, "wilson95": list(wilson_interval(c, n))}
+        if len(task.kinds) > 1:
+            e["by_kind"] = accuracy_by_kind(row_hits, kinds, task.kinds)
         if counts is not None:
             e["kept_visual_tokens_mean"] = float(np.mean(counts))
             e["kept_visual_tokens_min"] = int(np.min(counts))
             e["kept_visual_tokens_max"] = int(np.max(counts))
         return e
 
-    results = {"a_all64_generate": entry(gen["correct"], [64] * n)}
-    for name, c in correct.items():
-        results[name] = entry(c, kept_counts[name])
+    results = {"a_all64_generate": entry(gen_hits, [64] * n)}
+    for name, row_hits in hits.items():
+        results[name] = entry(row_hits, kept_counts[name])
     b = results["b_ink_both_original_pos"]["accuracy"]
     a = results["a_all64_generate"]["accuracy"]
     d = results["d_background_same_count_original_pos"]["accuracy"]
     report = {
+        "task": args.task,
         "model": os.path.relpath(args.model),
         "heldout": {"split": "test", "seed": TEST_SEED, "samples": n},
         "selection_seed": args.seed,
+        "metric": "answer accuracy: every answer token is the argmax (teacher-forced; = greedy generate's "
+        "first answer tokens)",
         "results": results,
         "manual_all64_agrees_with_generate": agree_manual_generate / n,
         "checks": {

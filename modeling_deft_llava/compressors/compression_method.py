@@ -77,6 +77,16 @@ class PromptBatch:
     text_mask: torch.Tensor
     prompt_length: int
 
+    def questions(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each item's batch row `(items,)` and its question `(items, seq)` bool: the real text tokens after
+        the item's last placeholder, up to the prompt length (`num_rows` placeholders per item, row-major)."""
+        where = self.placeholder_mask.nonzero()  # (items * N, 2): item j holds entries j*N .. j*N + N-1
+        row = where[::num_rows, 0]  # (items,)
+        last = where[num_rows - 1 :: num_rows, 1]  # (items,) column of the item's last placeholder
+        columns = torch.arange(self.placeholder_mask.shape[1], device=row.device)  # (seq,)
+        after = (columns > last.unsqueeze(1)) & (columns < self.prompt_length)  # (items, seq)
+        return row, self.text_mask[row] & after
+
 
 @dataclass
 class TextBatch:
@@ -158,12 +168,16 @@ class CompressionMethod:
     # runs the decoder layers on the input layout (`run_language_model` reads `TokenLayout`'s placeholder masks):
     # the model cannot drop tokens before it, so a context (whose markers are dropped) is refused
     needs_input_layout: ClassVar[bool] = False
+    # trains from task-loss gradients (`VisualBatch.token_gradients`): the trainer runs its full-token pass
+    learns_from_feedback: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ config time
     @classmethod
     def writes_all_placeholders(cls, config) -> bool:
         """Placeholder policy: True when the processor writes all N placeholders per item (the method keeps K
-        of them inside the forward pass, or a content-dependent count); False for K per item."""
+        of them inside the forward pass, or a content-dependent count); False for K per item. `config` has
+        `deft_retention_ratio`, `deft_inference_mode` and `compression_settings` (a `DeftLlavaConfig` or the
+        processor's `PlaceholderPolicyInputs`)."""
         return False
 
     @classmethod

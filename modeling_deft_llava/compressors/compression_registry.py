@@ -11,12 +11,14 @@ from __future__ import annotations
 import difflib
 
 from .compression_method import CompressionMethod
+from .method_cdpruner import DeftLlavaCDPrunerCompressor
 from .method_deco import DeftLlavaDecoCompressor
 from .method_deft import DeftLlavaDeFTCompressor
 from .method_divprune import DeftLlavaDivPruneCompressor
 from .method_fastv import DeftLlavaFastVCompressor
 from .method_ficoco_l import DeftLlavaFiCoCoLCompressor
 from .method_ficoco_v import DeftLlavaFiCoCoVCompressor
+from .method_prunesid import DeftLlavaPruneSIDCompressor
 from .method_random import DeftLlavaRandomCompressor
 from .method_recoverable import DeftLlavaRecoverableCompressor
 from .method_tome import DeftLlavaToMeCompressor
@@ -38,6 +40,8 @@ METHODS: dict[str, type[CompressionMethod]] = {
         DeftLlavaFiCoCoVCompressor,
         DeftLlavaFastVCompressor,
         DeftLlavaFiCoCoLCompressor,
+        DeftLlavaCDPrunerCompressor,
+        DeftLlavaPruneSIDCompressor,
     )
 }
 DEFAULT_METHOD = DeftLlavaDeFTCompressor.name

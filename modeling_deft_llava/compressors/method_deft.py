@@ -62,6 +62,7 @@ class DeftLlavaDeFTCompressor(CompressionMethod, DeFTModule):
     settings_class = NoSettings  # DeFT reads the deft_* config fields
     module_name = "deft"
     modalities: ClassVar[tuple[str, ...]] = ("image", "video", "text")
+    learns_from_feedback = True
 
     @classmethod
     def writes_all_placeholders(cls, config) -> bool:

@@ -167,6 +167,14 @@ class DeftLlavaFastVCompressor(MethodModule):
                 f"{cls.layer_setting} must be in [1, {layers - 1}] for a {layers}-layer language model "
                 f"(layers before it see every token, the rest the kept ones), got {cut}"
             )
+        if config.use_deft and not config.deft_keep_original_positions:
+            # every placeholder is in the input, so 0..L-1 over the input is the original layout; the later layers
+            # keep the kept tokens' own ids, as the official FastV code does: the setting would change nothing
+            raise ValueError(
+                f"{cls.name} keeps the original position ids of the tokens it keeps inside the language model (as "
+                "the official FastV code does), so deft_keep_original_positions=False would change nothing; "
+                "leave it True for this method"
+            )
 
     def run_language_model(self, model, call: LanguageModelCall) -> DeftLlavaModelOutputWithPast:
         """The model's hook: run the decoder layers (`run_layers`) and report, per image, the visual tokens the

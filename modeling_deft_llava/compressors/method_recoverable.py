@@ -219,12 +219,7 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
         unused (`rows_used`), and the model re-packs the batch."""
         tokens = torch.stack(list(features.pooler_output))  # (images, N, D)
         images, n, _ = tokens.shape
-        image_mask = prompt.placeholder_mask
-        where = image_mask.nonzero()  # (images * N, 2) row-major: image j holds entries j*N .. j*N + N-1
-        row = where[::n, 0]  # (images,) batch row of each image
-        last = where[n - 1 :: n, 1]  # (images,) column of each image's last placeholder
-        columns = torch.arange(image_mask.shape[1], device=image_mask.device)
-        question = prompt.text_mask[row] & (columns > last.unsqueeze(1)) & (columns < prompt.prompt_length)
+        row, question = prompt.questions(n)  # (images,), (images, seq)
         side = math.isqrt(n)  # the grid only has to hold N patches: the method does not use its shape
         context = CompressionContext(
             spatial_shape=(side, side) if side * side == n else (1, n),
