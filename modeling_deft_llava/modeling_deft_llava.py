@@ -561,11 +561,14 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         layout = TokenLayout.start(inputs_embeds, attention_mask)
         token_ids = self._token_ids()
         masks = {m: self._placeholder_mask(input_ids, inputs_embeds, token_ids[m]) for m in visual}
-        if method is not None:
-            text = layout.valid.clone()
-            for token_id in token_ids.values():
+        if method is not None and method.acts_in("compress_with_prompt"):
+            text = layout.valid.clone()  # real text: not padding, not a placeholder of any modality
+            for modality, token_id in token_ids.items():
                 if token_id is not None:
-                    text &= ~self._placeholder_mask(input_ids, inputs_embeds, token_id)
+                    placeholders = masks.get(modality)
+                    if placeholders is None:
+                        placeholders = self._placeholder_mask(input_ids, inputs_embeds, token_id)
+                    text &= ~placeholders
             if context is not None:
                 text &= ~context.markers
             for modality, features in visual.items():
@@ -840,7 +843,8 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
         method = self.model.active_method
         if method is None:
             return outputs
-        reconsidered = method.reconsider(self.model, self.lm_head(outputs.last_hidden_state[:, -1]))
+        # the head on each sample's last position only when the method reads it (not on every prefill)
+        reconsidered = method.reconsider(self.model, lambda: self.lm_head(outputs.last_hidden_state[:, -1]))
         if reconsidered is None or not bool(reconsidered.any()):
             return outputs
         if model_kwargs["past_key_values"] is not None:

@@ -17,9 +17,9 @@ from test_model import GEN, batch_inputs
 from test_model_methods import method_settings
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration
-from modeling_deft_llava.compressors.compression_registry import ALL_METHODS
+from modeling_deft_llava.compressors.compression_registry import BASELINE_METHODS
 
-METHODS = ("deft",) + tuple(ALL_METHODS)
+METHODS = ("deft",) + tuple(BASELINE_METHODS)
 # what each of these ranks or protects is the CLS token: VisionZip and FiCoCo-V its attention, Recoverable
 # its embedding (or attention), ToMe keeps it out of every merge, PruneSID's NMS ranks by its attention
 NEEDS_CLS = ("visionzip", "recoverable", "tome", "ficoco_v", "prunesid")
@@ -33,7 +33,7 @@ def refusal(**overrides) -> str:
 
 
 def test_the_registry_flags_the_methods_that_need_cls():
-    assert {name for name, cls in ALL_METHODS.items() if cls.needs_cls_token} == set(NEEDS_CLS)
+    assert {name for name, cls in BASELINE_METHODS.items() if cls.needs_cls_token} == set(NEEDS_CLS)
 
 
 @pytest.mark.parametrize("method", METHODS)

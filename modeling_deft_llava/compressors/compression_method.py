@@ -210,6 +210,10 @@ class CompressionMethod:
     def apply_config(self, config) -> None:
         """Settings changed on `model.config` take effect here before each call (budgets and thresholds)."""
 
+    def acts_in(self, hook: str) -> bool:
+        """True when this method overrides hook `hook` (the model skips the inputs of hooks nobody overrides)."""
+        return getattr(type(self), hook) is not getattr(CompressionMethod, hook)
+
     @property
     def needs_vision_layer(self) -> bool:
         """The model captures a vision layer's input (`VisualBatch.layer_input`) for this method."""
@@ -243,9 +247,10 @@ class CompressionMethod:
         """Run the decoder layers; return a `DeftLlavaModelOutputWithPast`, or None for the stock language model."""
         return None
 
-    def reconsider(self, model, last_logits: torch.Tensor) -> torch.Tensor | None:
-        """After a prefill: `(batch,)` bool of the samples that need a second prefill with every usable row
-        (`last_logits`: `(batch, vocab)` of each sample's last position), or None."""
+    def reconsider(self, model, next_token_logits) -> torch.Tensor | None:
+        """After a prefill: `(batch,)` bool of the samples that need a second prefill with every usable row, or
+        None. `next_token_logits()` computes the `(batch, vocab)` logits of each sample's last position (only
+        a method that uses them pays for the head)."""
         return None
 
     def compress_text(self, model, text: TextBatch) -> TextSelection | None:

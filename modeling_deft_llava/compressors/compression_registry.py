@@ -55,9 +55,6 @@ COMPRESSION_METHODS: dict[str, type[TokenCompressor]] = {
     for name, cls in BASELINE_METHODS.items()
     if issubclass(cls, TokenCompressor) and cls.compress is not TokenCompressor.compress
 }
-# baselines that only run inside the model's vision encoder or language model (hooks, no feature tensor)
-MODEL_STAGE_METHODS = {name: cls for name, cls in BASELINE_METHODS.items() if name not in COMPRESSION_METHODS}
-ALL_METHODS = BASELINE_METHODS
 
 
 def method_class(name) -> type[CompressionMethod]:

@@ -195,12 +195,12 @@ class DeftLlavaDeFTCompressor(CompressionMethod, DeFTModule):
             scores[has] = out.scores.float()
         return TextSelection(kept=kept[:, :n], tokens=rows, scores=scores)
 
-    def reconsider(self, model, last_logits: torch.Tensor) -> torch.Tensor | None:
+    def reconsider(self, model, next_token_logits) -> torch.Tensor | None:
         """`adaptive`: samples whose next-token distribution is uncertain (the RTD rule: normalised entropy >
         `deft_rtd_entropy_threshold` or max probability < `deft_rtd_confidence_threshold`)."""
         if self.inference_mode != "adaptive":
             return None
-        return sample_is_uncertain(last_logits, self.entropy_threshold, self.confidence_threshold)
+        return sample_is_uncertain(next_token_logits(), self.entropy_threshold, self.confidence_threshold)
 
 
 __all__ = ["DeftLlavaDeFTCompressor"]

@@ -282,7 +282,7 @@ class DeftLlavaPruneSIDCompressor(TokenCompressor):
         if not features.pooler_output:
             return features
         tokens = torch.stack(list(features.pooler_output))  # (items, N, D)
-        context = self.context_for(visual, tokens.shape[1])
+        context = self.context_for(visual)
         self.check_inputs(tokens, context)
         if context.num_kept == tokens.shape[1]:
             return features  # keep everything: every row, untouched

@@ -126,7 +126,7 @@ class TokenCompressor(MethodModule):
             width = config.vision_config.hidden_size * (1 if isinstance(layers, int) else len(layers))
         return cls(width, settings)
 
-    def context_for(self, visual: VisualBatch, num_patches: int) -> CompressionContext:
+    def context_for(self, visual: VisualBatch) -> CompressionContext:
         """The `CompressionContext` of a batch of items: budget, grid and the vision inputs it needs."""
         layer, x = visual.vision_layer, visual.layer_input
         return CompressionContext(
@@ -139,13 +139,13 @@ class TokenCompressor(MethodModule):
     def compress_vision_features(self, features: torch.Tensor, visual: VisualBatch):
         if self.feature_space != "vision":
             return None
-        return self(features, self.context_for(visual, features.shape[1]))
+        return self(features, self.context_for(visual))
 
     def compress_features(self, model, features, visual: VisualBatch):
         if self.feature_space != "projected" or not features.pooler_output:
             return features
         tokens = torch.stack(list(features.pooler_output))  # (items, N, D)
-        out = self(tokens, self.context_for(visual, tokens.shape[1]))
+        out = self(tokens, self.context_for(visual))
         return updated(
             features,
             pooler_output=list(out.tokens),  # K rows per item
