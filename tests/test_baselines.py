@@ -164,20 +164,24 @@ def test_missing_inputs_raise():
         build_compressor("recoverable", DIM)(features, context)
     features, context = make_inputs()
     context.cls_embedding = None
+    by_similarity = build_compressor("recoverable", DIM, {"visual_score": "cls_similarity"})
     with pytest.raises(ValueError, match="needs context.cls_embedding"):
-        build_compressor("recoverable", DIM)(features, context)
-    # the attention variant needs attention instead, and says so through its flag
-    by_attention = build_compressor("recoverable", DIM, {"visual_score": "cls_attention"})
+        by_similarity(features, context)
+    # the default (released) visual score reads attention instead, and says so through its flag
+    by_attention = build_compressor("recoverable", DIM)
     assert by_attention.needs_cls_attention
     assert by_attention(features, context).tokens.shape == (3, 9, DIM)
-    # the released cluster merge weighs members by CLS attention; the plain mean needs none
-    assert build_compressor("recoverable", DIM).needs_cls_attention
-    assert not build_compressor("recoverable", DIM, {"cluster_merge": "mean"}).needs_cls_attention
+    # the released cluster merge weighs members by CLS attention; the cosine score with the plain mean needs none
+    similarity = {"visual_score": "cls_similarity"}
+    assert build_compressor("recoverable", DIM, similarity).needs_cls_attention
+    assert not build_compressor(
+        "recoverable", DIM, {**similarity, "cluster_merge": "mean"}
+    ).needs_cls_attention
     features, context = make_inputs()
     context.cls_attention = None
     with pytest.raises(ValueError, match="recoverable needs context.cls_attention"):
         build_compressor("recoverable", DIM)(features, context)
-    assert build_compressor("recoverable", DIM, {"cluster_merge": "mean"})(
+    assert build_compressor("recoverable", DIM, {**similarity, "cluster_merge": "mean"})(
         features, context
     ).tokens.shape == (
         3,
@@ -474,7 +478,11 @@ def test_recoverable_matches_reference(grid, seed, multiplier, use_keys, rule, d
     features, context = make_inputs(
         batch=2, rows=rows, cols=cols, num_kept=k, seed=seed, key_dim=4 if use_keys else None
     )
-    compressor = build_compressor("recoverable", DIM, {"iqr_multiplier": multiplier, "cluster_merge": rule})
+    compressor = build_compressor(
+        "recoverable",
+        DIM,
+        {"iqr_multiplier": multiplier, "cluster_merge": rule, "visual_score": "cls_similarity"},
+    )
     result = compressor(features, context)
     for b in range(2):
         visual = F.cosine_similarity(features[b], context.cls_embedding[b].unsqueeze(0), dim=-1)
@@ -494,9 +502,10 @@ def test_recoverable_matches_reference(grid, seed, multiplier, use_keys, rule, d
         torch.testing.assert_close(result.tokens[b], tokens)
 
 
-def test_recoverable_attention_variant_matches_reference():
+def test_recoverable_default_ranks_by_cls_attention_as_released():
+    # the released code's visual filter reads the CLS attention; the paper's cosine wording is a setting
     features, context = make_inputs(batch=2, rows=8, cols=8, num_kept=20, seed=3)
-    result = build_compressor("recoverable", DIM, {"visual_score": "cls_attention"})(features, context)
+    result = build_compressor("recoverable", DIM)(features, context)
     for b in range(2):
         tokens, kept = ref_recoverable(
             features[b],

@@ -1,8 +1,8 @@
 """Recoverable Compression inside the model against a hand-built reference (arXiv 2409.01179).
 
 The reference takes one sample at a time, without padding: the plain LLaVA features (all N), the CLS token of
-the feature layer through the projector, the CLS attention of the feature layer (head average, for the released
-cluster merge), the model's own input embeddings of the text after each image, the standalone compressor, and then the stock language model fed the K tokens of each image at the positions of
+the feature layer through the projector, the CLS attention (by default the released code's: the last encoder
+layer as one full-width head; it ranks patches and weighs the released cluster merge), the model's own input embeddings of the text after each image, the standalone compressor, and then the stock language model fed the K tokens of each image at the positions of
 their representative patches (the text after an image resumes after all N)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ SETTINGS = dict(use_deft=True, deft_retention_ratio=0.25, compression_method="re
 IMAGE = 4  # <image> id in the tiny vocabulary
 
 
-def reference_last_logits(model, ids, pixel_values, merge, attention_layer="feature_layer"):
+def reference_last_logits(model, ids, pixel_values, merge, attention_layer="released"):
     """Last-position logits and kept indices for ONE unpadded sample `ids` `(seq,)`."""
     lm = model.model.language_model
     vision = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
@@ -89,9 +89,11 @@ def test_recoverable_matches_hand_built_reference(merge):
         first_image += n_images
 
 
-def test_released_cls_attention_is_a_setting():
-    # the released code's CLS attention (last layer, one full-width head) reaches the method inside the model
-    settings = dict(SETTINGS, compression_settings={"cls_attention_layer": "released"})
+def test_feature_layer_cls_attention_is_a_setting():
+    # the default is the released code's CLS attention (last layer, one full-width head); the feature layer's
+    # head-averaged attention is a setting, and it reaches the method inside the model
+    assert tiny.model(**SETTINGS).model.compressor.settings.cls_attention_layer == "released"
+    settings = dict(SETTINGS, compression_settings={"cls_attention_layer": "feature_layer"})
     model, processor = tiny.model(**settings), tiny.processor(**settings)
     inputs = batch_inputs(processor, questions=("what is in the picture ?", "a cat and a dog ?"))
     with torch.no_grad():
@@ -101,11 +103,15 @@ def test_released_cls_attention_is_a_setting():
         released = released_cls_attention(vision.encoder.layers[-1], layer_input)
     assert not torch.allclose(
         released, cls_attention(vision.encoder.layers[-1], layer_input)
-    )  # not the default
+    )  # the setting differs from the default
     for b in range(2):
         valid = inputs["attention_mask"][b].bool()
         logits, kept = reference_last_logits(
-            model, inputs["input_ids"][b][valid], inputs["pixel_values"][b : b + 1], "released", "released"
+            model,
+            inputs["input_ids"][b][valid],
+            inputs["pixel_values"][b : b + 1],
+            "released",
+            "feature_layer",
         )
         torch.testing.assert_close(out.logits[b, -1], logits, rtol=1e-4, atol=1e-5)
         assert torch.equal(out.kept_indices[b], kept[0])

@@ -32,12 +32,11 @@ class RecoverableSettings:
     """Settings of Recoverable Compression.
 
     Args:
-        visual_score: what ranks patches in the visual filter. `cls_similarity` (default, the paper's text:
-            the similarity of the class token to each patch): the cosine between `context.cls_embedding` and
-            each patch feature. `cls_attention`: `context.cls_attention`. The released code uses the CLS row
-            of the LAST encoder layer's attention computed as ONE full-width head
-            (`softmax(q_cls . k / sqrt(width))`, `released_cls_attention`); which one the model passes is
-            `cls_attention_layer`.
+        visual_score: what ranks patches in the visual filter. `cls_attention` (default, the released code):
+            `context.cls_attention`, which inside the model is the CLS row of the attention chosen by
+            `cls_attention_layer`. `cls_similarity` (the paper's wording, "the similarity of the class token
+            to each patch"): the cosine between `context.cls_embedding` (the projected CLS token) and each
+            patch feature.
         iqr_multiplier: the outlier fence is `Q3 + iqr_multiplier * (Q3 - Q1)` of the scores, in [0, 10];
             1.5 is Tukey's rule.
         cluster_merge: how each cluster becomes one token. `"released"` (default, the released code; the paper
@@ -46,16 +45,17 @@ class RecoverableSettings:
             token `sum_j a_j x_j` over every patch that is neither kept nor a centre, in the last of the K
             slots. `"mean"`: the plain mean of the centre and its members, no summary token.
         cls_attention_layer: which CLS attention the model passes (for `visual_score="cls_attention"` and the
-            released merge weights). `"feature_layer"` (default): the feature layer's (`vision_feature_layer`),
-            per head and averaged over heads (`vision_attention.cls_attention`). `"released"`: as the released
-            code, the encoder's LAST layer computed as one full-width head on the states entering it
-            (`released_cls_attention(encoder.layers[-1], hidden_states[-2])`).
+            released merge weights). `"released"` (default, the released code): the encoder's LAST layer
+            computed as one full-width head on the states entering it
+            (`released_cls_attention(encoder.layers[-1], hidden_states[-2])`), whatever the feature layer.
+            `"feature_layer"`: the feature layer's (`vision_feature_layer`) attention, per head and averaged
+            over heads (`vision_attention.cls_attention`).
     """
 
-    visual_score: str = "cls_similarity"
+    visual_score: str = "cls_attention"
     iqr_multiplier: float = 1.5
     cluster_merge: str = "released"
-    cls_attention_layer: str = "feature_layer"
+    cls_attention_layer: str = "released"
 
     def __post_init__(self):
         check_choice("visual_score", self.visual_score, VISUAL_SCORES)
@@ -168,9 +168,9 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
       included, ranked by key cosine plus 50 x the text score); here the clusters partition the remaining
       patches by nearest centre. The model passes no `vision_keys`, so inside the model clusters are formed on
       the projected features (the released code: the last layer's keys).
-    - CLS attention (`visual_score="cls_attention"` and the released merge weights): by default the model
-      passes the feature layer's head-averaged attention; the released code's last-layer full-width head is
-      `cls_attention_layer="released"` (`released_cls_attention`).
+    - none in the CLS attention by default (the last layer as one full-width head, as released); the
+      feature layer's head-averaged attention is `cls_attention_layer="feature_layer"`, and the paper's
+      wording (cosine of the projected CLS token and each patch) is `visual_score="cls_similarity"`.
     - text score: the released code compares the CLIP text encoder's projected embedding of the question with
       CLIP's projected patch features; here the question is the language model's input embeddings of the
       prompt text after the image (mean of the valid tokens), compared with the projected patch features.
