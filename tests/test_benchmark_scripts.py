@@ -84,3 +84,40 @@ def test_text_context_benchmark_compares_methods_at_the_same_budget(tmp_path):
     assert set(seen) == {f"{m}@0.500" for m in ("deft_untrained", "deft", "random", "first", "last")}
     assert len(set(seen.values())) == 1  # every method keeps the same number of context tokens
     assert report["results"]["full"]["context_tokens_seen"] == 2 * next(iter(seen.values()))
+
+
+def test_accuracy_update_replaces_only_the_rerun_methods():
+    row = lambda method, ratio, acc: {"method": method, "retention_ratio": ratio, "accuracy": acc}  # noqa: E731
+    previous = {
+        "full": {"accuracy": 0.8},
+        "methods": ["deft", "recoverable", "tome"],
+        "rows": [row(m, r, 0.1) for m in ("deft", "recoverable", "tome") for r in (0.5, 0.25)],
+    }
+    update = {
+        "full": {"accuracy": 0.8},
+        "command": "python -m benchmarks.digits.evaluate_methods --methods recoverable,cdpruner --update",
+        "methods": ["recoverable", "cdpruner"],
+        "rows": [row(m, r, 0.3) for m in ("recoverable", "cdpruner") for r in (0.5, 0.25)],
+    }
+    merged = evaluate_methods.merge_update(previous, update)
+    assert merged["methods"] == ["deft", "recoverable", "tome", "cdpruner"]
+    assert [(r["method"], r["retention_ratio"], r["accuracy"]) for r in merged["rows"]] == [
+        ("deft", 0.5, 0.1),
+        ("deft", 0.25, 0.1),
+        ("recoverable", 0.5, 0.3),
+        ("recoverable", 0.25, 0.3),
+        ("tome", 0.5, 0.1),
+        ("tome", 0.25, 0.1),
+        ("cdpruner", 0.5, 0.3),
+        ("cdpruner", 0.25, 0.3),
+    ]
+    assert merged["updates"][0]["command"] == update["command"]
+    assert previous["methods"] == ["deft", "recoverable", "tome"]  # the input is not modified
+    with pytest.raises(ValueError, match="all-token accuracy"):
+        evaluate_methods.merge_update(previous, {**update, "full": {"accuracy": 0.7}})
+
+
+def test_accuracy_update_needs_an_existing_file(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        evaluate_methods.main(["--methods", "random", "--update", "--out", str(tmp_path / "none.json")])
+    assert "--update needs an existing results file" in capsys.readouterr().err

@@ -16,6 +16,7 @@ Writes the JSON atomically and a PNG plot next to it.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -143,6 +144,32 @@ def spread_by_ratio(rows: list[dict], ratios: list[float]) -> dict:
     return out
 
 
+def merge_update(previous: dict, update: dict) -> dict:
+    """`previous` with the rows of `update`'s methods replaced (each label keeps its place in the method list,
+    new labels go last) and the update's command recorded under `updates`.
+
+    Raises:
+        ValueError: the all-token accuracy of the two runs differs (not the same model or data).
+    """
+    if previous["full"]["accuracy"] != update["full"]["accuracy"]:
+        raise ValueError(
+            f"--update: the all-token accuracy is {update['full']['accuracy']!r} now but "
+            f"{previous['full']['accuracy']!r} in the results file: not the same model or data"
+        )
+    labels = set(update["methods"])
+    merged = dict(previous)
+    merged["methods"] = previous["methods"] + [m for m in update["methods"] if m not in previous["methods"]]
+    rows = [r for r in previous["rows"] if r["method"] not in labels] + update["rows"]
+    order = {label: i for i, label in enumerate(merged["methods"])}
+    merged["rows"] = sorted(rows, key=lambda r: order[r["method"]])  # stable: ratios keep their order
+    merged["updates"] = previous.get("updates", []) + [
+        {"command": update["command"], "methods": update["methods"], "date": time.strftime("%Y-%m-%d")}
+    ]
+    if "full_deft_checkpoint" in update:
+        merged["full_deft_checkpoint"] = update["full_deft_checkpoint"]
+    return merged
+
+
 TITLES = {
     "easy": "Two-digit VQA on real handwritten digits",
     "dense": "Dense 3x3-digit VQA on real handwritten digits",
@@ -218,6 +245,12 @@ def main(argv=None) -> None:
         help="measure prefill FLOPs, layer lengths and time on this many queries per row (0: off)",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="re-run only --methods and replace their rows in the existing --out file (same task, n, base and "
+        "ratios required; the all-token accuracy is re-measured and must match; the command is recorded)",
+    )
     args = parser.parse_args(argv)
     task = TASKS[args.task]
     if args.threads:
@@ -246,6 +279,19 @@ def main(argv=None) -> None:
     position_modes = [p for p in args.positions.split(",") if p]
     if not position_modes or any(p not in ("original", "renumbered") for p in position_modes):
         parser.error(f"--positions must list original and/or renumbered, got {args.positions!r}")
+
+    previous = None
+    if args.update:
+        if not os.path.isfile(args.out):
+            parser.error(f"--update needs an existing results file, {args.out!r} does not exist")
+        with open(args.out) as f:
+            previous = json.load(f)
+        for key, value in (("task", args.task), ("n", args.n), ("base", args.base), ("test_seed", TEST_SEED)):
+            if previous.get(key) != value:
+                parser.error(f"--update: {args.out!r} has {key}={previous.get(key)!r}, this run {value!r}")
+        earlier_ratios = sorted({r["retention_ratio"] for r in previous["rows"]})
+        if sorted(ratios) != earlier_ratios:
+            parser.error(f"--update: {args.out!r} has ratios {earlier_ratios}, this run {sorted(ratios)}")
 
     samples = task.make_split("test", args.n, seed=TEST_SEED)
     torch.set_grad_enabled(False)
@@ -325,6 +371,8 @@ def main(argv=None) -> None:
                 f"{label:14} ratio {ratio:5.3f} K={k:2d}: {res['accuracy']:.1%} ({row['share_of_full']:.1%} of full;"
                 f" strict {res['strict_accuracy']:.1%}; {row['mean_visual_tokens']:.1f} visual tokens seen)"
             )
+    if previous is not None:
+        results = merge_update(previous, results)
     results["spread"] = spread_by_ratio(results["rows"], ratios)
     results["wall_time_s"] = time.time() - start
     atomic_write_json(args.out, results)
