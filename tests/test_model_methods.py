@@ -100,3 +100,20 @@ def test_method_with_beams_and_in_bfloat16(method):
     # stock LLaVA: the exact cached = uncached check is the float32 test above
     prompt = inputs["input_ids"].shape[1]
     assert torch.equal(cached[:, : prompt + 1], uncached[:, : prompt + 1])
+
+
+HALF_RATIO = 4.5 / 16  # N * ratio = 4.5 on the tiny model: round half up keeps 5, round half to even 4
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "deco"])  # DeCo: K must be a perfect square
+def test_every_method_rounds_a_half_budget_up(method):
+    # one budget rule (`num_kept_tokens`, round half up) for the processor and every method; the official
+    # FastV and DivPrune code round half to even, which would keep 4 here
+    settings = dict(method_settings(method), deft_retention_ratio=HALF_RATIO)
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    assert num_kept_tokens(tiny.NUM_PATCHES, HALF_RATIO) == 5 != round(4.5)
+    inputs = batch_inputs(processor, questions=("what is in the picture ?", "a ?"))
+    assert ((inputs["input_ids"] == 4).sum(1) == model.config.num_kept_tokens(tiny.NUM_PATCHES)).all()
+    with torch.no_grad():
+        out = model(**inputs)
+    assert [len(kept) for kept in out.kept_indices] == [5, 5]
