@@ -14,6 +14,8 @@ DeFT checkpoint with `deft_score_components` (a config setting; the weights are 
   tokens, which is the same event as "greedy generation starts with the answer" (the answer accuracy of the
   other rows); `mixture (teacher-forced)` checks that equality on the same checkpoint.
 Answer accuracy, strict accuracy (generation rows), Wilson 95% intervals, and per question kind.
+`--split train` runs the same rows on train-split validation queries (`calibrate_rtd.CALIBRATION_SEED`; source
+images disjoint from the test split): the place to choose components without looking at the test split.
 The learned mixture of each checkpoint: softmax of `score_mixer.mixture_logits` over all three components
 (training) and over semantic + group (inference).
 """
@@ -32,6 +34,7 @@ from modeling_deft_llava import DeftLlavaProcessor
 from modeling_deft_llava.deft.score_mixer import COMPONENTS
 from modeling_deft_llava.modeling_outputs_deft_llava import DeftVisualFeaturesOutput
 
+from .calibrate_rtd import CALIBRATION_SEED
 from .common import (
     NUM_VISUAL_TOKENS,
     TEST_SEED,
@@ -174,6 +177,13 @@ def main(argv=None) -> None:
     parser.add_argument("--ratios", default="0.25,0.125")
     parser.add_argument("--variants", default="mixture,semantic,group,oracle")
     parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument(
+        "--split",
+        choices=("test", "train"),
+        default="test",
+        help="test: the held-out queries (TEST_SEED); train: train-split validation queries (calibrate_rtd's "
+        "CALIBRATION_SEED), where a choice of components may be made without looking at the test split",
+    )
     parser.add_argument("--batch-size", type=int, default=125)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", default=None)
@@ -195,9 +205,11 @@ def main(argv=None) -> None:
     unknown = [v for v in variants if v not in (*VARIANTS, "oracle")]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; valid: {[*VARIANTS, 'oracle']}")
-    out_path = args.out or f"benchmarks/results/digits_{args.task}_ablation_components.json"
+    suffix = "" if args.split == "test" else "_train_split"
+    out_path = args.out or f"benchmarks/results/digits_{args.task}_ablation_components{suffix}.json"
     ratios = [float(r) for r in args.ratios.split(",") if r]
-    samples = task.make_split("test", args.n, seed=TEST_SEED)
+    seed = TEST_SEED if args.split == "test" else CALIBRATION_SEED
+    samples = task.make_split(args.split, args.n, seed=seed)
     torch.set_grad_enabled(False)
     start = time.time()
     results = {
@@ -205,7 +217,8 @@ def main(argv=None) -> None:
         "command": "python -m benchmarks.digits.ablation_deft "
         + " ".join(argv if argv is not None else os.sys.argv[1:]),
         "n": args.n,
-        "test_seed": TEST_SEED,
+        "split": args.split,
+        "seed": seed,
         "checkpoints": {},
         "rows": [],
     }
