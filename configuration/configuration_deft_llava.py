@@ -72,6 +72,7 @@ class DeftLlavaConfig(LlavaConfig):
     deft_feedback_loss_weight: float = DEFAULTS.deft_feedback_loss_weight
     deft_rtd_loss_weight: float = DEFAULTS.deft_rtd_loss_weight
     deft_text_retention_ratio: float | None = DEFAULTS.deft_text_retention_ratio
+    deft_score_components: tuple[str, ...] | list[str] | None = DEFAULTS.deft_score_components
     video_token_index: int | None = None
     context_start_token_index: int | None = None
     context_end_token_index: int | None = None

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, fields
 
 MODALITIES = ("image", "video", "text")
 INFERENCE_MODES = ("fast", "hybrid", "adaptive")
+# the score components of FGCS, in the order of the score mixer's `mixture_logits`
+SCORE_COMPONENTS = ("semantic", "feedback", "group")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,12 @@ class DeftSettings:
             markers, `config.context_start_token_index` .. `context_end_token_index`), in (0, 1]; None (default):
             the context is not compressed. The question and the chat template are never compressed. Only
             methods that compress text (`"text" in modalities`: DeFT) take it.
+        deft_score_components: the score components the mixture may use, a list of distinct names among
+            "semantic" (`s_sem`), "feedback" (`s_fb`) and "group" (`s_group`); None (default): every component
+            present in the call. The softmax of the learned mixture is taken over the listed components that
+            are present, so `["group"]` ranks by the group score alone (an ablation; the weights are unchanged).
+            A call in which no listed component is present (`["feedback"]` without task-loss gradients, i.e. at
+            inference) raises a ValueError.
     """
 
     use_deft: bool = False
@@ -65,6 +73,7 @@ class DeftSettings:
     deft_feedback_loss_weight: float = 1.0
     deft_rtd_loss_weight: float = 1.0
     deft_text_retention_ratio: float | None = None
+    deft_score_components: tuple[str, ...] | list[str] | None = None
 
     def __post_init__(self):
         validate_deft_settings(**asdict(self))
@@ -93,6 +102,26 @@ def validate_inference_mode(value, name="deft_inference_mode"):
         raise ValueError(f"{name} must be one of {INFERENCE_MODES}, got {value!r}")
 
 
+def validate_score_components(value, name="deft_score_components"):
+    """None, or a non-empty list/tuple of distinct names of `SCORE_COMPONENTS`."""
+    if value is None:
+        return
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise TypeError(
+            f"{name} must be None or a list of component names among {list(SCORE_COMPONENTS)}, got {value!r} "
+            f"of type {type(value).__name__}"
+        )
+    if not value:
+        raise ValueError(
+            f"{name} must name at least one of {list(SCORE_COMPONENTS)} (None: all), got {value!r}"
+        )
+    unknown = [c for c in value if c not in SCORE_COMPONENTS]
+    if unknown:
+        raise ValueError(f"{name} has unknown component(s) {unknown}; valid: {list(SCORE_COMPONENTS)}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{name} lists a component twice: {list(value)}")
+
+
 # the DeFT namespace: a key that starts with one of these (case and "-" vs "_" ignored) is a DeFT setting or a
 # typo of one, never a setting of another library ("deft" also catches "deftretention_ratio")
 DEFT_NAMESPACES = ("deft", "use_deft", "compression")
@@ -112,6 +141,7 @@ MODULE_ARGUMENT_NAMES = {
     "text_neighbors": "deft_group_text_neighbors",
     "feedback_loss_weight": "deft_feedback_loss_weight",
     "rtd_loss_weight": "deft_rtd_loss_weight",
+    "score_components": "deft_score_components",
 }
 
 
@@ -187,6 +217,8 @@ def validate_deft_settings(**values) -> None:
         validate_retention_ratio(values["deft_text_retention_ratio"], name="deft_text_retention_ratio")
     if "deft_inference_mode" in values:
         validate_inference_mode(values["deft_inference_mode"])
+    if values.get("deft_score_components") is not None:
+        validate_score_components(values["deft_score_components"])
     for name in ("deft_rtd_entropy_threshold", "deft_rtd_confidence_threshold"):
         if name in values:
             _check_type(name, values[name], (int, float), "a number in [0, 1]")

@@ -121,3 +121,25 @@ def test_accuracy_update_needs_an_existing_file(capsys, tmp_path):
     with pytest.raises(SystemExit):
         evaluate_methods.main(["--methods", "random", "--update", "--out", str(tmp_path / "none.json")])
     assert "--update needs an existing results file" in capsys.readouterr().err
+
+
+def test_rtd_calibration_helpers():
+    from benchmarks.digits import calibrate_rtd
+
+    assert calibrate_rtd.auroc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
+    assert calibrate_rtd.auroc([0.1, 0.2, 0.9, 0.8], [True, True, False, False]) == 0.0
+    assert calibrate_rtd.auroc([0.5, 0.5, 0.5, 0.5], [True, False, True, False]) == 0.5  # ties: one half
+    assert calibrate_rtd.auroc([0.5, 0.4], [True, True]) is None
+    # K/2 extra tokens: a share K / (2 (N - K)) of the pruned tokens (or samples)
+    assert calibrate_rtd.target_share("extra-half-budget", 16, 64) == pytest.approx(1 / 6)
+    assert calibrate_rtd.target_share("0.3", 16, 64) == 0.3
+    with pytest.raises(ValueError, match="--target"):
+        calibrate_rtd.target_share("1.5", 16, 64)
+
+
+def test_ablation_rejects_unknown_variants(capsys):
+    from benchmarks.digits import ablation_deft
+
+    with pytest.raises(SystemExit):
+        ablation_deft.main(["--variants", "mixture,colour"])
+    assert "unknown variant" in capsys.readouterr().err

@@ -125,6 +125,20 @@ def load(folder: str, settings: dict):
     return model, processor
 
 
+def evaluate_config(folder: str, settings: dict, samples, task, batch_size: int = 125) -> dict:
+    """Answer/strict accuracy (`score`) and visual tokens seen of one configuration (`settings`: config and
+    processor overrides, e.g. `method_settings(...)` plus DeFT settings) on `samples` of `task`."""
+    model, processor = load(folder, settings)
+    desc = ",".join(f"{k}={v}" for k, v in settings.items() if k != "use_deft")
+    res = evaluate_generate(
+        model, processor, samples, batch_size, desc=desc, max_new_tokens=task.max_answer_tokens + 1
+    )
+    out = score(res, samples, processor.tokenizer, task.kinds)
+    k = num_kept_tokens(NUM_VISUAL_TOKENS, settings.get("deft_retention_ratio", 1.0))
+    out["mean_visual_tokens"] = mean_visual_tokens(model, processor, samples, batch_size, k)
+    return out
+
+
 def spread_by_ratio(rows: list[dict], ratios: list[float]) -> dict:
     """Per budget: the best and the worst method (every row label, positions included) by answer accuracy,
     the gap in points, and whether their 95% Wilson intervals are disjoint."""

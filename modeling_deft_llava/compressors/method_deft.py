@@ -46,6 +46,7 @@ CALL_TIME_SETTINGS = {
     "confidence_threshold": "deft_rtd_confidence_threshold",
     "feedback_loss_weight": "deft_feedback_loss_weight",
     "rtd_loss_weight": "deft_rtd_loss_weight",
+    "score_components": "deft_score_components",
 }
 
 

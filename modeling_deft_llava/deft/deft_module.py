@@ -90,6 +90,8 @@ class DeFTModule(nn.Module):
         rtd_bottleneck_ratio: RTD codes have `token_dim // rtd_bottleneck_ratio` features.
         saliency_hidden_dim, image_neighbors, video_window, text_neighbors: see `DeftSettings`.
         entropy_threshold, confidence_threshold: the RTD rule (see `token_dictionary.py`).
+        score_components: the components the mixture may use (None: every component present in the call; see
+            `DeftSettings.deft_score_components`).
         feedback_loss_weight, rtd_loss_weight: recorded for training code; the module returns the raw losses.
 
     Tokens may have any floating dtype: the scorers and the RTD run in the dtype of their own weights (the
@@ -119,6 +121,7 @@ class DeFTModule(nn.Module):
         confidence_threshold: float = DEFAULTS.deft_rtd_confidence_threshold,
         feedback_loss_weight: float = DEFAULTS.deft_feedback_loss_weight,
         rtd_loss_weight: float = DEFAULTS.deft_rtd_loss_weight,
+        score_components: tuple[str, ...] | list[str] | None = DEFAULTS.deft_score_components,
     ):
         super().__init__()
         if isinstance(token_dim, bool) or not isinstance(token_dim, int) or token_dim < 1:
@@ -137,6 +140,7 @@ class DeFTModule(nn.Module):
             deft_rtd_confidence_threshold=confidence_threshold,
             deft_feedback_loss_weight=feedback_loss_weight,
             deft_rtd_loss_weight=rtd_loss_weight,
+            deft_score_components=score_components,
         )
         self.token_dim = token_dim
         self.retention_ratio = float(retention_ratio)
@@ -148,6 +152,7 @@ class DeFTModule(nn.Module):
         self.confidence_threshold = float(confidence_threshold)
         self.feedback_loss_weight = float(feedback_loss_weight)
         self.rtd_loss_weight = float(rtd_loss_weight)
+        self.score_components = score_components
         self.semantic_abstraction = SemanticAbstraction(token_dim, semantic_dim)
         self.saliency_scorer = SaliencyScorer(semantic_dim, saliency_hidden_dim)
         self.score_mixer = ScoreMixer()
@@ -245,7 +250,7 @@ class DeFTModule(nn.Module):
             ),
             token_mask,
         )
-        components = {"semantic": s_sem, "feedback": s_fb, "group": s_group}
+        components = self._allowed({"semantic": s_sem, "feedback": s_fb, "group": s_group})
         mixed, beta = self.score_mixer(components)
         if not bool(torch.isfinite(mixed if token_mask is None else mixed[token_mask]).all()):
             # never hand NaN/inf to the top-k: it would silently keep arbitrary tokens
@@ -261,6 +266,22 @@ class DeFTModule(nn.Module):
             mixed = mixed.masked_fill(~token_mask, float("-inf"))
         info = {"mixture_weights": beta, "s_sem": s_sem, "s_fb": s_fb, "s_group": s_group}
         return mixed, info
+
+    def _allowed(self, components: dict) -> dict:
+        """`components` with those outside `score_components` set to None (all of them when it is None).
+
+        Raises:
+            ValueError: no listed component is present (e.g. only "feedback" without gradients)."""
+        if self.score_components is None:
+            return components
+        allowed = {name: (c if name in self.score_components else None) for name, c in components.items()}
+        if all(c is None for c in allowed.values()):
+            present = [name for name, c in components.items() if c is not None]
+            raise ValueError(
+                f"score_components={list(self.score_components)} leaves no score component in this call (present: "
+                f"{present}); the feedback score exists only with task_loss or token_gradients (training)"
+            )
+        return allowed
 
     def forward(
         self,
@@ -357,8 +378,15 @@ class DeFTModule(nn.Module):
         used at inference (semantic + group mixture, where no feedback exists) and the training-time score
         (all three components). SAM, the saliency MLP and every mixture weight learn from it."""
         target = info["s_fb"]
-        inference_mix, _ = self.score_mixer({"semantic": info["s_sem"], "group": info["s_group"]})
-        terms = [normalize_per_sample(inference_mix, token_mask), normalize_per_sample(scores, token_mask)]
+        terms = [normalize_per_sample(scores, token_mask)]
+        inference = {"semantic": info["s_sem"], "group": info["s_group"]}
+        if self.score_components is not None:
+            inference = {name: c for name, c in inference.items() if name in self.score_components}
+        if (
+            inference
+        ):  # no inference-time component listed (`score_components=["feedback"]`): training mix only
+            inference_mix, _ = self.score_mixer(inference)
+            terms.insert(0, normalize_per_sample(inference_mix, token_mask))
         losses = [(term - target).pow(2) for term in terms]
         if token_mask is not None:
             return sum(loss[token_mask].mean() for loss in losses)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-COMPONENTS = ("semantic", "feedback", "group")
+from ..configuration.deft_settings import SCORE_COMPONENTS
+
+COMPONENTS = SCORE_COMPONENTS
 
 
 def normalize_per_sample(scores: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:

@@ -95,3 +95,79 @@ def sample_is_uncertain(
     mean_entropy = (entropy * token_mask).sum(1) / count
     mean_confidence = (confidence * token_mask).sum(1) / count
     return (mean_entropy > entropy_threshold) | (mean_confidence < confidence_threshold)
+
+
+RTD_STATISTICS = ("entropy", "confidence")
+
+
+def calibrate_thresholds(
+    entropy: torch.Tensor,
+    confidence: torch.Tensor,
+    target_share: float,
+    statistics: tuple[str, ...] = RTD_STATISTICS,
+) -> dict:
+    """RTD thresholds under which at most `target_share` of the given distributions are uncertain, as close
+    to it as their values allow (the thresholds are model-specific: calibrate them on held-in data).
+
+    `entropy` and `confidence` are the statistics the rule reads (`uncertainty(logits)`), one value per
+    distribution (flattened: pruned tokens for `hybrid`, samples for `adaptive`). Both statistics are cut at
+    the same rank m: `entropy_threshold` is the (n - m)-th smallest entropy (the m highest lie above it) and
+    `confidence_threshold` the (m + 1)-th smallest confidence (the m lowest lie below it); m is the largest
+    rank whose union (the rule's OR) flags at most `round(target_share * n)` distributions. Ties flag fewer.
+    `statistics=("entropy",)` disables the confidence test (threshold 0: nothing is below it) and
+    `("confidence",)` the entropy test (threshold 1: the normalised entropy never exceeds it).
+
+    Returns:
+        dict with `entropy_threshold`, `confidence_threshold` (floats in [0, 1], for
+        `deft_rtd_entropy_threshold` / `deft_rtd_confidence_threshold`), `share` (the share flagged with them)
+        and `target_share`.
+
+    Raises:
+        ValueError: empty or mismatched inputs, non-finite values, a share outside [0, 1] or unknown statistics.
+    """
+    if (
+        isinstance(target_share, bool)
+        or not isinstance(target_share, (int, float))
+        or not 0 <= target_share <= 1
+    ):
+        raise ValueError(f"target_share must be a number in [0, 1], got {target_share!r}")
+    statistics = tuple(statistics)
+    if not statistics or any(s not in RTD_STATISTICS for s in statistics):
+        raise ValueError(f"statistics must be a non-empty subset of {RTD_STATISTICS}, got {statistics!r}")
+    entropy = torch.as_tensor(entropy, dtype=torch.float64).flatten()
+    confidence = torch.as_tensor(confidence, dtype=torch.float64).flatten()
+    if entropy.numel() == 0 or entropy.shape != confidence.shape:
+        raise ValueError(
+            f"entropy and confidence must be non-empty and of one length, got {entropy.numel()} and "
+            f"{confidence.numel()} values"
+        )
+    if not bool(torch.isfinite(entropy).all() & torch.isfinite(confidence).all()):
+        raise ValueError("entropy and confidence must be finite")
+    n = entropy.numel()
+    target = round(float(target_share) * n)
+    e_sorted, c_sorted = entropy.sort().values, confidence.sort().values
+
+    def thresholds(m: int) -> tuple[float, float]:
+        t_e, t_c = (0.0, 1.0) if m >= n else (float(e_sorted[n - m - 1]), float(c_sorted[m]))
+        return (t_e if "entropy" in statistics else 1.0), (t_c if "confidence" in statistics else 0.0)
+
+    def flagged(m: int) -> int:
+        t_e, t_c = thresholds(m)
+        return int(((entropy > t_e) | (confidence < t_c)).sum())
+
+    low, high = 0, n  # flagged(m) never decreases with m; find the largest m with flagged(m) <= target
+    if flagged(n) <= target:
+        low = n
+    while low < high:
+        mid = (low + high + 1) // 2
+        if flagged(mid) <= target:
+            low = mid
+        else:
+            high = mid - 1
+    t_e, t_c = thresholds(low)
+    return {
+        "entropy_threshold": t_e,
+        "confidence_threshold": t_c,
+        "share": flagged(low) / n,
+        "target_share": float(target_share),
+    }
