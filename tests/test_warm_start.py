@@ -24,6 +24,15 @@ from modeling_deft_llava.training.warm_start import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small ops on a shared 2-core machine run far faster on one thread (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def blob_images(n: int, seed: int) -> list[Image.Image]:
     """Dark 32x32 images with two to four bright squares: the tokens differ, as on real pictures."""
     rng = np.random.default_rng(seed)
