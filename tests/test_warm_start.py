@@ -8,11 +8,6 @@ import numpy as np
 import pytest
 import tiny
 import torch
-from PIL import Image
-from transformers import AutoModelForImageTextToText
-
-from modeling_deft_llava import DeftLlavaForConditionalGeneration
-from modeling_deft_llava.commands import warm_start as command
 from modeling_deft_llava.training.warm_start import (
     LOG_FILE,
     WarmStartArguments,
@@ -22,6 +17,11 @@ from modeling_deft_llava.training.warm_start import (
     topk_overlap,
     warm_start,
 )
+from PIL import Image
+from transformers import AutoModelForImageTextToText
+
+from modeling_deft_llava import DeftLlavaForConditionalGeneration
+from modeling_deft_llava.commands import warm_start as command
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -149,7 +149,17 @@ def test_saved_folder_loads_with_the_auto_class_and_generates(folders, trained):
 def test_command_line_with_progress_bar(folders, capsys):
     out = folders["root"] / "cli"
     command.main(
-        [folders["model"], "--images", folders["train"], "--out", str(out), "--steps", "3", "--batch-size", "4"]
+        [
+            folders["model"],
+            "--images",
+            folders["train"],
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+        ]
     )
     captured = capsys.readouterr()
     assert "wrote" in captured.out and "warm start (cls_attention)" in captured.err  # tqdm writes to stderr

@@ -37,13 +37,13 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
+from modeling_deft_llava.configuration.deft_settings import num_kept_tokens
+from modeling_deft_llava.configuration.vision_towers import tower_has_cls
+from modeling_deft_llava.hub_card.atomic_write import place, staged
 from tqdm.auto import tqdm
 
 from modeling_deft_llava.compressors.method_divprune import divprune_indices
 from modeling_deft_llava.compressors.vision_attention import cls_attention
-from modeling_deft_llava.configuration.deft_settings import num_kept_tokens
-from modeling_deft_llava.configuration.vision_towers import tower_has_cls
-from modeling_deft_llava.hub_card.atomic_write import place, staged
 
 TEACHERS = ("cls_attention", "divprune")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -146,7 +146,9 @@ def check_model_folder(folder: str) -> dict:
     model_type = config.get("model_type")
     convert = "python -m modeling_deft_llava.commands.convert STOCK_FOLDER OUT_FOLDER"
     if model_type == "llava":
-        raise ValueError(f"{folder!r} is a stock LLaVA folder without DeFT modules: convert it first ({convert})")
+        raise ValueError(
+            f"{folder!r} is a stock LLaVA folder without DeFT modules: convert it first ({convert})"
+        )
     if model_type != "deft_llava":
         raise ValueError(
             f"{folder!r} holds a {model_type!r} model, not a DeftLlava (deft_llava) or LLaVA model; a warm start "
@@ -244,7 +246,9 @@ def topk_overlap(student: torch.Tensor, teacher: torch.Tensor, ratio: float) -> 
 
 
 @torch.no_grad()
-def teacher_agreement(model, processor, paths: list[str], teacher: str, ratio: float, batch_size: int) -> float:
+def teacher_agreement(
+    model, processor, paths: list[str], teacher: str, ratio: float, batch_size: int
+) -> float:
     """Top-k overlap between DeFT and the teacher, averaged over the images of `paths`."""
     total = 0.0
     for start in range(0, len(paths), batch_size):
