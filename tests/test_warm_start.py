@@ -242,3 +242,28 @@ def test_rank_loss_and_overlap_helpers():
     assert listwise_loss(1 - teacher, teacher, 0.1) > listwise_loss(teacher, teacher, 0.1) + 1
     assert topk_overlap(teacher, teacher, 0.5) == 1.0
     assert topk_overlap(1 - teacher, teacher, 0.5) == 0.0
+
+
+@pytest.mark.parametrize(
+    "teacher, method, settings",
+    [("cls_attention", "visionzip", {"contextual_ratio": 0.0}), ("divprune", "divprune", None)],
+)
+def test_each_teacher_ranks_as_its_registered_method_keeps(teacher, method, settings):
+    """The teacher's top-k is exactly what the method keeps (so the method's row is the teacher's accuracy)."""
+    from modeling_deft_llava.training.warm_start import encode
+
+    model = tiny.model(use_deft=True, deft_retention_ratio=0.25)
+    baseline = DeftLlavaForConditionalGeneration(
+        tiny.config(
+            use_deft=True, deft_retention_ratio=0.25, compression_method=method, compression_settings=settings
+        )
+    ).eval()
+    baseline.load_state_dict(model.state_dict(), strict=False)
+    pixel_values = tiny.processor().image_processor(blob_images(6, 3), return_tensors="pt")["pixel_values"]
+    _, target, _ = encode(model, pixel_values, teacher)
+    with torch.no_grad():
+        kept = baseline.model.get_image_features(pixel_values=pixel_values).source_indices
+    k = len(kept[0])
+    assert k == 4
+    for row, indices in zip(target, kept):
+        assert set(row.topk(k).indices.tolist()) == set(indices.tolist())

@@ -13,7 +13,8 @@
    random-init DeFT (the converted folder as is), the feedback-trained DeFT checkpoint the repo ships, and each
    teacher run as a method: `visionzip_dominant` (VisionZip with `contextual_ratio=0`: exactly the top-k of
    the CLS attention the `cls_attention` teacher ranks by), `visionzip` (its defaults, for reference) and
-   `divprune` (exactly the top-k of the `divprune` teacher's order).
+   `divprune` (exactly the top-k of the `divprune` teacher's order); and `random` (a seeded random subset),
+   the level a scorer with no knowledge should reach.
 
 Writes `benchmarks/results/digits[_dense]_warm_start.json` (atomically) and prints a markdown table.
 """
@@ -50,6 +51,7 @@ BASELINE_ROWS = {
     "visionzip_dominant": ("visionzip", {"contextual_ratio": 0.0}),
     "visionzip": ("visionzip", None),
     "divprune": ("divprune", None),
+    "random": ("random", None),
 }
 
 
