@@ -73,6 +73,7 @@ def run(folders, out: str, **overrides) -> dict:
         model_folder=folders["model"],
         images=folders["train"],
         out=str(folders["root"] / out),
+        teacher="cls_attention",
         steps=40,
         batch_size=8,
         learning_rate=3e-3,
@@ -162,7 +163,7 @@ def test_command_line_with_progress_bar(folders, capsys):
         ]
     )
     captured = capsys.readouterr()
-    assert "wrote" in captured.out and "warm start (cls_attention)" in captured.err  # tqdm writes to stderr
+    assert "wrote" in captured.out and "warm start (divprune)" in captured.err  # tqdm writes to stderr
     assert json.loads((out / LOG_FILE).read_text())["arguments"]["steps"] == 3
     # the flags take their defaults from WarmStartArguments
     parsed = command.build_parser().parse_args(["m", "--images", "i", "--out", "o"])
@@ -224,7 +225,11 @@ def test_errors_name_the_bad_value(folders, tmp_path):
     siglip = tmp_path / "siglip"
     tiny.model(use_deft=True, **tiny.SIGLIP).save_pretrained(siglip)
     tiny.processor(**tiny.SIGLIP_PROCESSOR).save_pretrained(siglip)
-    fails("teacher='cls_attention' reads the CLS token.*use teacher='divprune'", model_folder=str(siglip))
+    fails(
+        "teacher='cls_attention' reads the CLS token.*use teacher='divprune'",
+        model_folder=str(siglip),
+        teacher="cls_attention",
+    )
     # divprune needs no CLS token: the SigLIP model warm-starts
     log = warm_start(
         WarmStartArguments(**{**good, "model_folder": str(siglip), "teacher": "divprune", "steps": 2}),

@@ -1,7 +1,7 @@
 """Label-free warm start of DeFT's scorer on a folder of unlabelled images (training/warm_start.py).
 
     python -m modeling_deft_llava.commands.warm_start MODEL_FOLDER --images IMAGE_FOLDER --out OUT_FOLDER \
-        [--teacher cls_attention|divprune] [--steps 300] [--batch-size 32] [--seed 0] [--eval-images FOLDER]
+        [--teacher divprune|cls_attention] [--steps 300] [--batch-size 32] [--seed 0] [--eval-images FOLDER]
 
 Trains only DeFT's scoring modules of a DeftLlava folder (e.g. straight from `convert`) to rank visual tokens as
 a training-free teacher does (no labels, no language-model pass), with a progress bar, and writes the model,
