@@ -337,7 +337,8 @@ def assert_complete_folder(folder: Path, names: set[str]):
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
-@pytest.mark.parametrize("writer", ["convert", "export", "warm_start"])
+# the warm start writes through the same helper as convert (about 40 s here): slow
+@pytest.mark.parametrize("writer", ["convert", "export", pytest.param("warm_start", marks=pytest.mark.slow)])
 def test_overwrite_killed_at_every_step_keeps_a_complete_folder(harness, sources, tmp_path, writer, exchange):
     """`convert --overwrite` / `export_for_hub(overwrite=True)` onto a complete folder, killed before each of its
     file-system changes in turn: the name holds a complete folder after every kill (with the exchange; without

@@ -39,9 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         if f.default is MISSING:
             parser.add_argument(flag, dest=f.name, type=kind, required=True, help=help_text)
         else:
-            parser.add_argument(
-                flag, dest=f.name, type=kind, default=f.default, help=f"{help_text} (default: {f.default})"
-            )
+            shown = f" (default: {f.default})" if f.default is not None else ""
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text + shown)
     return parser
 
 
