@@ -166,6 +166,9 @@ def test_command_line_with_progress_bar(folders, capsys):
     assert "wrote" in captured.out and "warm start (divprune)" in captured.err  # tqdm writes to stderr
     assert json.loads((out / LOG_FILE).read_text())["arguments"]["steps"] == 3
     # the flags take their defaults from WarmStartArguments
+    assert (
+        command.build_parser().parse_args(["m", "--images", "i", "--out", "o", "--threads", "1"]).threads == 1
+    )
     parsed = command.build_parser().parse_args(["m", "--images", "i", "--out", "o"])
     for name, default in WarmStartArguments.defaults().items():
         assert getattr(parsed, name) == default, name
@@ -185,6 +188,7 @@ def test_errors_name_the_bad_value(folders, tmp_path):
         (dict(learning_rate=float("nan")), "learning_rate must be a positive finite number, got nan"),
         (dict(temperature=0), "temperature must be a positive finite number, got 0"),
         (dict(eval_ratio=1.5), r"eval_ratio must be in \(0, 1\], got 1.5"),
+        (dict(threads=0), "threads must be a positive int or None, got 0"),
     ]
     for overrides, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -83,6 +83,10 @@ class WarmStartArguments:
         default=None,
         metadata={"help": "Budget of the agreement report (default: the model's deft_retention_ratio)."},
     )
+    threads: int | None = field(
+        default=None,
+        metadata={"help": "torch CPU threads (None: torch's default; 1 is fastest on a busy small CPU)."},
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output folder."})
 
     def __post_init__(self):
@@ -92,6 +96,10 @@ class WarmStartArguments:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
+            raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         for name in ("learning_rate", "temperature"):
@@ -299,6 +307,8 @@ def warm_start(args: WarmStartArguments, progress: bool = True, command: str | N
         raise ValueError(not_empty)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"output {args.out!r} exists and is not a folder")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     model, processor = load_for_warm_start(args)
     ratio = args.eval_ratio if args.eval_ratio is not None else model.config.deft_retention_ratio
     torch.manual_seed(args.seed)

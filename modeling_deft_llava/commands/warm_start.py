@@ -1,7 +1,8 @@
 """Label-free warm start of DeFT's scorer on a folder of unlabelled images (training/warm_start.py).
 
     python -m modeling_deft_llava.commands.warm_start MODEL_FOLDER --images IMAGE_FOLDER --out OUT_FOLDER \
-        [--teacher divprune|cls_attention] [--steps 300] [--batch-size 32] [--seed 0] [--eval-images FOLDER]
+        [--teacher divprune|cls_attention] [--steps 300] [--batch-size 32] [--seed 0] [--eval-images FOLDER] \
+        [--threads 1]
 
 Trains only DeFT's scoring modules of a DeftLlava folder (e.g. straight from `convert`) to rank visual tokens as
 a training-free teacher does (no labels, no language-model pass), with a progress bar, and writes the model,
@@ -33,9 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         if hints[f.name] is bool:
             parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
             continue
-        kind = {int: int, float: float}.get(hints[f.name], str)
-        if hints[f.name] == (float | None):
-            kind = float
+        kind = {int: int, float: float, int | None: int, float | None: float}.get(hints[f.name], str)
         if f.default is MISSING:
             parser.add_argument(flag, dest=f.name, type=kind, required=True, help=help_text)
         else:
