@@ -38,6 +38,7 @@ import traceback
 PRELOAD = (
     "modeling_deft_llava.training.train",
     "modeling_deft_llava.commands.convert",
+    "modeling_deft_llava.commands.warm_start",
     "modeling_deft_llava.hub_card.publish",
 )
 
@@ -229,6 +230,18 @@ def export_main(argv) -> int:
     model = DeftLlavaForConditionalGeneration.from_pretrained(argv[0])
     processor = DeftLlavaProcessor.from_pretrained(argv[0])
     export_for_hub(model, processor, argv[1], overwrite="--overwrite" in argv[2:])
+    return 0
+
+
+def warm_start_main(argv) -> int:
+    """`commands.warm_start` of a DeFT-LLaVA folder for one step on the images in `warm_images/` next to it:
+    `SOURCE TARGET [--overwrite]` (for kill tests)."""
+    from modeling_deft_llava.commands.warm_start import main as warm_start
+
+    images = os.path.join(os.path.dirname(os.path.abspath(argv[0])), "warm_images")
+    warm_start(
+        [argv[0], "--images", images, "--out", argv[1], "--steps", "1", "--batch-size", "2", *argv[2:]]
+    )
     return 0
 
 

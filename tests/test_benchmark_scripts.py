@@ -143,3 +143,36 @@ def test_ablation_rejects_unknown_variants(capsys):
     with pytest.raises(SystemExit):
         ablation_deft.main(["--variants", "mixture,colour"])
     assert "unknown variant" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--teachers", "clip"], "--teachers must list some of"),
+        (["--ratios", "0.25,2"], "--ratios must be numbers in (0, 1]"),
+        (["--n", "0"], "--n must be >= 1"),
+        (["--train-images", "0"], "--train-images must be >= 1"),
+    ],
+)
+def test_warm_start_benchmark_rejects_bad_input(argv, message, capsys, tmp_path):
+    from benchmarks.digits import warm_start_eval
+
+    with pytest.raises(SystemExit):
+        warm_start_eval.main([*argv, "--out", str(tmp_path / "w.json"), "--work-dir", str(tmp_path)])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "w.json").exists()
+
+
+@pytest.mark.slow
+def test_warm_start_benchmark_runs_end_to_end(tmp_path):
+    """convert -> warm start (both teachers) -> accuracy rows, on a few canvases (about a minute)."""
+    from benchmarks.digits import warm_start_eval
+
+    out = tmp_path / "w.json"
+    argv = ["--n", "20", "--steps", "3", "--train-images", "40", "--agreement-images", "20", "--threads", "1"]
+    warm_start_eval.main([*argv, "--out", str(out), "--work-dir", str(tmp_path / "work")])
+    results = json.loads(out.read_text())
+    methods = {r["method"] for r in results["rows"]}
+    assert {"deft (random init)", "deft (warm start: divprune)", "visionzip_dominant", "divprune"} <= methods
+    assert set(results["teacher_agreement"]) == {"cls_attention", "divprune"}
+    assert all(0 <= r["accuracy"] <= 1 for r in results["rows"])

@@ -1,5 +1,5 @@
-"""Kill safety of every writer: training checkpoints, rotation, the final adapter, `convert`, `export_for_hub` and
-`publish --dry-run`, plus the guards that keep a second run from overwriting a first.
+"""Kill safety of every writer: training checkpoints, rotation, the final adapter, `convert`, `export_for_hub`,
+the warm start and `publish --dry-run`, plus the guards that keep a second run from overwriting a first.
 
 Each kill is a real SIGKILL of a process at a chosen file-system event (`kill_harness.py`: the project is
 imported once, each run is a freshly forked child). After a kill the on-disk state must be the old complete one
@@ -292,6 +292,7 @@ def test_resume_never_starts_over_on_top_of_unmarked_checkpoints(harness, worksp
 # ----------------------------------------------------------------------------- convert, export, publish
 CONVERT = "modeling_deft_llava.commands.convert:main"
 EXPORT = "kill_harness:export_main"
+WARM_START = "kill_harness:warm_start_main"
 
 
 def exchange_works(folder: Path) -> bool:
@@ -312,7 +313,8 @@ def exchange_works(folder: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def sources(workspace):
-    """A stock LLaVA folder (for `convert`) and a saved DeFT-LLaVA folder (for `export_for_hub`)."""
+    """A stock LLaVA folder (for `convert`) and a saved DeFT-LLaVA folder (for `export_for_hub` and the warm
+    start)."""
     root = workspace["root"]
     model = tiny.model(use_deft=True, deft_retention_ratio=RATIO)
     stock = root / "stock"
@@ -321,7 +323,10 @@ def sources(workspace):
     saved = root / "saved"
     model.save_pretrained(saved)
     tiny.processor(use_deft=True, deft_retention_ratio=RATIO).save_pretrained(saved)
-    return dict(convert=(CONVERT, stock), export=(EXPORT, saved))
+    (root / "warm_images").mkdir()  # the warm start's unlabelled images (kill_harness.warm_start_main)
+    for i, image in enumerate(tiny.images(2)):
+        image.save(root / "warm_images" / f"{i}.png")
+    return dict(convert=(CONVERT, stock), export=(EXPORT, saved), warm_start=(WARM_START, saved))
 
 
 def assert_complete_folder(folder: Path, names: set[str]):
@@ -332,7 +337,8 @@ def assert_complete_folder(folder: Path, names: set[str]):
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
-@pytest.mark.parametrize("writer", ["convert", "export"])
+# the warm start writes through the same helper as convert (about 40 s here): slow
+@pytest.mark.parametrize("writer", ["convert", "export", pytest.param("warm_start", marks=pytest.mark.slow)])
 def test_overwrite_killed_at_every_step_keeps_a_complete_folder(harness, sources, tmp_path, writer, exchange):
     """`convert --overwrite` / `export_for_hub(overwrite=True)` onto a complete folder, killed before each of its
     file-system changes in turn: the name holds a complete folder after every kill (with the exchange; without
@@ -370,7 +376,7 @@ def test_overwrite_killed_at_every_step_keeps_a_complete_folder(harness, sources
         assert hidden(work) == [], nth
 
 
-@pytest.mark.parametrize("writer", ["convert", "export"])
+@pytest.mark.parametrize("writer", ["convert", "export", "warm_start"])
 def test_a_killed_write_leaves_nothing_behind_after_the_next_run(harness, sources, tmp_path, writer):
     call, source = sources[writer]
     kill = dict(on="fs", under=str(tmp_path), match="model.safetensors", nth=1, when="after")

@@ -1,4 +1,5 @@
 """Command-line entry points (`python -m modeling_deft_llava.commands.<name>`): `convert` (a stock LLaVA
 folder to a DeFT-LLaVA folder), `visualize` (kept tokens outlined on the image), `demo` (the bare
-`DeFTModule` on a real photo). They use the model's public API only.
+`DeFTModule` on a real photo), `warm_start` (a label-free warm start of DeFT's scorer on unlabelled images;
+the training logic lives in `training/warm_start.py`). They use the model's public API only.
 """

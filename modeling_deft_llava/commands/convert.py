@@ -4,7 +4,8 @@
 
 Reads both key layouts (transformers 5 `model.language_model.*` and the older `language_model.model.*` that
 the public llava-hf repos and stock `save_pretrained` write). The DeFT modules are new: they are initialised
-fresh, listed in the log, and should be trained (see `training/`). The output folder is written with
+fresh, listed in the log, and should be trained (see `training/`), or warm-started without labels
+(`commands/warm_start.py`). The output folder is written with
 `hub_card/atomic_write.py` (built next to it, then renamed into place; `--overwrite` swaps the old folder out in
 one step and deletes it afterwards): a kill at any point leaves the old folder or the new one, and an existing
 non-empty folder is never touched without `--overwrite`.
@@ -81,7 +82,11 @@ def main(argv=None) -> None:
         new = convert(args.stock_folder, args.out_folder, overwrite=args.overwrite, **settings)
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")
-    print(f"wrote {args.out_folder}; {len(new)} new DeFT weights were initialised (train them before use)")
+    print(
+        f"wrote {args.out_folder}; {len(new)} new DeFT weights were initialised: train them before use, or "
+        f"warm-start them on unlabelled images (python -m modeling_deft_llava.commands.warm_start "
+        f"{args.out_folder} --images IMAGE_FOLDER --out WARM_FOLDER)"
+    )
 
 
 if __name__ == "__main__":
