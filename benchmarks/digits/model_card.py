@@ -48,6 +48,37 @@ def results_rows(results: dict) -> dict:
     return rows
 
 
+def dense_summary(path: str) -> str:
+    """A paragraph on the dense benchmark (where the budget bites) for the easy checkpoint's card, from its JSON."""
+    with open(path) as f:
+        dense = json.load(f)
+    lines = [
+        "\n## Dense digits benchmark (where the budget bites)\n",
+        f"On 3x3 grids of digits (a separate base model and DeFT checkpoint, `digits-dense-deft-llava`; all 64 tokens "
+        f"{dense['full']['accuracy']:.1%}), answer accuracy of DeFT against the best method that gives the language "
+        "model the same K tokens at original positions:\n",
+        "| kept | deft | best such baseline |",
+        "|---|---|---|",
+    ]
+    in_llm = ("fastv", "ficoco_l")  # they prune inside the language model: not the same compute
+    for ratio in sorted({r["retention_ratio"] for r in dense["rows"]}, reverse=True):
+        rows = [
+            r
+            for r in dense["rows"]
+            if r["retention_ratio"] == ratio
+            and r.get("accuracy") is not None
+            and r["positions"] == "original"
+        ]
+        deft = next((r for r in rows if r["method"] == "deft"), None)
+        others = [r for r in rows if not r["method"].startswith("deft") and r["method"] not in in_llm]
+        if deft is None or not others:
+            continue
+        best = max(others, key=lambda r: r["accuracy"])
+        lines.append(f"| {ratio:.2%} | {deft['accuracy']:.1%} | {best['method']} {best['accuracy']:.1%} |")
+    lines.append(f"\nCommand: `{dense['command']}`.\n")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=sorted(TASKS), default="easy")
@@ -70,6 +101,8 @@ def main(argv=None) -> None:
         f"decoding; `accuracy` = the answer tokens are right, `strict` = the generation is exactly the answer. "
         f"Command: `{results['command']}`.\n"
     )
+    if args.task == "easy" and os.path.isfile(TASKS["dense"].results):
+        text += dense_summary(TASKS["dense"].results)
     tmp = os.path.join(args.checkpoint, ".README.md.tmp")
     with open(tmp, "w") as f:
         f.write(text)
