@@ -321,6 +321,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--deft-lr", type=float, default=3e-3)
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--ratios", type=lambda s: [float(r) for r in s.split(",")], default=[0.5, 2 / 7, 0.25])
+    ap.add_argument("--long-facts", type=lambda s: [int(f) for f in s.split(",") if f], default=[12],
+                    help="also evaluate (the same model, trained on --facts) on contexts of these many facts")  # fmt: skip
     ap.add_argument("--fastv-layer", type=int, default=1, help="FastV's L for the attention rules on text")
     ap.add_argument("--time-samples", type=int, default=50, help="prompts timed one by one per method")
     ap.add_argument("--kvpress", default="snapkv,expected_attention,knorm,streaming_llm",
@@ -333,40 +335,54 @@ def main(argv=None) -> dict:
     model = build_model(tokenizer, layers=args.layers, hidden=args.hidden)
     began = time.perf_counter()
     train_base(model, tokenizer, args)
-    test = examples(args.n_test, args.facts, "test", seed=3)
     timed = args.time_samples
-    results = {"full": evaluate(model, tokenizer, test, None, args.batch, time_samples=timed)}
-    print("full", results["full"], flush=True)
-    for ratio in args.ratios:
-        results[f"deft_untrained@{ratio:.3f}"] = evaluate(model, tokenizer, test, ratio, args.batch)
-        for rule in RULES:
-            with text_rule(model, rule):
-                results[f"{rule}@{ratio:.3f}"] = evaluate(
-                    model, tokenizer, test, ratio, args.batch, time_samples=timed
-                )
-        for placement in PLACEMENTS:
-            with text_attention_rule(model, placement, ratio, args.fastv_layer) as record:
-                results[f"{placement}@{ratio:.3f}"] = evaluate(
-                    model, tokenizer, test, ratio, args.batch, record=record, time_samples=timed
-                )
-    kv = kvpress_reference(model, tokenizer, test, args, KEYS)
+    tests = {facts: examples(args.n_test, facts, "test", seed=3) for facts in [args.facts, *args.long_facts]}
+    runs = {facts: {} for facts in tests}  # per test set: method@ratio -> result
+    kv = {}
+    for facts, test in tests.items():
+        results = runs[facts]
+        results["full"] = evaluate(model, tokenizer, test, None, args.batch, time_samples=timed)
+        print(facts, "facts: full", results["full"], flush=True)
+        for ratio in args.ratios:
+            results[f"deft_untrained@{ratio:.3f}"] = evaluate(model, tokenizer, test, ratio, args.batch)
+            for rule in RULES:
+                with text_rule(model, rule):
+                    results[f"{rule}@{ratio:.3f}"] = evaluate(
+                        model, tokenizer, test, ratio, args.batch, time_samples=timed
+                    )
+            for placement in PLACEMENTS:
+                with text_attention_rule(model, placement, ratio, args.fastv_layer) as record:
+                    results[f"{placement}@{ratio:.3f}"] = evaluate(
+                        model, tokenizer, test, ratio, args.batch, record=record, time_samples=timed
+                    )
+        kv[facts] = kvpress_reference(model, tokenizer, test, args, KEYS)
+        results.update(kv[facts].pop("results", {}))
     train_deft_feedback(model, tokenizer, args)
-    for ratio in args.ratios:
-        results[f"deft@{ratio:.3f}"] = evaluate(model, tokenizer, test, ratio, args.batch, time_samples=timed)
-    results.update(kv.pop("results", {}))
-    for key, value in results.items():
-        print(f"{key:24s} acc {value['accuracy']:.3f} asked-fact-kept {value['asked_fact_kept']:.3f} "
-              f"context {value['context_tokens_seen']:.1f} seen {value['tokens_seen']:.1f} "
-              f"per layer {value['tokens_per_layer']:.1f} prefill {value.get('prefill_ms')} ms "
-              f"kept {value['kept_per_example']}")  # fmt: skip
+    for facts, test in tests.items():
+        for ratio in args.ratios:
+            runs[facts][f"deft@{ratio:.3f}"] = evaluate(
+                model, tokenizer, test, ratio, args.batch, time_samples=timed
+            )
+    for facts, results in runs.items():
+        for key, value in results.items():
+            kept = value["asked_fact_kept"]
+            print(f"{facts} facts {key:32s} acc {value['accuracy']:.3f} asked-fact-kept "
+                  f"{'-' if kept is None else f'{kept:.3f}'} context {value['context_tokens_seen']:.1f} "
+                  f"seen {value['tokens_seen']:.1f} per layer {value['tokens_per_layer']:.1f} "
+                  f"kv {value['kv_per_layer']:.1f} prefill {value['prefill_ms']} ms "
+                  f"kept {value['kept_per_example']}")  # fmt: skip
     report = {
         "command": " ".join(["python -m benchmarks.text_context", *(sys.argv[1:] if argv is None else argv)]),
         "task": f"{args.facts} facts 'the digit of <key> is <value> .' (values: sklearn digits labels), one question",
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "n_test": args.n_test,
         "minutes": (time.perf_counter() - began) / 60,
-        "results": results,
-        "kvpress": kv,
+        "results": runs[args.facts],
+        "kvpress": kv[args.facts],
+        "longer_contexts": {
+            str(facts): {"facts": facts, "results": runs[facts], "kvpress": kv[facts]}
+            for facts in args.long_facts
+        },
     }
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
