@@ -1,6 +1,10 @@
-"""Text-context compression on a fact-recall task built from real data: DeFT vs dropping by a simple rule.
+"""Text-context compression on a fact-recall task built from real data: DeFT vs simple rules, FastV's attention
+rule and kvpress's KV-cache presses, at the same budget.
 
-    python -m benchmarks.text_context --out benchmarks/results/text_context_facts.json
+    .venv-kvpress/bin/python -m benchmarks.text_context --out benchmarks/results/text_context_facts.json
+
+(`.venv-kvpress`: `requirements-kvpress.txt`; in an environment without kvpress the kvpress rows are skipped
+and the JSON says why.)
 
 Task (real labels, scikit-learn's handwritten digits): a context of `--facts` facts "the digit of <key> is
 <value> ." (keys: distinct letters; values: the labels of random samples of `load_digits()`, samples 0..1199
@@ -9,15 +13,25 @@ the value. Only 2 of the 7 tokens of a fact carry information (the key and the v
 chat template are never compressed.
 
 Stages (CPU, minutes):
-1. a tiny `DeftLlavaForConditionalGeneration` (hidden 64, 2 decoder layers; its vision tower is unused) learns
-   the task with every context token (`deft_text_retention_ratio=None`, the context marked `<context>`);
+1. a tiny `DeftLlavaForConditionalGeneration` (`--hidden` 64, `--layers` 2 decoder layers by default; its vision
+   tower is unused) learns the task with every context token (`deft_text_retention_ratio=None`, the context
+   marked `<context>`);
 2. the DeFT text scorers (SAM, saliency, mixture; backbone frozen) learn from DeFT's feedback score: the
    gradient of the answer loss with respect to each context token of the full-token pass (`token_gradients`,
    `feedback_loss`), the seed's feedback-guided scoring;
 3. evaluation on held-out examples: the full context, then each budget K = floor(ratio * n + 0.5) context tokens
-   kept by DeFT (untrained and trained scorers) and by the rules `random`, `first`, `last` (same K, the same
-   model path: the rules replace DeFT's `compress_text` hook for the call). Kept tokens keep their original
-   positions. Accuracy = the answer token is the argmax at the last prompt position.
+   kept by DeFT (untrained and trained scorers), by the rules `random`, `first`, `last` (same K, the same
+   model path: the rules replace DeFT's `compress_text` hook for the call), by FastV's attention rule on the
+   context (`fastv`: inside the decoder, layers before `--fastv-layer` see every token; `fastv_pre`: the same
+   ranking before the language model, which then sees K context tokens in every layer;
+   `text_attention_rules.py`) and, when kvpress is installed (`requirements-kvpress.txt`), by kvpress presses
+   that prune the KV cache of a context-only prefill to the same number of entries before the question runs
+   (`text_kvpress.py`). Kept tokens keep their original positions. Accuracy = the answer token is the argmax
+   at the last prompt position. Costs per method: tokens entering the language model, tokens per decoder layer
+   (mean over layers), KV-cache entries per layer after the prefill, and the prefill time of one prompt
+   (`--time-samples` prompts one by one, the fastest of 5 runs each, median over prompts; batch 1).
+4. the same model and DeFT scorers on longer contexts (`--long-facts`, 12 facts by default: the model was
+   trained on `--facts` only, so this measures how it and every method carry over to twice the length).
 """
 
 from __future__ import annotations

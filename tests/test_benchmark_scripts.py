@@ -94,6 +94,10 @@ def test_text_context_benchmark_compares_methods_at_the_same_budget(tmp_path):
         assert all(
             r["prefill_ms"] > 0 for name, r in results.items() if not name.startswith("deft_untrained")
         )
+    from benchmarks import text_context_table
+
+    text = text_context_table.main([str(out)])
+    assert "| fastv (inside the decoder) |" in text and "8 facts (same model)" in text
     if "error" in report["kvpress"]:  # kvpress not installed: the rows are skipped with the reason
         assert "kvpress is not installed" in report["kvpress"]["error"]
     else:
