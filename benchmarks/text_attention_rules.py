@@ -111,7 +111,7 @@ def text_attention_rule(model, placement: str, ratio: float, layer: int):
     layers).
 
     Raises:
-        ValueError: an unknown placement, or a layer outside `[1, num_hidden_layers - 1]`.
+        ValueError: an unknown placement, a layer outside `[1, num_hidden_layers - 1]`, or compression off.
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
@@ -166,6 +166,11 @@ def text_attention_rule(model, placement: str, ratio: float, layer: int):
         return DeftLlavaModelOutputWithPast(last_hidden_state=hidden)
 
     method = model.model.active_method
+    if method is None:
+        raise ValueError(
+            "text_attention_rule acts through the compression method's run_language_model hook: load the model "
+            "with use_deft=True (the model keeps the whole context; the rule drops)"
+        )
     method.run_language_model = run_language_model  # an instance attribute shadows the hook for this block
     saved = model.config.deft_text_retention_ratio
     model.config.deft_text_retention_ratio = None  # the model keeps the whole context; the rule drops

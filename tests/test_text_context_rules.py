@@ -98,6 +98,10 @@ def test_attention_rule_refuses_bad_arguments():
     with pytest.raises(ValueError, match=r"layer must be in \[1, 1\]"):
         with text_attention_rule(net, "fastv", 0.5, 2):
             pass
+    net.config.use_deft = False
+    with pytest.raises(ValueError, match="use_deft=True"):
+        with text_attention_rule(net, "fastv", 0.5, 1):
+            pass
 
 
 def test_kvpress_path_without_a_press_computes_the_models_own_logits():
