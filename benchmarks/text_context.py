@@ -1,6 +1,10 @@
-"""Text-context compression on a fact-recall task built from real data: DeFT vs dropping by a simple rule.
+"""Text-context compression on a fact-recall task built from real data: DeFT vs simple rules, FastV's attention
+rule and kvpress's KV-cache presses, at the same budget.
 
-    python -m benchmarks.text_context --out benchmarks/results/text_context_facts.json
+    .venv-kvpress/bin/python -m benchmarks.text_context --out benchmarks/results/text_context_facts.json
+
+(`.venv-kvpress`: `requirements-kvpress.txt`; in an environment without kvpress the kvpress rows are skipped
+and the JSON says why.)
 
 Task (real labels, scikit-learn's handwritten digits): a context of `--facts` facts "the digit of <key> is
 <value> ." (keys: distinct letters; values: the labels of random samples of `load_digits()`, samples 0..1199
@@ -9,15 +13,25 @@ the value. Only 2 of the 7 tokens of a fact carry information (the key and the v
 chat template are never compressed.
 
 Stages (CPU, minutes):
-1. a tiny `DeftLlavaForConditionalGeneration` (hidden 64, 2 decoder layers; its vision tower is unused) learns
-   the task with every context token (`deft_text_retention_ratio=None`, the context marked `<context>`);
+1. a tiny `DeftLlavaForConditionalGeneration` (`--hidden` 64, `--layers` 2 decoder layers by default; its vision
+   tower is unused) learns the task with every context token (`deft_text_retention_ratio=None`, the context
+   marked `<context>`);
 2. the DeFT text scorers (SAM, saliency, mixture; backbone frozen) learn from DeFT's feedback score: the
    gradient of the answer loss with respect to each context token of the full-token pass (`token_gradients`,
    `feedback_loss`), the seed's feedback-guided scoring;
 3. evaluation on held-out examples: the full context, then each budget K = floor(ratio * n + 0.5) context tokens
-   kept by DeFT (untrained and trained scorers) and by the rules `random`, `first`, `last` (same K, the same
-   model path: the rules replace DeFT's `compress_text` hook for the call). Kept tokens keep their original
-   positions. Accuracy = the answer token is the argmax at the last prompt position.
+   kept by DeFT (untrained and trained scorers), by the rules `random`, `first`, `last` (same K, the same
+   model path: the rules replace DeFT's `compress_text` hook for the call), by FastV's attention rule on the
+   context (`fastv`: inside the decoder, layers before `--fastv-layer` see every token; `fastv_pre`: the same
+   ranking before the language model, which then sees K context tokens in every layer;
+   `text_attention_rules.py`) and, when kvpress is installed (`requirements-kvpress.txt`), by kvpress presses
+   that prune the KV cache of a context-only prefill to the same number of entries before the question runs
+   (`text_kvpress.py`). Kept tokens keep their original positions. Accuracy = the answer token is the argmax
+   at the last prompt position. Costs per method: tokens entering the language model, tokens per decoder layer
+   (mean over layers), KV-cache entries per layer after the prefill, and the prefill time of one prompt
+   (`--time-samples` prompts one by one, the fastest of 5 runs each, median over prompts; batch 1).
+4. the same model and DeFT scorers on longer contexts (`--long-facts`, 12 facts by default: the model was
+   trained on `--facts` only, so this measures how it and every method carry over to twice the length).
 """
 
 from __future__ import annotations
@@ -39,6 +53,9 @@ from modeling_deft_llava.compressors.compression_method import TextSelection
 from modeling_deft_llava.deft.topk_selector import kept_counts
 from modeling_deft_llava.text_context import TextContext
 
+from .text_attention_rules import PLACEMENTS, text_attention_rule
+from .text_kvpress import kvpress_reference
+
 KEYS = [chr(c) for c in range(ord("a"), ord("q"))]  # 16 keys
 FILLER = ["the", "digit", "of", "is", "."]
 WORDS = ["USER", ":", "ASSISTANT", "what", "?"] + FILLER + KEYS + [str(d) for d in range(10)]
@@ -50,7 +67,9 @@ def build_tokenizer():
     return build_word_tokenizer(WORDS, context=True)
 
 
-def build_model(tokenizer, seed: int = 0) -> DeftLlavaForConditionalGeneration:
+def build_model(
+    tokenizer, seed: int = 0, layers: int = 2, hidden: int = 64
+) -> DeftLlavaForConditionalGeneration:
     torch.manual_seed(seed)
     config = DeftLlavaConfig(
         vision_config=dict(
@@ -64,9 +83,9 @@ def build_model(tokenizer, seed: int = 0) -> DeftLlavaForConditionalGeneration:
         ),  # fmt: skip
         text_config=dict(
             model_type="llama",
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=2,
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=4,
             vocab_size=len(tokenizer),
@@ -238,10 +257,31 @@ def text_rule(model, rule: str, seed: int = 0):
         del deft.compress_text
 
 
+def prefill_ms(model, tokenizer, data, repeats: int = 5) -> float | None:
+    """Median wall time (ms) of one forward over one prompt (batch 1, the benchmark's threads), over `data`:
+    each example `repeats` times, its fastest kept (the machine is shared), then the median over examples."""
+    if not data:
+        return None
+    times = []
+    for example in data:
+        ids, mask, _ = encode(tokenizer, [example])
+        best = math.inf
+        for _ in range(repeats):
+            began = time.perf_counter()
+            model(input_ids=ids, attention_mask=mask)
+            best = min(best, time.perf_counter() - began)
+        times.append(best)
+    return 1000 * float(np.median(times))
+
+
 @torch.no_grad()
-def evaluate(model, tokenizer, data, ratio, batch: int) -> dict:
-    model.config.deft_text_retention_ratio = ratio
-    correct = seen = context_tokens = 0
+def evaluate(model, tokenizer, data, ratio, batch: int, record=None, time_samples: int = 0) -> dict:
+    """Accuracy, what was kept and what it cost. `record`: filled by a rule that runs the decoder itself
+    (`text_attention_rule`) with the kept context tokens and the tokens each layer saw; otherwise every
+    decoder layer sees the language model's input."""
+    model.config.deft_text_retention_ratio = ratio if record is None else None
+    layers = model.config.text_config.num_hidden_layers
+    correct = seen = context_tokens = token_layers = 0
     informative = 0  # kept key/value tokens of the asked fact
     kinds = {"key": 0, "value": 0, "filler": 0}  # kept context tokens by kind
     key_ids = torch.tensor(tokenizer.convert_tokens_to_ids(KEYS))
@@ -251,8 +291,13 @@ def evaluate(model, tokenizer, data, ratio, batch: int) -> dict:
         ids, mask, answers = encode(tokenizer, data[i : i + batch])
         out = model(input_ids=ids, attention_mask=mask)
         correct += int((out.logits[:, -1].argmax(-1) == answers).sum())
-        seen += int(out.deft_attention_mask.sum()) if out.deft_attention_mask is not None else int(mask.sum())
-        for b, kept in enumerate(out.text_kept_indices):
+        lm_input = (
+            int(out.deft_attention_mask.sum()) if out.deft_attention_mask is not None else int(mask.sum())
+        )
+        seen += lm_input if record is None else sum(record["tokens_seen"])
+        kept_lists = out.text_kept_indices if record is None else record["kept"]
+        token_layers += lm_input * layers if record is None else sum(record["token_layers"])
+        for b, kept in enumerate(kept_lists):
             context_tokens += len(kept)
             asked = int(ids[b, -4])  # the key: "... <key> ? ASSISTANT :"
             kept_ids = ids[b, kept]
@@ -262,20 +307,26 @@ def evaluate(model, tokenizer, data, ratio, batch: int) -> dict:
             # the asked fact survives when its key and the value two tokens later are both kept
             where = (kept_ids == asked).nonzero().flatten()
             informative += int(any(int(kept[w]) + 2 in set(kept.tolist()) for w in where))
+    seconds = time.perf_counter() - start
     n = len(data)
     return {
         "accuracy": correct / n,
         "asked_fact_kept": informative / n,
         "context_tokens_seen": context_tokens / n,
         "kept_per_example": {kind: count / n for kind, count in kinds.items()},
-        "tokens_seen": seen / n,
-        "seconds": time.perf_counter() - start,
+        "tokens_seen": seen / n,  # tokens entering the language model (its first layer)
+        "tokens_per_layer": token_layers / n / layers,  # mean over the decoder layers
+        "kv_per_layer": token_layers / n / layers,  # KV-cache entries per layer after the prefill (the same)
+        "prefill_ms": prefill_ms(model, tokenizer, data[:time_samples]),
+        "seconds": seconds,
     }
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--facts", type=int, default=6)
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers of the tiny model")
+    ap.add_argument("--hidden", type=int, default=64, help="hidden size of the tiny model")
     ap.add_argument("--train-steps", type=int, default=4000)
     ap.add_argument("--train-questions", type=int, default=6, help="questions per training context")
     ap.add_argument("--deft-steps", type=int, default=300)
@@ -284,36 +335,68 @@ def main(argv=None) -> dict:
     ap.add_argument("--deft-lr", type=float, default=3e-3)
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--ratios", type=lambda s: [float(r) for r in s.split(",")], default=[0.5, 2 / 7, 0.25])
+    ap.add_argument("--long-facts", type=lambda s: [int(f) for f in s.split(",") if f], default=[12],
+                    help="also evaluate (the same model, trained on --facts) on contexts of these many facts")  # fmt: skip
+    ap.add_argument("--fastv-layer", type=int, default=1, help="FastV's L for the attention rules on text")
+    ap.add_argument("--time-samples", type=int, default=50, help="prompts timed one by one per method")
+    ap.add_argument("--kvpress", default="snapkv,expected_attention,knorm,streaming_llm",
+                    help="kvpress presses to run when kvpress is installed ('' for none)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/text_context_facts.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer)
+    model = build_model(tokenizer, layers=args.layers, hidden=args.hidden)
     began = time.perf_counter()
     train_base(model, tokenizer, args)
-    test = examples(args.n_test, args.facts, "test", seed=3)
-    results = {"full": evaluate(model, tokenizer, test, None, args.batch)}
-    print("full", results["full"], flush=True)
-    for ratio in args.ratios:
-        results[f"deft_untrained@{ratio:.3f}"] = evaluate(model, tokenizer, test, ratio, args.batch)
-        for rule in RULES:
-            with text_rule(model, rule):
-                results[f"{rule}@{ratio:.3f}"] = evaluate(model, tokenizer, test, ratio, args.batch)
+    timed = args.time_samples
+    tests = {facts: examples(args.n_test, facts, "test", seed=3) for facts in [args.facts, *args.long_facts]}
+    runs = {facts: {} for facts in tests}  # per test set: method@ratio -> result
+    kv = {}
+    for facts, test in tests.items():
+        results = runs[facts]
+        results["full"] = evaluate(model, tokenizer, test, None, args.batch, time_samples=timed)
+        print(facts, "facts: full", results["full"], flush=True)
+        for ratio in args.ratios:
+            results[f"deft_untrained@{ratio:.3f}"] = evaluate(model, tokenizer, test, ratio, args.batch)
+            for rule in RULES:
+                with text_rule(model, rule):
+                    results[f"{rule}@{ratio:.3f}"] = evaluate(
+                        model, tokenizer, test, ratio, args.batch, time_samples=timed
+                    )
+            for placement in PLACEMENTS:
+                with text_attention_rule(model, placement, ratio, args.fastv_layer) as record:
+                    results[f"{placement}@{ratio:.3f}"] = evaluate(
+                        model, tokenizer, test, ratio, args.batch, record=record, time_samples=timed
+                    )
+        kv[facts] = kvpress_reference(model, tokenizer, test, args, KEYS)
+        results.update(kv[facts].pop("results", {}))
     train_deft_feedback(model, tokenizer, args)
-    for ratio in args.ratios:
-        results[f"deft@{ratio:.3f}"] = evaluate(model, tokenizer, test, ratio, args.batch)
-    for key, value in results.items():
-        print(f"{key:24s} acc {value['accuracy']:.3f} asked-fact-kept {value['asked_fact_kept']:.3f} "
-              f"context {value['context_tokens_seen']:.1f} seen {value['tokens_seen']:.1f} "
-              f"kept {value['kept_per_example']}")  # fmt: skip
+    for facts, test in tests.items():
+        for ratio in args.ratios:
+            runs[facts][f"deft@{ratio:.3f}"] = evaluate(
+                model, tokenizer, test, ratio, args.batch, time_samples=timed
+            )
+    for facts, results in runs.items():
+        for key, value in results.items():
+            kept = value["asked_fact_kept"]
+            print(f"{facts} facts {key:32s} acc {value['accuracy']:.3f} asked-fact-kept "
+                  f"{'-' if kept is None else f'{kept:.3f}'} context {value['context_tokens_seen']:.1f} "
+                  f"seen {value['tokens_seen']:.1f} per layer {value['tokens_per_layer']:.1f} "
+                  f"kv {value['kv_per_layer']:.1f} prefill {value['prefill_ms']} ms "
+                  f"kept {value['kept_per_example']}")  # fmt: skip
     report = {
         "command": " ".join(["python -m benchmarks.text_context", *(sys.argv[1:] if argv is None else argv)]),
         "task": f"{args.facts} facts 'the digit of <key> is <value> .' (values: sklearn digits labels), one question",
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "n_test": args.n_test,
         "minutes": (time.perf_counter() - began) / 60,
-        "results": results,
+        "results": runs[args.facts],
+        "kvpress": kv[args.facts],
+        "longer_contexts": {
+            str(facts): {"facts": facts, "results": runs[facts], "kvpress": kv[facts]}
+            for facts in args.long_facts
+        },
     }
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)

@@ -78,12 +78,31 @@ def test_text_context_benchmark_compares_methods_at_the_same_budget(tmp_path):
 
     out = tmp_path / "facts.json"
     argv = ["--train-steps", "2", "--deft-steps", "1", "--batch", "4", "--n-test", "8", "--ratios", "0.5"]
+    argv += ["--long-facts", "8", "--time-samples", "1"]
     report = text_context.main([*argv, "--out", str(out)])
     assert json.loads(out.read_text())["results"] == json.loads(json.dumps(report["results"]))
-    seen = {name: r["context_tokens_seen"] for name, r in report["results"].items() if name != "full"}
-    assert set(seen) == {f"{m}@0.500" for m in ("deft_untrained", "deft", "random", "first", "last")}
-    assert len(set(seen.values())) == 1  # every method keeps the same number of context tokens
-    assert report["results"]["full"]["context_tokens_seen"] == 2 * next(iter(seen.values()))
+    for facts, results in ((6, report["results"]), (8, report["longer_contexts"]["8"]["results"])):
+        seen = {name: r["context_tokens_seen"] for name, r in results.items() if name != "full"}
+        kept = {name: n for name, n in seen.items() if not name.startswith("kvpress_")}
+        methods = ("deft_untrained", "deft", "random", "first", "last", "fastv", "fastv_pre")
+        assert set(kept) == {f"{m}@0.500" for m in methods}
+        assert set(kept.values()) == {7 * facts / 2}  # every method keeps the same number of context tokens
+        assert results["full"]["context_tokens_seen"] == 7 * facts
+        # KV entries per layer: the rules and DeFT drop tokens in every layer, FastV after its first layer
+        assert results["fastv@0.500"]["kv_per_layer"] > results["fastv_pre@0.500"]["kv_per_layer"]
+        assert results["fastv_pre@0.500"]["kv_per_layer"] == results["random@0.500"]["kv_per_layer"]
+        assert all(
+            r["prefill_ms"] > 0 for name, r in results.items() if not name.startswith("deft_untrained")
+        )
+    from benchmarks import text_context_table
+
+    text = text_context_table.main([str(out)])
+    assert "| fastv (inside the decoder) |" in text and "8 facts (same model)" in text
+    if "error" in report["kvpress"]:  # kvpress not installed: the rows are skipped with the reason
+        assert "kvpress is not installed" in report["kvpress"]["error"]
+    else:
+        kv = report["results"]["kvpress_knorm@0.500"]
+        assert kv["kv_per_layer"] == report["results"]["random@0.500"]["kv_per_layer"]  # the same KV budget
 
 
 def test_accuracy_update_replaces_only_the_rerun_methods():
