@@ -9,15 +9,28 @@ runs are interleaved (every repeat visits every configuration), so slow drift hi
 
 Per configuration: prefill latency (median over repeats after a warm-up, `logits_to_keep=1` as in
 `generate`), decode latency per token (a cached `generate` of `--decode-tokens` tokens minus its prefill),
-KV-cache bytes after prefill, peak memory (CUDA only: `torch.cuda.max_memory_allocated`; on CPU it is not
-measured and reported as null), the analytic prefill FLOPs (vision tower + language model), each as a ratio
-to the uncompressed model next to the ideal ratio from the FLOPs, and the compressor's own time as a share of
-prefill. Writes JSON (atomically) and a PNG plot.
+KV-cache bytes after prefill, peak memory, the analytic prefill FLOPs (vision tower + language model), each as
+a ratio to the uncompressed model next to the ideal ratio from the FLOPs, and the compressor's own time as a
+share of prefill. Writes JSON (atomically) and a PNG plot.
+
+Peak memory:
+- CUDA: `torch.cuda.max_memory_allocated` during the prefill (weights included).
+- CPU (`--no-cpu-memory` skips it): each configuration runs in a fresh process (`benchmarks/cpu_memory.py`:
+  glibc's mmap threshold fixed, so freed memory is returned and the resident size follows the live
+  allocations) that builds the model, runs one warm-up prefill, then measures a second one as the growth of
+  the resident high-water mark over the resident size just before it (the weights and the inputs are already
+  resident: they are the baseline, reported apart as `weights_bytes`). The prefill is split where the
+  language model starts (a pre-hook on its first decoder layer resets the high-water mark): the vision
+  phase (vision tower, projector, compression) and the language-model phase (the decoder over the kept rows,
+  the KV cache it writes). A fresh process per configuration, because a process that ran a larger
+  configuration before could serve a smaller one from memory it already holds. The probes run before the
+  timing model is built (one model in memory at a time).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -28,6 +41,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+try:
+    from benchmarks import cpu_memory
+except ImportError:  # run as a script: benchmarks/ is on sys.path
+    import cpu_memory
 from modeling_deft_llava import DeftLlavaConfig, DeftLlavaForConditionalGeneration
 from modeling_deft_llava.compressors.compression_registry import BASELINE_METHODS, build_method
 
@@ -62,6 +79,60 @@ def reconfigure(model: DeftLlavaForConditionalGeneration, method: str | None, ra
         inner._method_name = inner.compressor.module_name
     # the modules were swapped by hand above: record the structure the model now has (see `_apply_config`)
     inner._built_with = {key: getattr(config, key) for key in inner.STRUCTURAL_SETTINGS}
+
+
+def build_model(shape: str, dtype, device, first_ratio: float):
+    """The random-weight model of `shape` with a DeFT module (RTD off) ready for `reconfigure`; returns
+    `(model, config, visual tokens per image)`."""
+    torch.manual_seed(0)
+    config = load_config(shape)
+    config.use_deft = False
+    with torch.device(device):
+        model = DeftLlavaForConditionalGeneration(config).to(dtype).eval()
+    config.deft_enable_rtd, config.deft_retention_ratio = False, first_ratio
+    model.model.deft = build_method(config).to(device, dtype)  # compression_method="deft": the DeFT method
+    return model, config, config.patch_tokens_per_image()
+
+
+def resident_weight_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def memory_probe(shape: str, method: str | None, ratio: float, dtype, batch: int) -> dict:
+    """CPU peak memory of one prefill of one configuration (run in a fresh process, see the module docstring)."""
+    device = torch.device("cpu")
+    model, config, n = build_model(shape, dtype, device, ratio)
+    reconfigure(model, method, ratio)
+    inputs = build_inputs(config, model.config.num_kept_tokens(n), batch, dtype, device)
+    phases = {}
+
+    def language_model_starts(module, args, kwargs):
+        phases["vision_peak"] = cpu_memory.peak_rss_bytes()
+        cpu_memory.reset_peak()
+
+    first_layer = model.model.language_model.layers[0]
+    hook = first_layer.register_forward_pre_hook(language_model_starts, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=True, logits_to_keep=1)  # warm-up: one-time allocations
+            phases.clear()
+            out, mem = cpu_memory.measure(lambda: model(**inputs, use_cache=True, logits_to_keep=1))
+    finally:
+        hook.remove()
+    baseline = mem["baseline_bytes"]
+    vision = phases["vision_peak"] - baseline
+    language = mem["peak_growth_bytes"]  # the high-water mark was reset when the language model started
+    return {
+        "method": method or "none",
+        "retention_ratio": ratio,
+        "kv_bytes": kv_bytes(out.past_key_values),
+        "peak_memory_bytes": max(vision, language),
+        "vision_phase_peak_bytes": vision,
+        "language_phase_peak_bytes": language,
+        "retained_after_prefill_bytes": mem["retained_bytes"],
+        "resident_before_prefill_bytes": baseline,
+        "weights_bytes": resident_weight_bytes(model),
+    }
 
 
 def lm_flops(text_config, tokens: int) -> float:
@@ -158,6 +229,21 @@ def decode_growth(out, steps: int) -> int:
     return total
 
 
+MEMORY_FIELDS = (
+    "kv_bytes",
+    "peak_memory_bytes",
+    "vision_phase_peak_bytes",
+    "language_phase_peak_bytes",
+    "retained_after_prefill_bytes",
+    "resident_before_prefill_bytes",
+)
+
+
+def ratio_or_none(extras, key, base, field):
+    value, reference = extras[key].get(field), extras[base].get(field)
+    return value / reference if value is not None and reference else None
+
+
 def write_json_atomic(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -211,6 +297,10 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/speed_<shape>.json)"
     )
+    parser.add_argument(
+        "--no-cpu-memory", action="store_true", help="on CPU, skip the peak-memory probes (a process each)"
+    )
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: METHOD:RATIO
     args = parser.parse_args(argv)
 
     methods = [m for m in args.methods.split(",") if m]
@@ -231,17 +321,16 @@ def main(argv=None) -> None:
         if args.dtype
         else (torch.bfloat16 if "7b" in args.shape else torch.float32)
     )
+    if args.memory_probe is not None:  # internal: one configuration's CPU memory, printed as JSON
+        method, ratio = args.memory_probe.rsplit(":", 1)
+        probe = memory_probe(
+            args.shape, None if method == "none" else method, float(ratio), dtype, args.batch
+        )
+        print(json.dumps(probe))
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_path = Path(args.out or f"benchmarks/results/speed_{args.shape}.json")
-
-    torch.manual_seed(0)
-    config.use_deft = False
-    with torch.device(device):
-        model = DeftLlavaForConditionalGeneration(config).to(dtype).eval()
     n = config.patch_tokens_per_image()
-    config.deft_enable_rtd, config.deft_retention_ratio = False, ratios[0]
-    model.model.deft = build_method(config).to(device, dtype)  # compression_method="deft": the DeFT method
-    timer = Timer(device)
     configs = [(None, 1.0)]
     for m in methods:
         for r in ratios:
@@ -250,6 +339,24 @@ def main(argv=None) -> None:
                 print(f"skipping deco at ratio {r}: K={k} is not a perfect square (DeCo pools to m x m)")
                 continue
             configs.append((m, r))
+    cpu_peaks = {}
+    if device.type == "cpu" and not args.no_cpu_memory:
+        script = str(Path(__file__).resolve())
+        for method, ratio in tqdm(configs, desc="CPU memory (a process each)"):
+            probe_argv = [
+                script,
+                "--shape",
+                args.shape,
+                "--batch",
+                str(args.batch),
+                "--dtype",
+                str(dtype)[6:],
+            ]
+            probe_argv += ["--memory-probe", f"{method or 'none'}:{ratio}"]
+            cpu_peaks[(method, ratio)] = cpu_memory.run_in_subprocess(probe_argv)
+
+    model, config, n = build_model(args.shape, dtype, device, ratios[0])
+    timer = Timer(device)
     samples = {c: {"prefill": [], "decode": []} for c in configs}
     extras = {}
     with torch.no_grad():
@@ -281,6 +388,15 @@ def main(argv=None) -> None:
                         if device.type == "cuda"
                         else None,
                     }
+                    if (method, ratio) in cpu_peaks:
+                        probe = cpu_peaks[(method, ratio)]
+                        if probe["kv_bytes"] != kv_bytes_after_prefill:
+                            raise RuntimeError(
+                                f"memory probe of {method}@{ratio} saw another KV cache: {probe}"
+                            )
+                        extras[(method, ratio)].update(
+                            {key: probe[key] for key in MEMORY_FIELDS if key != "kv_bytes"}
+                        )
                     continue
                 samples[(method, ratio)]["prefill"].append(prefill)
                 samples[(method, ratio)]["decode"].append(decode / args.decode_tokens)
@@ -321,7 +437,11 @@ def main(argv=None) -> None:
             "kv_bytes": extras[(method, ratio)]["kv_bytes"],
             "kv_ratio": extras[(method, ratio)]["kv_bytes"] / extras[base]["kv_bytes"],
             "ideal_kv_ratio": (TEXT_TOKENS + k) / (TEXT_TOKENS + n),
-            "peak_memory_bytes": extras[(method, ratio)]["peak_memory_bytes"],
+            **{key: extras[(method, ratio)].get(key) for key in MEMORY_FIELDS if key != "kv_bytes"},
+            "peak_memory_ratio": ratio_or_none(extras, (method, ratio), base, "peak_memory_bytes"),
+            "language_phase_peak_ratio": ratio_or_none(
+                extras, (method, ratio), base, "language_phase_peak_bytes"
+            ),
             "prefill_flops": flops,
             "flops_ratio": flops / base_flops,
         }
@@ -335,6 +455,15 @@ def main(argv=None) -> None:
         "text_tokens": TEXT_TOKENS,
         "visual_tokens_full": n,
         "repeats": args.repeats,
+        "peak_memory": (
+            "cuda.max_memory_allocated (weights included)"
+            if device.type == "cuda"
+            else None
+            if not cpu_peaks
+            else "CPU resident high-water mark growth over the resident size before the prefill (weights and "
+            "inputs excluded), fresh process per configuration, warm-up first; see benchmarks/cpu_memory.py"
+        ),
+        "weights_bytes": resident_weight_bytes(model),
         "deft_scoring_s": scoring,
         "deft_scoring_share_of_uncompressed_prefill": scoring / base_prefill,
         "command": "python benchmarks/speed_memory.py "
@@ -343,13 +472,15 @@ def main(argv=None) -> None:
     }
     write_json_atomic(out_path, results)
     plot(results, out_path.with_suffix(".png"))
-    header = f"{'method':10} {'ratio':>6} {'K':>4} {'prefill s':>9} {'speedup':>8} {'ideal':>6} {'of ideal':>8} {'decode ms':>9} {'KV':>6}"
+    header = f"{'method':10} {'ratio':>6} {'K':>4} {'prefill s':>9} {'speedup':>8} {'ideal':>6} {'of ideal':>8} {'decode ms':>9} {'KV':>6} {'peak MB':>8}"
     print(header)
     for r in runs:
+        peak = r["peak_memory_bytes"]
         print(
             f"{r['method']:10} {r['retention_ratio']:6.3f} {r['kept_tokens']:4d} {r['prefill_s']:9.3f} "
             f"{r['prefill_speedup']:8.2f} {r['ideal_speedup']:6.2f} {r['share_of_ideal_speedup']:8.1%} "
-            f"{1000 * r['decode_s_per_token']:9.1f} {r['kv_ratio']:6.3f}"
+            f"{1000 * r['decode_s_per_token']:9.1f} {r['kv_ratio']:6.3f} "
+            + (f"{peak / 2**20:8.1f}" if peak is not None else f"{'n/a':>8}")
         )
     print(
         f"DeFT scoring: {scoring * 1000:.1f} ms = {results['deft_scoring_share_of_uncompressed_prefill']:.2%} of uncompressed prefill"

@@ -71,6 +71,14 @@ def test_speed_benchmark_runs_on_the_tiny_shape(tmp_path):
     )  # KV falls exactly with tokens kept
     assert out.with_suffix(".png").exists()
     assert not list(tmp_path.glob("*.tmp"))
+    # CPU peak memory from a fresh process per configuration (benchmarks/cpu_memory.py)
+    assert results["peak_memory"].startswith("CPU resident high-water mark")
+    assert results["weights_bytes"] > 0
+    for row in rows.values():
+        assert row["peak_memory_bytes"] == max(
+            row["vision_phase_peak_bytes"], row["language_phase_peak_bytes"]
+        )
+        assert row["language_phase_peak_bytes"] >= 0 and row["peak_memory_ratio"] is not None
 
 
 def test_text_context_benchmark_compares_methods_at_the_same_budget(tmp_path):
