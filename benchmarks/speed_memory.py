@@ -15,16 +15,20 @@ share of prefill. Writes JSON (atomically) and a PNG plot.
 
 Peak memory:
 - CUDA: `torch.cuda.max_memory_allocated` during the prefill (weights included).
-- CPU (`--no-cpu-memory` skips it): each configuration runs in a fresh process (`benchmarks/cpu_memory.py`:
-  glibc's mmap threshold fixed, so freed memory is returned and the resident size follows the live
-  allocations) that builds the model, runs one warm-up prefill, then measures a second one as the growth of
-  the resident high-water mark over the resident size just before it (the weights and the inputs are already
-  resident: they are the baseline, reported apart as `weights_bytes`). The prefill is split where the
-  language model starts (a pre-hook on its first decoder layer resets the high-water mark): the vision
-  phase (vision tower, projector, compression) and the language-model phase (the decoder over the kept rows,
-  the KV cache it writes). A fresh process per configuration, because a process that ran a larger
-  configuration before could serve a smaller one from memory it already holds. The probes run before the
-  timing model is built (one model in memory at a time).
+- CPU (`--no-cpu-memory` skips it): a separate process (`benchmarks/cpu_memory.py`: started with glibc's
+  mmap threshold fixed at 64 KiB, so every freed tensor is returned to the system and the resident size
+  follows the live allocations; a larger configuration measured earlier cannot lend its freed memory to a
+  smaller one) builds the model, runs one warm-up prefill per method (one-time allocations), then measures
+  one prefill per configuration as the growth of the resident high-water mark over the resident size just
+  before it (the weights and the inputs are already resident: they are the baseline; `weights_bytes` is
+  reported apart). The prefill is split where the language model starts (a pre-hook on its first decoder
+  layer reads and resets the high-water mark): the vision phase (vision tower, projector, compression) and
+  the language-model phase (the decoder over the kept rows and the KV cache it writes). The probe runs
+  before the timing model is built (one model in memory at a time).
+
+`--text-layers N` keeps the first N decoder layers at full width (a shape whose weights do not fit in memory,
+e.g. the 7B shape on a 24 GB machine shared with other jobs): the vision tower and per-layer costs are real,
+the language model's totals are N / num_hidden_layers of the full model's.
 """
 
 from __future__ import annotations
@@ -81,11 +85,13 @@ def reconfigure(model: DeftLlavaForConditionalGeneration, method: str | None, ra
     inner._built_with = {key: getattr(config, key) for key in inner.STRUCTURAL_SETTINGS}
 
 
-def build_model(shape: str, dtype, device, first_ratio: float):
+def build_model(shape: str, dtype, device, first_ratio: float, text_layers: int | None = None):
     """The random-weight model of `shape` with a DeFT module (RTD off) ready for `reconfigure`; returns
-    `(model, config, visual tokens per image)`."""
+    `(model, config, visual tokens per image)`. `text_layers`: keep only that many decoder layers."""
     torch.manual_seed(0)
     config = load_config(shape)
+    if text_layers is not None:
+        config.text_config.num_hidden_layers = text_layers
     config.use_deft = False
     with torch.device(device):
         model = DeftLlavaForConditionalGeneration(config).to(dtype).eval()
@@ -98,12 +104,11 @@ def resident_weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
 
 
-def memory_probe(shape: str, method: str | None, ratio: float, dtype, batch: int) -> dict:
-    """CPU peak memory of one prefill of one configuration (run in a fresh process, see the module docstring)."""
+def memory_probe(shape: str, configs: list, dtype, batch: int, text_layers: int | None = None) -> list[dict]:
+    """CPU peak memory of one prefill per configuration `(method or None, ratio)` (run in a process started by
+    `cpu_memory.run_in_subprocess`, see the module docstring)."""
     device = torch.device("cpu")
-    model, config, n = build_model(shape, dtype, device, ratio)
-    reconfigure(model, method, ratio)
-    inputs = build_inputs(config, model.config.num_kept_tokens(n), batch, dtype, device)
+    model, config, n = build_model(shape, dtype, device, configs[0][1], text_layers)
     phases = {}
 
     def language_model_starts(module, args, kwargs):
@@ -112,27 +117,38 @@ def memory_probe(shape: str, method: str | None, ratio: float, dtype, batch: int
 
     first_layer = model.model.language_model.layers[0]
     hook = first_layer.register_forward_pre_hook(language_model_starts, with_kwargs=True)
+    warmed, rows = set(), []
     try:
         with torch.no_grad():
-            model(**inputs, use_cache=True, logits_to_keep=1)  # warm-up: one-time allocations
-            phases.clear()
-            out, mem = cpu_memory.measure(lambda: model(**inputs, use_cache=True, logits_to_keep=1))
+            for method, ratio in configs:
+                reconfigure(model, method, ratio)
+                inputs = build_inputs(config, model.config.num_kept_tokens(n), batch, dtype, device)
+                if method not in warmed:  # one-time allocations of this method's first prefill
+                    model(**inputs, use_cache=True, logits_to_keep=1)
+                    warmed.add(method)
+                phases.clear()
+                out, mem = cpu_memory.measure(
+                    lambda inputs=inputs: model(**inputs, use_cache=True, logits_to_keep=1)
+                )
+                baseline = mem["baseline_bytes"]
+                vision = phases["vision_peak"] - baseline
+                language = mem["peak_growth_bytes"]  # the high-water mark was reset when the decoder started
+                rows.append(
+                    {
+                        "method": method or "none",
+                        "retention_ratio": ratio,
+                        "kv_bytes": kv_bytes(out.past_key_values),
+                        "peak_memory_bytes": max(vision, language),
+                        "vision_phase_peak_bytes": vision,
+                        "language_phase_peak_bytes": language,
+                        "retained_after_prefill_bytes": mem["retained_bytes"],
+                        "resident_before_prefill_bytes": baseline,
+                    }
+                )
+                del out
     finally:
         hook.remove()
-    baseline = mem["baseline_bytes"]
-    vision = phases["vision_peak"] - baseline
-    language = mem["peak_growth_bytes"]  # the high-water mark was reset when the language model started
-    return {
-        "method": method or "none",
-        "retention_ratio": ratio,
-        "kv_bytes": kv_bytes(out.past_key_values),
-        "peak_memory_bytes": max(vision, language),
-        "vision_phase_peak_bytes": vision,
-        "language_phase_peak_bytes": language,
-        "retained_after_prefill_bytes": mem["retained_bytes"],
-        "resident_before_prefill_bytes": baseline,
-        "weights_bytes": resident_weight_bytes(model),
-    }
+    return rows
 
 
 def lm_flops(text_config, tokens: int) -> float:
@@ -300,7 +316,14 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--no-cpu-memory", action="store_true", help="on CPU, skip the peak-memory probes (a process each)"
     )
-    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: METHOD:RATIO
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--text-layers",
+        type=int,
+        default=None,
+        help="keep only the first N decoder layers (full width), for a shape too large for this machine",
+    )
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: METHOD:RATIO,...
     args = parser.parse_args(argv)
 
     methods = [m for m in args.methods.split(",") if m]
@@ -313,7 +336,14 @@ def main(argv=None) -> None:
         parser.error(f"--ratios must be numbers, got {args.ratios!r}")
     if any(not 0 < r <= 1 for r in ratios):
         parser.error(f"every ratio must be in (0, 1], got {ratios}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     config = load_config(args.shape)
+    shape_layers = config.text_config.num_hidden_layers
+    if args.text_layers is not None and not 1 <= args.text_layers <= shape_layers:
+        parser.error(f"--text-layers must be in [1, {shape_layers}] for {args.shape}, got {args.text_layers}")
     if "visionzip" in methods and config.vision_feature_select_strategy == "full":
         parser.error("visionzip needs a CLS token; this shape's encoder has none")
     dtype = (
@@ -321,12 +351,12 @@ def main(argv=None) -> None:
         if args.dtype
         else (torch.bfloat16 if "7b" in args.shape else torch.float32)
     )
-    if args.memory_probe is not None:  # internal: one configuration's CPU memory, printed as JSON
-        method, ratio = args.memory_probe.rsplit(":", 1)
-        probe = memory_probe(
-            args.shape, None if method == "none" else method, float(ratio), dtype, args.batch
-        )
-        print(json.dumps(probe))
+    if args.memory_probe is not None:  # internal: CPU memory of each METHOD:RATIO, printed as JSON
+        probe_configs = []
+        for item in args.memory_probe.split(","):
+            method, ratio = item.rsplit(":", 1)
+            probe_configs.append((None if method == "none" else method, float(ratio)))
+        print(json.dumps(memory_probe(args.shape, probe_configs, dtype, args.batch, args.text_layers)))
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_path = Path(args.out or f"benchmarks/results/speed_{args.shape}.json")
@@ -341,21 +371,18 @@ def main(argv=None) -> None:
             configs.append((m, r))
     cpu_peaks = {}
     if device.type == "cpu" and not args.no_cpu_memory:
-        script = str(Path(__file__).resolve())
-        for method, ratio in tqdm(configs, desc="CPU memory (a process each)"):
-            probe_argv = [
-                script,
-                "--shape",
-                args.shape,
-                "--batch",
-                str(args.batch),
-                "--dtype",
-                str(dtype)[6:],
-            ]
-            probe_argv += ["--memory-probe", f"{method or 'none'}:{ratio}"]
-            cpu_peaks[(method, ratio)] = cpu_memory.run_in_subprocess(probe_argv)
+        print(
+            f"CPU peak memory of {len(configs)} configurations (one process, see the docstring)", flush=True
+        )
+        probe_argv = [str(Path(__file__).resolve()), "--shape", args.shape, "--batch", str(args.batch)]
+        probe_argv += ["--dtype", str(dtype)[6:], "--threads", str(torch.get_num_threads()), "--memory-probe"]
+        probe_argv += [",".join(f"{method or 'none'}:{ratio}" for method, ratio in configs)]
+        if args.text_layers is not None:
+            probe_argv += ["--text-layers", str(args.text_layers)]
+        for row in cpu_memory.run_in_subprocess(probe_argv):
+            cpu_peaks[(None if row["method"] == "none" else row["method"], row["retention_ratio"])] = row
 
-    model, config, n = build_model(args.shape, dtype, device, ratios[0])
+    model, config, n = build_model(args.shape, dtype, device, ratios[0], args.text_layers)
     timer = Timer(device)
     samples = {c: {"prefill": [], "decode": []} for c in configs}
     extras = {}
@@ -452,6 +479,8 @@ def main(argv=None) -> None:
         "threads": torch.get_num_threads(),
         "dtype": str(dtype),
         "batch": args.batch,
+        "text_layers": config.text_config.num_hidden_layers,
+        "text_layers_of_shape": shape_layers,
         "text_tokens": TEXT_TOKENS,
         "visual_tokens_full": n,
         "repeats": args.repeats,
