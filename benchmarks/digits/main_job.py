@@ -52,7 +52,12 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=8, help="held-out questions to answer")
     parser.add_argument("--repeats", type=int, default=5, help="timed prefill runs (median)")
     parser.add_argument("--out", default="outputs/main_job_kept_tokens.png")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         parser.error(
             f"checkpoint {args.checkpoint!r} not found (reproduce it: see benchmarks/digits/README.md)"
