@@ -299,6 +299,47 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def markdown_tables(results: dict) -> str:
+    """The README's speed and memory tables of a results JSON (`--report PATH`)."""
+    mb = lambda b: f"{b / 2**20:.1f} MB" if b is not None else "n/a"  # noqa: E731
+    ratio = lambda r: f"{r:.3f}" if r is not None else "n/a"  # noqa: E731
+    runs = results["runs"]
+    lines = [
+        "| method | kept | prefill | speedup | ideal | share of ideal | decode / token |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        kept = f"{r['kept_tokens']}" + (f" ({r['retention_ratio']:.1%})" if r["method"] != "none" else "")
+        share = f"{r['share_of_ideal_speedup']:.1%}" if r["method"] != "none" else ""
+        lines.append(
+            f"| {r['method']} | {kept} | {r['prefill_s']:.2f} s | {r['prefill_speedup']:.2f}x | "
+            f"{r['ideal_speedup']:.2f}x | {share} | {1000 * r['decode_s_per_token']:.1f} ms |"
+        )
+    lines += [
+        "",
+        "| method | kept | tokens (text + visual) / full | KV cache | KV / full | prefill peak | peak / full "
+        "| vision phase | language-model phase | LM phase / full |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {r['method']} | {r['kept_tokens']} | {ratio(r['ideal_kv_ratio'])} | {mb(r['kv_bytes'])} | "
+            f"{ratio(r['kv_ratio'])} | {mb(r.get('peak_memory_bytes'))} | {ratio(r.get('peak_memory_ratio'))} | "
+            f"{mb(r.get('vision_phase_peak_bytes'))} | {mb(r.get('language_phase_peak_bytes'))} | "
+            f"{ratio(r.get('language_phase_peak_ratio'))} |"
+        )
+    base = runs[0]
+    lines += [
+        "",
+        f"weights {mb(results.get('weights_bytes'))}; resident before the prefill "
+        f"{mb(base.get('resident_before_prefill_bytes'))}; DeFT scoring {1000 * results['deft_scoring_s']:.1f} ms "
+        f"= {results['deft_scoring_share_of_uncompressed_prefill']:.2%} of the uncompressed prefill; "
+        f"{results['threads']} thread(s), {results['dtype']}, batch {results['batch']}, decoder layers "
+        f"{results.get('text_layers')} of {results.get('text_layers_of_shape')}; command: `{results['command']}`",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="siglip_qwen2_0.5b")
@@ -323,8 +364,12 @@ def main(argv=None) -> None:
         default=None,
         help="keep only the first N decoder layers (full width), for a shape too large for this machine",
     )
+    parser.add_argument("--report", default=None, help="print the markdown tables of a results JSON and exit")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: METHOD:RATIO,...
     args = parser.parse_args(argv)
+    if args.report is not None:
+        print(markdown_tables(json.loads(Path(args.report).read_text())))
+        return
 
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
