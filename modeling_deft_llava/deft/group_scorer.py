@@ -95,7 +95,9 @@ def _convolution_constants(
         weight = kernel.expand(1 + dim, 1, *kernel.shape).contiguous()
         padding = (kernel.shape[0] // 2, kernel.shape[1] // 2)
         ones = torch.ones(1, 1, *grid, dtype=dtype, device=device)
-        count = F.conv2d(ones, kernel.view(1, 1, *kernel.shape), padding=padding).reshape(1, grid[0] * grid[1])
+        count = F.conv2d(ones, kernel.view(1, 1, *kernel.shape), padding=padding).reshape(
+            1, grid[0] * grid[1]
+        )
         return weight, count.clamp(min=1.0)
 
 
