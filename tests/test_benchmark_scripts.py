@@ -143,3 +143,14 @@ def test_main_job_rejects_bad_threads(capsys):
     with pytest.raises(SystemExit):
         main_job.main(["--threads", "0"])
     assert "--threads must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_compression_cost_reports_the_share_of_the_full_token_prefill(capsys):
+    from benchmarks.digits import compression_cost
+
+    compression_cost.main(["--rounds", "1", "--calls", "1"])
+    out = capsys.readouterr().out
+    assert "compression step =" in out and "of the full-token prefill" in out
+    with pytest.raises(SystemExit):
+        compression_cost.main(["--rounds", "0"])
+    assert "--rounds and --calls must be >= 1" in capsys.readouterr().err
