@@ -9,15 +9,32 @@ runs are interleaved (every repeat visits every configuration), so slow drift hi
 
 Per configuration: prefill latency (median over repeats after a warm-up, `logits_to_keep=1` as in
 `generate`), decode latency per token (a cached `generate` of `--decode-tokens` tokens minus its prefill),
-KV-cache bytes after prefill, peak memory (CUDA only: `torch.cuda.max_memory_allocated`; on CPU it is not
-measured and reported as null), the analytic prefill FLOPs (vision tower + language model), each as a ratio
-to the uncompressed model next to the ideal ratio from the FLOPs, and the compressor's own time as a share of
-prefill. Writes JSON (atomically) and a PNG plot.
+KV-cache bytes after prefill, peak memory, the analytic prefill FLOPs (vision tower + language model), each as
+a ratio to the uncompressed model next to the ideal ratio from the FLOPs, and the compressor's own time as a
+share of prefill. Writes JSON (atomically) and a PNG plot.
+
+Peak memory:
+- CUDA: `torch.cuda.max_memory_allocated` during the prefill (weights included).
+- CPU (`--no-cpu-memory` skips it): a separate process (`benchmarks/cpu_memory.py`: started with glibc's
+  mmap threshold fixed at 64 KiB, so every freed tensor is returned to the system and the resident size
+  follows the live allocations; a larger configuration measured earlier cannot lend its freed memory to a
+  smaller one) builds the model, runs one warm-up prefill per method (one-time allocations), then measures
+  one prefill per configuration as the growth of the resident high-water mark over the resident size just
+  before it (the weights and the inputs are already resident: they are the baseline; `weights_bytes` is
+  reported apart). The prefill is split where the language model starts (a pre-hook on its first decoder
+  layer reads and resets the high-water mark): the vision phase (vision tower, projector, compression) and
+  the language-model phase (the decoder over the kept rows and the KV cache it writes). The probe runs
+  before the timing model is built (one model in memory at a time).
+
+`--text-layers N` keeps the first N decoder layers at full width (a shape whose weights do not fit in memory,
+e.g. the 7B shape on a 24 GB machine shared with other jobs): the vision tower and per-layer costs are real,
+the language model's totals are N / num_hidden_layers of the full model's.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -28,6 +45,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+try:
+    from benchmarks import cpu_memory
+except ImportError:  # run as a script: benchmarks/ is on sys.path
+    import cpu_memory
 from modeling_deft_llava import DeftLlavaConfig, DeftLlavaForConditionalGeneration
 from modeling_deft_llava.compressors.compression_registry import BASELINE_METHODS, build_method
 
@@ -62,6 +83,72 @@ def reconfigure(model: DeftLlavaForConditionalGeneration, method: str | None, ra
         inner._method_name = inner.compressor.module_name
     # the modules were swapped by hand above: record the structure the model now has (see `_apply_config`)
     inner._built_with = {key: getattr(config, key) for key in inner.STRUCTURAL_SETTINGS}
+
+
+def build_model(shape: str, dtype, device, first_ratio: float, text_layers: int | None = None):
+    """The random-weight model of `shape` with a DeFT module (RTD off) ready for `reconfigure`; returns
+    `(model, config, visual tokens per image)`. `text_layers`: keep only that many decoder layers."""
+    torch.manual_seed(0)
+    config = load_config(shape)
+    if text_layers is not None:
+        config.text_config.num_hidden_layers = text_layers
+    config.use_deft = False
+    with torch.device(device):
+        model = DeftLlavaForConditionalGeneration(config).to(dtype).eval()
+    config.deft_enable_rtd, config.deft_retention_ratio = False, first_ratio
+    model.model.deft = build_method(config).to(device, dtype)  # compression_method="deft": the DeFT method
+    return model, config, config.patch_tokens_per_image()
+
+
+def resident_weight_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def memory_probe(shape: str, configs: list, dtype, batch: int, text_layers: int | None = None) -> list[dict]:
+    """CPU peak memory of one prefill per configuration `(method or None, ratio)` (run in a process started by
+    `cpu_memory.run_in_subprocess`, see the module docstring)."""
+    device = torch.device("cpu")
+    model, config, n = build_model(shape, dtype, device, configs[0][1], text_layers)
+    phases = {}
+
+    def language_model_starts(module, args, kwargs):
+        phases["vision_peak"] = cpu_memory.peak_rss_bytes()
+        cpu_memory.reset_peak()
+
+    first_layer = model.model.language_model.layers[0]
+    hook = first_layer.register_forward_pre_hook(language_model_starts, with_kwargs=True)
+    warmed, rows = set(), []
+    try:
+        with torch.no_grad():
+            for method, ratio in configs:
+                reconfigure(model, method, ratio)
+                inputs = build_inputs(config, model.config.num_kept_tokens(n), batch, dtype, device)
+                if method not in warmed:  # one-time allocations of this method's first prefill
+                    model(**inputs, use_cache=True, logits_to_keep=1)
+                    warmed.add(method)
+                phases.clear()
+                out, mem = cpu_memory.measure(
+                    lambda inputs=inputs: model(**inputs, use_cache=True, logits_to_keep=1)
+                )
+                baseline = mem["baseline_bytes"]
+                vision = phases["vision_peak"] - baseline
+                language = mem["peak_growth_bytes"]  # the high-water mark was reset when the decoder started
+                rows.append(
+                    {
+                        "method": method or "none",
+                        "retention_ratio": ratio,
+                        "kv_bytes": kv_bytes(out.past_key_values),
+                        "peak_memory_bytes": max(vision, language),
+                        "vision_phase_peak_bytes": vision,
+                        "language_phase_peak_bytes": language,
+                        "retained_after_prefill_bytes": mem["retained_bytes"],
+                        "resident_before_prefill_bytes": baseline,
+                    }
+                )
+                del out
+    finally:
+        hook.remove()
+    return rows
 
 
 def lm_flops(text_config, tokens: int) -> float:
@@ -158,6 +245,21 @@ def decode_growth(out, steps: int) -> int:
     return total
 
 
+MEMORY_FIELDS = (
+    "kv_bytes",
+    "peak_memory_bytes",
+    "vision_phase_peak_bytes",
+    "language_phase_peak_bytes",
+    "retained_after_prefill_bytes",
+    "resident_before_prefill_bytes",
+)
+
+
+def ratio_or_none(extras, key, base, field):
+    value, reference = extras[key].get(field), extras[base].get(field)
+    return value / reference if value is not None and reference else None
+
+
 def write_json_atomic(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -197,6 +299,47 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def markdown_tables(results: dict) -> str:
+    """The README's speed and memory tables of a results JSON (`--report PATH`)."""
+    mb = lambda b: f"{b / 2**20:.1f} MB" if b is not None else "n/a"  # noqa: E731
+    ratio = lambda r: f"{r:.3f}" if r is not None else "n/a"  # noqa: E731
+    runs = results["runs"]
+    lines = [
+        "| method | kept | prefill | speedup | ideal | share of ideal | decode / token |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        kept = f"{r['kept_tokens']}" + (f" ({r['retention_ratio']:.1%})" if r["method"] != "none" else "")
+        share = f"{r['share_of_ideal_speedup']:.1%}" if r["method"] != "none" else ""
+        lines.append(
+            f"| {r['method']} | {kept} | {r['prefill_s']:.2f} s | {r['prefill_speedup']:.2f}x | "
+            f"{r['ideal_speedup']:.2f}x | {share} | {1000 * r['decode_s_per_token']:.1f} ms |"
+        )
+    lines += [
+        "",
+        "| method | kept | tokens (text + visual) / full | KV cache | KV / full | prefill peak | peak / full "
+        "| vision phase | language-model phase | LM phase / full |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {r['method']} | {r['kept_tokens']} | {ratio(r['ideal_kv_ratio'])} | {mb(r['kv_bytes'])} | "
+            f"{ratio(r['kv_ratio'])} | {mb(r.get('peak_memory_bytes'))} | {ratio(r.get('peak_memory_ratio'))} | "
+            f"{mb(r.get('vision_phase_peak_bytes'))} | {mb(r.get('language_phase_peak_bytes'))} | "
+            f"{ratio(r.get('language_phase_peak_ratio'))} |"
+        )
+    base = runs[0]
+    lines += [
+        "",
+        f"weights {mb(results.get('weights_bytes'))}; resident before the prefill "
+        f"{mb(base.get('resident_before_prefill_bytes'))}; DeFT scoring {1000 * results['deft_scoring_s']:.1f} ms "
+        f"= {results['deft_scoring_share_of_uncompressed_prefill']:.2%} of the uncompressed prefill; "
+        f"{results['threads']} thread(s), {results['dtype']}, batch {results['batch']}, decoder layers "
+        f"{results.get('text_layers')} of {results.get('text_layers_of_shape')}; command: `{results['command']}`",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="siglip_qwen2_0.5b")
@@ -211,7 +354,22 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/speed_<shape>.json)"
     )
+    parser.add_argument(
+        "--no-cpu-memory", action="store_true", help="on CPU, skip the peak-memory probes (a process each)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--text-layers",
+        type=int,
+        default=None,
+        help="keep only the first N decoder layers (full width), for a shape too large for this machine",
+    )
+    parser.add_argument("--report", default=None, help="print the markdown tables of a results JSON and exit")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: METHOD:RATIO,...
     args = parser.parse_args(argv)
+    if args.report is not None:
+        print(markdown_tables(json.loads(Path(args.report).read_text())))
+        return
 
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
@@ -223,7 +381,14 @@ def main(argv=None) -> None:
         parser.error(f"--ratios must be numbers, got {args.ratios!r}")
     if any(not 0 < r <= 1 for r in ratios):
         parser.error(f"every ratio must be in (0, 1], got {ratios}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     config = load_config(args.shape)
+    shape_layers = config.text_config.num_hidden_layers
+    if args.text_layers is not None and not 1 <= args.text_layers <= shape_layers:
+        parser.error(f"--text-layers must be in [1, {shape_layers}] for {args.shape}, got {args.text_layers}")
     if "visionzip" in methods and config.vision_feature_select_strategy == "full":
         parser.error("visionzip needs a CLS token; this shape's encoder has none")
     dtype = (
@@ -231,17 +396,16 @@ def main(argv=None) -> None:
         if args.dtype
         else (torch.bfloat16 if "7b" in args.shape else torch.float32)
     )
+    if args.memory_probe is not None:  # internal: CPU memory of each METHOD:RATIO, printed as JSON
+        probe_configs = []
+        for item in args.memory_probe.split(","):
+            method, ratio = item.rsplit(":", 1)
+            probe_configs.append((None if method == "none" else method, float(ratio)))
+        print(json.dumps(memory_probe(args.shape, probe_configs, dtype, args.batch, args.text_layers)))
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_path = Path(args.out or f"benchmarks/results/speed_{args.shape}.json")
-
-    torch.manual_seed(0)
-    config.use_deft = False
-    with torch.device(device):
-        model = DeftLlavaForConditionalGeneration(config).to(dtype).eval()
     n = config.patch_tokens_per_image()
-    config.deft_enable_rtd, config.deft_retention_ratio = False, ratios[0]
-    model.model.deft = build_method(config).to(device, dtype)  # compression_method="deft": the DeFT method
-    timer = Timer(device)
     configs = [(None, 1.0)]
     for m in methods:
         for r in ratios:
@@ -250,6 +414,21 @@ def main(argv=None) -> None:
                 print(f"skipping deco at ratio {r}: K={k} is not a perfect square (DeCo pools to m x m)")
                 continue
             configs.append((m, r))
+    cpu_peaks = {}
+    if device.type == "cpu" and not args.no_cpu_memory:
+        print(
+            f"CPU peak memory of {len(configs)} configurations (one process, see the docstring)", flush=True
+        )
+        probe_argv = [str(Path(__file__).resolve()), "--shape", args.shape, "--batch", str(args.batch)]
+        probe_argv += ["--dtype", str(dtype)[6:], "--threads", str(torch.get_num_threads()), "--memory-probe"]
+        probe_argv += [",".join(f"{method or 'none'}:{ratio}" for method, ratio in configs)]
+        if args.text_layers is not None:
+            probe_argv += ["--text-layers", str(args.text_layers)]
+        for row in cpu_memory.run_in_subprocess(probe_argv):
+            cpu_peaks[(None if row["method"] == "none" else row["method"], row["retention_ratio"])] = row
+
+    model, config, n = build_model(args.shape, dtype, device, ratios[0], args.text_layers)
+    timer = Timer(device)
     samples = {c: {"prefill": [], "decode": []} for c in configs}
     extras = {}
     with torch.no_grad():
@@ -281,6 +460,15 @@ def main(argv=None) -> None:
                         if device.type == "cuda"
                         else None,
                     }
+                    if (method, ratio) in cpu_peaks:
+                        probe = cpu_peaks[(method, ratio)]
+                        if probe["kv_bytes"] != kv_bytes_after_prefill:
+                            raise RuntimeError(
+                                f"memory probe of {method}@{ratio} saw another KV cache: {probe}"
+                            )
+                        extras[(method, ratio)].update(
+                            {key: probe[key] for key in MEMORY_FIELDS if key != "kv_bytes"}
+                        )
                     continue
                 samples[(method, ratio)]["prefill"].append(prefill)
                 samples[(method, ratio)]["decode"].append(decode / args.decode_tokens)
@@ -321,7 +509,11 @@ def main(argv=None) -> None:
             "kv_bytes": extras[(method, ratio)]["kv_bytes"],
             "kv_ratio": extras[(method, ratio)]["kv_bytes"] / extras[base]["kv_bytes"],
             "ideal_kv_ratio": (TEXT_TOKENS + k) / (TEXT_TOKENS + n),
-            "peak_memory_bytes": extras[(method, ratio)]["peak_memory_bytes"],
+            **{key: extras[(method, ratio)].get(key) for key in MEMORY_FIELDS if key != "kv_bytes"},
+            "peak_memory_ratio": ratio_or_none(extras, (method, ratio), base, "peak_memory_bytes"),
+            "language_phase_peak_ratio": ratio_or_none(
+                extras, (method, ratio), base, "language_phase_peak_bytes"
+            ),
             "prefill_flops": flops,
             "flops_ratio": flops / base_flops,
         }
@@ -332,9 +524,20 @@ def main(argv=None) -> None:
         "threads": torch.get_num_threads(),
         "dtype": str(dtype),
         "batch": args.batch,
+        "text_layers": config.text_config.num_hidden_layers,
+        "text_layers_of_shape": shape_layers,
         "text_tokens": TEXT_TOKENS,
         "visual_tokens_full": n,
         "repeats": args.repeats,
+        "peak_memory": (
+            "cuda.max_memory_allocated (weights included)"
+            if device.type == "cuda"
+            else None
+            if not cpu_peaks
+            else "CPU resident high-water mark growth over the resident size before the prefill (weights and "
+            "inputs excluded), fresh process per configuration, warm-up first; see benchmarks/cpu_memory.py"
+        ),
+        "weights_bytes": resident_weight_bytes(model),
         "deft_scoring_s": scoring,
         "deft_scoring_share_of_uncompressed_prefill": scoring / base_prefill,
         "command": "python benchmarks/speed_memory.py "
@@ -343,13 +546,15 @@ def main(argv=None) -> None:
     }
     write_json_atomic(out_path, results)
     plot(results, out_path.with_suffix(".png"))
-    header = f"{'method':10} {'ratio':>6} {'K':>4} {'prefill s':>9} {'speedup':>8} {'ideal':>6} {'of ideal':>8} {'decode ms':>9} {'KV':>6}"
+    header = f"{'method':10} {'ratio':>6} {'K':>4} {'prefill s':>9} {'speedup':>8} {'ideal':>6} {'of ideal':>8} {'decode ms':>9} {'KV':>6} {'peak MB':>8}"
     print(header)
     for r in runs:
+        peak = r["peak_memory_bytes"]
         print(
             f"{r['method']:10} {r['retention_ratio']:6.3f} {r['kept_tokens']:4d} {r['prefill_s']:9.3f} "
             f"{r['prefill_speedup']:8.2f} {r['ideal_speedup']:6.2f} {r['share_of_ideal_speedup']:8.1%} "
-            f"{1000 * r['decode_s_per_token']:9.1f} {r['kv_ratio']:6.3f}"
+            f"{1000 * r['decode_s_per_token']:9.1f} {r['kv_ratio']:6.3f} "
+            + (f"{peak / 2**20:8.1f}" if peak is not None else f"{'n/a':>8}")
         )
     print(
         f"DeFT scoring: {scoring * 1000:.1f} ms = {results['deft_scoring_share_of_uncompressed_prefill']:.2%} of uncompressed prefill"

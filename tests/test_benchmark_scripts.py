@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds benchmarks/
 
@@ -44,8 +45,7 @@ def test_speed_benchmark_rejects_bad_input(argv, message, capsys, tmp_path):
     assert message in capsys.readouterr().err + str(info.value)
 
 
-def test_speed_benchmark_runs_on_the_tiny_shape(tmp_path):
-    out = tmp_path / "speed.json"
+def run_tiny(out, *extra):
     speed_memory.main(
         [
             "--shape",
@@ -60,10 +60,16 @@ def test_speed_benchmark_runs_on_the_tiny_shape(tmp_path):
             "2",
             "--out",
             str(out),
+            *extra,
         ]
     )
     results = json.loads(out.read_text())
-    rows = {r["method"]: r for r in results["runs"]}
+    return results, {r["method"]: r for r in results["runs"]}
+
+
+def test_speed_benchmark_runs_on_the_tiny_shape(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    results, rows = run_tiny(out, "--no-cpu-memory")
     assert rows["deft"]["kept_tokens"] == 16 and rows["none"]["kept_tokens"] == 64
     assert rows["deft"]["kv_bytes"] < rows["none"]["kv_bytes"]
     assert (
@@ -71,6 +77,40 @@ def test_speed_benchmark_runs_on_the_tiny_shape(tmp_path):
     )  # KV falls exactly with tokens kept
     assert out.with_suffix(".png").exists()
     assert not list(tmp_path.glob("*.tmp"))
+    assert results["peak_memory"] is None and rows["deft"]["peak_memory_bytes"] is None
+    speed_memory.main(["--report", str(out)])  # the README tables of that JSON
+    tables = capsys.readouterr().out
+    assert (
+        "| deft | 16 (25.0%) |" in tables
+        and "| none | 64 | 1.000 |" in tables
+        and results["command"] in tables
+    )
+
+
+def test_the_memory_probe_splits_the_prefill_into_its_two_phases(monkeypatch):
+    """In-process (fast; the honest reading needs the fresh process of the slow test below): one row per
+    configuration, the peak is the larger phase, and the KV cache falls with the tokens kept."""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # measure() refuses to run without it
+    rows = speed_memory.memory_probe("tiny", [(None, 1.0), ("deft", 0.25)], torch.float32, 1)
+    assert [(r["method"], r["retention_ratio"]) for r in rows] == [("none", 1.0), ("deft", 0.25)]
+    for row in rows:
+        assert row["peak_memory_bytes"] == max(
+            row["vision_phase_peak_bytes"], row["language_phase_peak_bytes"]
+        )
+        assert row["resident_before_prefill_bytes"] > 0
+    assert rows[1]["kv_bytes"] < rows[0]["kv_bytes"]
+
+
+@pytest.mark.slow
+def test_speed_benchmark_measures_cpu_memory_in_a_fresh_process(tmp_path):
+    results, rows = run_tiny(tmp_path / "speed.json")
+    assert results["peak_memory"].startswith("CPU resident high-water mark")
+    assert results["weights_bytes"] > 0
+    for row in rows.values():
+        assert row["peak_memory_bytes"] == max(
+            row["vision_phase_peak_bytes"], row["language_phase_peak_bytes"]
+        )
+        assert row["language_phase_peak_bytes"] >= 0 and row["peak_memory_ratio"] is not None
 
 
 def test_text_context_benchmark_compares_methods_at_the_same_budget(tmp_path):

@@ -300,3 +300,58 @@ def test_group_score_convolution_equals_the_neighbour_gather(modality, shape, n,
     fast = group_scores(semantic, saliency, modality, shape, None, **kw)
     gathered = group_scores(semantic, saliency, modality, shape, torch.ones(3, n, dtype=torch.bool), **kw)
     torch.testing.assert_close(fast, gathered, rtol=0, atol=1e-6)
+
+
+def test_inference_in_fast_mode_does_not_run_the_rtd_encoder():
+    """`rtd_loss` is a training loss: eval mode with gradients off skips it (and its encode of every pruned
+    token); the selection is the same, and training mode (or gradients on) still computes it."""
+    deft = small(retention_ratio=0.25, enable_rtd=True)
+    tokens = torch.randn(2, 16, 16)
+    calls = []
+    deft.token_dictionary.encoder.register_forward_hook(lambda *args: calls.append(1))
+    deft.eval()
+    with torch.no_grad():
+        fast = deft(tokens=tokens, modality="image", spatial_shape=(4, 4), inference_mode="fast")
+    assert calls == [] and fast.rtd_loss is None and fast.reconstructed_tokens is None
+    with_grad = deft(tokens=tokens, modality="image", spatial_shape=(4, 4), inference_mode="fast")
+    assert calls == [1] and with_grad.rtd_loss is not None
+    assert torch.equal(fast.kept_indices, with_grad.kept_indices)
+    assert torch.equal(fast.retained_tokens, with_grad.retained_tokens.detach())
+    deft.train()
+    with torch.no_grad():
+        training = deft(tokens=tokens, modality="image", spatial_shape=(4, 4), inference_mode="fast")
+    assert calls == [1, 1] and torch.equal(training.rtd_loss, with_grad.rtd_loss.detach())
+    deft.eval()
+    with torch.no_grad():  # hybrid still encodes the tokens it reconstructs (and only those)
+        hybrid = deft(tokens=tokens, modality="image", spatial_shape=(4, 4), inference_mode="hybrid")
+    assert hybrid.rtd_loss is None and hybrid.reconstructed_tokens is not None and calls == [1, 1, 1]
+
+
+def test_group_score_constants_are_built_once_per_grid_and_survive_inference_mode(monkeypatch):
+    """The depthwise weight and the neighbour count are cached per (kernel, width, grid): one convolution per
+    call (the count's convolution of ones ran on every call). Built first under `inference_mode`, they still
+    serve a training step, and the scores equal the uncached computation."""
+    import torch.nn.functional as F
+
+    from modeling_deft_llava.deft import group_scorer
+
+    group_scorer._convolution_constants.cache_clear()
+    gen = torch.Generator().manual_seed(0)
+    semantic = torch.randn(2, 35, 16, generator=gen, requires_grad=True)
+    saliency = torch.rand(2, 35, generator=gen)
+    kw = dict(image_neighbors=8, video_window=2, text_neighbors=5)
+    calls = []
+    conv2d = F.conv2d
+    monkeypatch.setattr(group_scorer.F, "conv2d", lambda *a, **k: calls.append(1) or conv2d(*a, **k))
+    with torch.inference_mode():
+        first = group_scorer.group_scores(semantic.detach(), saliency, "image", (5, 7), None, **kw)
+    assert len(calls) == 2  # the count (built once) and the neighbour sums
+    second = group_scorer.group_scores(semantic, saliency, "image", (5, 7), None, **kw)
+    assert len(calls) == 3  # the neighbour sums only
+    second.sum().backward()  # the cached constants are not inference tensors
+    assert semantic.grad is not None and torch.isfinite(semantic.grad).all()
+    torch.testing.assert_close(first, second.detach(), rtol=0, atol=0)
+    reference = group_scorer.group_scores(
+        semantic.detach(), saliency, "image", (5, 7), torch.ones(2, 35, dtype=torch.bool), **kw
+    )
+    torch.testing.assert_close(second.detach(), reference, rtol=0, atol=1e-6)

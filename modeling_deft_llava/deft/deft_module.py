@@ -53,7 +53,8 @@ class DeFTOutput:
         scores: `(batch_size, num_tokens)` the mixed score used for selection (padding gets -inf).
         scoring_info: `mixture_weights` (component -> weight of the present components), the normalised
             components `s_sem`, `s_fb` (None without feedback), `s_group`, and `num_kept` per sample.
-        rtd_loss: reconstruction loss of the pruned tokens (None without RTD).
+        rtd_loss: reconstruction loss of the pruned tokens (None without RTD, and at inference: in eval mode
+            with gradients off nothing can use it, so the pruned tokens are not encoded for it).
         feedback_loss: MSE pulling the normalised scores (the inference-time semantic + group mixture, and the
             training-time mixture) towards the normalised `s_fb` (None without feedback).
     """
@@ -352,7 +353,8 @@ class DeFTModule(nn.Module):
             pruned_mask = pruned_token_mask(
                 kept_indices, kept_mask, tokens.shape[1], token_mask
             )  # (batch, N)
-            if bool(pruned_mask.any()):
+            if bool(pruned_mask.any()) and (self.training or torch.is_grad_enabled()):
+                # a training loss: inference (eval mode, gradients off) does not encode every pruned token
                 rtd_loss = self.token_dictionary.reconstruction_loss(tokens, pruned_mask)
             recover = self._recover_mask(inference_mode, logits, pruned_mask, token_mask)
             if recover is not None and bool(recover.any()):

@@ -82,27 +82,44 @@ def _neighbour_kernel(modality: str, image_neighbors: int, video_window: int) ->
     return kernel
 
 
+@lru_cache(maxsize=64)
+def _convolution_constants(
+    kernel_key: tuple, dim: int, grid: tuple[int, int], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The depthwise weight `(1 + dim, 1, kh, kw)` and the neighbour count `(1, N)` of a fixed neighbourhood:
+    constants of (kernel, width, grid), built once instead of on every call (the count was a second
+    convolution per call). `kernel_key`: `_neighbour_kernel`'s arguments. Read-only: never modify them."""
+    # plain tensors even when first called under `torch.inference_mode()`: a later training step saves them
+    with torch.inference_mode(False), torch.no_grad():
+        kernel = _neighbour_kernel(*kernel_key).to(device=device, dtype=dtype)
+        weight = kernel.expand(1 + dim, 1, *kernel.shape).contiguous()
+        padding = (kernel.shape[0] // 2, kernel.shape[1] // 2)
+        ones = torch.ones(1, 1, *grid, dtype=dtype, device=device)
+        count = F.conv2d(ones, kernel.view(1, 1, *kernel.shape), padding=padding).reshape(
+            1, grid[0] * grid[1]
+        )
+        return weight, count.clamp(min=1.0)
+
+
 def _fixed_neighbourhood_scores(
-    unit: torch.Tensor, saliency: torch.Tensor, grid: tuple[int, int], kernel: torch.Tensor
+    unit: torch.Tensor, saliency: torch.Tensor, grid: tuple[int, int], kernel_key: tuple
 ) -> torch.Tensor:
     """Image/video group scores without the `(batch, N, M, D)` neighbour tensor.
 
     `sum_j w_ij s_j = (sum_j s_j + z_i . sum_j s_j z_j) / 2` for `w_ij = (1 + z_i . z_j) / 2`: one depthwise
-    convolution of `[s, s * z]` over the `grid` `(height, width)` with the 0/1 `kernel` gives both neighbour
-    sums, and the neighbour count is the same convolution of ones. `(batch, N, D)` unit tokens, `(batch, N)`
-    saliency -> `(batch, N)`."""
+    convolution of `[s, s * z]` over the `grid` `(height, width)` with the 0/1 kernel (`_neighbour_kernel` of
+    `kernel_key`) gives both neighbour sums; the neighbour count, the same convolution of ones, is a constant
+    of the grid (`_convolution_constants`). `(batch, N, D)` unit tokens, `(batch, N)` saliency -> `(batch, N)`."""
     batch, n, dim = unit.shape
     height, width = grid
+    weight, count = _convolution_constants(kernel_key, dim, (height, width), unit.dtype, unit.device)
     channels = torch.cat([saliency.unsqueeze(-1), saliency.unsqueeze(-1) * unit], dim=-1)  # (batch, N, 1 + D)
     planes = channels.transpose(1, 2).reshape(batch, 1 + dim, height, width)
-    weight = kernel.to(unit).expand(1 + dim, 1, *kernel.shape).contiguous()
-    padding = (kernel.shape[0] // 2, kernel.shape[1] // 2)
+    padding = (weight.shape[2] // 2, weight.shape[3] // 2)
     sums = F.conv2d(planes, weight, padding=padding, groups=1 + dim)  # (batch, 1 + D, H, W)
     sums = sums.reshape(batch, 1 + dim, n).transpose(1, 2)  # (batch, N, 1 + D)
-    ones = torch.ones(1, 1, height, width, dtype=unit.dtype, device=unit.device)
-    count = F.conv2d(ones, kernel.to(unit).view(1, 1, *kernel.shape), padding=padding).reshape(1, n)
     weighted = (sums[..., 0] + torch.linalg.vecdot(unit, sums[..., 1:])) / 2.0  # (batch, N)
-    return weighted / count.clamp(min=1.0)
+    return weighted / count
 
 
 def group_scores(
@@ -125,13 +142,13 @@ def group_scores(
     unit = F.normalize(semantic_tokens.float(), dim=-1)  # (batch, N, D)
     if modality in ("image", "video") and token_mask is None:
         # fixed neighbourhoods: one convolution instead of gathering M neighbours per token
-        kernel = _neighbour_kernel(modality, image_neighbors, video_window)
+        kernel_key = (modality, image_neighbors, video_window)
         if modality == "image":
             grid = (spatial_shape[0], spatial_shape[1])
         else:
             frame_size = spatial_shape[0] * spatial_shape[1]
             grid = (n // frame_size, frame_size)  # frames x patches: the kernel runs along the frames
-        return _fixed_neighbourhood_scores(unit, saliency.float(), grid, kernel)
+        return _fixed_neighbourhood_scores(unit, saliency.float(), grid, kernel_key)
     if modality == "image":
         index, valid = _grid_neighbors(spatial_shape[0], spatial_shape[1], image_neighbors)
         index, valid = (
