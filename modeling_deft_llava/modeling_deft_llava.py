@@ -406,19 +406,28 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             raise ValueError(
                 "You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time"
             )
+        # token gradients: one entry per item, images first, then videos (the order of `kept_indices`)
+        num_images = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else 0
+        gradients = {"image": None, "video": None}
+        if token_gradients is not None:
+            gradients["image"] = list(token_gradients[:num_images]) or None
+            gradients["video"] = list(token_gradients[num_images:]) or None
         if pixel_values is not None:
             encoded["image"] = self.get_image_features(
                 pixel_values,
                 vision_feature_layer,
                 vision_feature_select_strategy,
                 image_sizes=image_sizes,
-                token_gradients=token_gradients,
+                token_gradients=gradients["image"],
             )
         if pixel_values_videos is not None:
             if self.config.video_token_index is None:
                 raise ValueError("pixel_values_videos was given but config.video_token_index is None")
             encoded["video"] = self.get_video_features(
-                pixel_values_videos, vision_feature_layer, vision_feature_select_strategy
+                pixel_values_videos,
+                vision_feature_layer,
+                vision_feature_select_strategy,
+                token_gradients=gradients["video"],
             )
         # images first, then videos: the order of `kept_indices`
         return {m: encoded[m] for m in ("image", "video") if encoded.get(m) is not None}
@@ -459,8 +468,8 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         Args (beyond `LlavaModel.forward`):
             pixel_values_videos: `(num_videos, frames, channels, height, width)` for `<video>` placeholders.
             deft_reconstruct: `(batch,)` bool, a second prefill (`reconsider`): samples that use every row.
-            deft_token_gradients: list, per image, of `(N, hidden_size)` gradients of a full-token task loss
-                with respect to that image's projected features: enables DeFT's feedback score `s_fb`.
+            deft_token_gradients: list, per image then per video, of `(N, hidden_size)` gradients of a full-token
+                task loss with respect to its projected features: enables DeFT's feedback score `s_fb`.
             deft_prompt_length: the first `deft_prompt_length` tokens are the prompt, later ones were generated.
                 Methods that decide from the prompt (FastV's last query, Recoverable's question) use only
                 the prompt, so a full-recompute forward over prompt + generated tokens decides as the prefill

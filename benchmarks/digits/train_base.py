@@ -7,6 +7,7 @@ model + processor + train_log.json to checkpoints/digits-llava-base/.
 
     .venv/bin/python -m benchmarks.digits.train_base --steps 3000 --seed 0
     .venv/bin/python -m benchmarks.digits.train_base --task dense   # -> checkpoints/digits-dense-llava-base
+    .venv/bin/python -m benchmarks.digits.train_base --task video   # warm start from checkpoints/digits-llava-base
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from .common import (
     atomic_write_json,
     build_model,
     build_processor,
+    build_video_processor,
+    video_model_from_image_checkpoint,
     evaluate_generate,
 )
 from .data import INK_THRESHOLD, SCALE, source_indices
@@ -49,7 +52,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--data-seed", type=int, default=202, help="seed of the stage-2 training samples")
     ap.add_argument("--eval-samples", type=int, default=2000)
     ap.add_argument("--task", choices=sorted(TASKS), default="easy")
-    ap.add_argument("--stage1", default=None, help="default: the task's stage-1 path (tasks.py)")
+    ap.add_argument(
+        "--stage1",
+        default=None,
+        help="default: the task's stage-1 path (tasks.py; for video the image checkpoint it warm-starts from)",
+    )
     ap.add_argument("--out", default=None, help="default: the task's checkpoint folder (tasks.py)")
     ap.add_argument(
         "--init-from",
@@ -73,13 +80,29 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     previous = []
     if args.init_from:
-        processor = LlavaProcessor.from_pretrained(args.init_from)
-        model = LlavaForConditionalGeneration.from_pretrained(args.init_from)
+        if task.modality == "video":
+            from modeling_deft_llava import DeftLlavaForConditionalGeneration as model_class
+            from modeling_deft_llava import DeftLlavaProcessor as processor_class
+        else:
+            model_class, processor_class = LlavaForConditionalGeneration, LlavaProcessor
+        processor = processor_class.from_pretrained(args.init_from)
+        model = model_class.from_pretrained(args.init_from)
         with open(os.path.join(args.init_from, "train_log.json")) as f:
             prev_log = json.load(f)
         stage1 = prev_log["stage1"]
         previous = prev_log.get("previous_stage2_phases", []) + [prev_log["stage2"]]
         source = f"continued from {args.init_from}"
+    elif task.modality == "video":  # warm start from the easy task's whole model (its tower reads the frames)
+        processor = build_video_processor(task.words)
+        model = video_model_from_image_checkpoint(args.stage1, processor)
+        with open(os.path.join(args.stage1, "train_log.json")) as f:
+            base_log = json.load(f)
+        stage1 = {
+            "warm_start_from": args.stage1,
+            "wall_time_s": base_log["total_train_wall_time_s"],
+            "command": "; ".join(base_log["commands"]),
+        }
+        source = f"warm start from {args.stage1} (vocabulary grown to {len(processor.tokenizer)})"
     else:
         processor = build_processor(task.words)
         model = build_model(processor, seed=args.seed, rope_theta=args.rope_theta, text_heads=args.text_heads)
