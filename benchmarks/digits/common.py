@@ -190,7 +190,9 @@ class DigitsCollator:
         video = is_video(samples[0])
         messages = video_chat_messages if video else chat_messages
         visual = {"videos": [s.frames for s in samples]} if video else {"images": [s.image for s in samples]}
-        prompts = [proc.apply_chat_template(messages(s.question), add_generation_prompt=True) for s in samples]
+        prompts = [
+            proc.apply_chat_template(messages(s.question), add_generation_prompt=True) for s in samples
+        ]
         if not self.train:
             return proc(**visual, text=prompts, padding=True, return_tensors="pt")
         texts = [

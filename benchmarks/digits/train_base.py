@@ -31,8 +31,8 @@ from .common import (
     build_model,
     build_processor,
     build_video_processor,
-    video_model_from_image_checkpoint,
     evaluate_generate,
+    video_model_from_image_checkpoint,
 )
 from .data import INK_THRESHOLD, SCALE, source_indices
 from .tasks import TASKS

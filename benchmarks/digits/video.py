@@ -140,7 +140,9 @@ def _question(kind: str, digits: np.ndarray, rng: np.random.Generator):
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
-def make_sample(split: str, index: int, seed: int, kind: str | None = None, frames: int = FRAMES) -> VideoSample:
+def make_sample(
+    split: str, index: int, seed: int, kind: str | None = None, frames: int = FRAMES
+) -> VideoSample:
     """The `index`-th video of `split` for `seed` (pure function of its arguments). `kind` forces a question
     kind (the frames stay the same)."""
     images, targets = _digits()
