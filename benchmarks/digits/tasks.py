@@ -1,7 +1,7 @@
 """The two digits tasks behind one `--task` flag: what each script needs to know about a task.
 
 * ``easy`` (`data.py`): two digits, "what digit is on the left ?"; ink covers ~17% of the visual tokens.
-* ``video`` (`video.py`): 8 easy-task frames (512 visual tokens behind one `<video>`), questions about a frame,
+* ``video`` (`video.py`): 4 easy-task frames (256 visual tokens behind one `<video>`), questions about a frame,
   counts over time and order; a `DeftLlavaForConditionalGeneration` warm-started from the easy checkpoint.
 * ``dense`` (`dense.py`): a 3x3 grid of digits, four question kinds, answers of one or three tokens; ink covers
   ~72% of the visual tokens, so budgets of 25% and 12.5% must choose among evidence tokens.

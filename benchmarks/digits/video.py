@@ -3,14 +3,15 @@ time and order.
 
 Each frame is a canvas of the easy task (`data.py`): 64x64, one real digit (8x8 from `load_digits`, upscaled 2x)
 at a random position in the left half and one in the right half, so a frame is 64 visual tokens and the vision
-tower of `checkpoints/digits-llava-base` already reads it. A video is `FRAMES` (8) such frames, 512 visual tokens
+tower of `checkpoints/digits-llava-base` already reads it. A video is `FRAMES` (4) such frames, 256 visual tokens
 behind one `<video>` placeholder; ink covers ~17% of them (~11 per frame), so at 12.5% (8 per frame on average)
-a method must choose among evidence tokens.
+a method must choose among evidence tokens. (4 frames, not more: the CPU budget of training a model on them; the
+generator takes `frames=`.)
 
-Question kinds (drawn uniformly; frames are numbered 1..8)
+Question kinds (drawn uniformly; frames are numbered 1..4)
 ----------------------------------------------------------
 * ``frame``: ``"what digit is on the left in frame 3 ?"`` -> ``"7"``. Evidence: one digit of one frame.
-* ``count``: ``"how many 7 are there ?"`` -> ``"2"`` (over all 16 digits of the video). The asked digit is one
+* ``count``: ``"how many 7 are there ?"`` -> ``"2"`` (over all 8 digits of the video). The asked digit is one
   of the video's digits half of the time, else uniform over 0..9. Evidence: every digit.
 * ``order``: ``"which comes first 2 or 5 ?"`` -> ``"2"``: two different digits of the video, the answer is the
   one seen first (frame order; left before right inside a frame); the two are named in random order.
@@ -44,7 +45,7 @@ from .data import (
     source_indices,
 )
 
-FRAMES = 8
+FRAMES = 4
 TOKENS_PER_FRAME = GRID * GRID
 KINDS = ("frame", "count", "order")
 TEMPLATES = {
@@ -57,7 +58,7 @@ WORDS += [str(d) for d in range(10)]  # the easy task's vocabulary first: its to
 WORDS += sorted(
     {w for t in TEMPLATES.values() for w in t.split() if not w.startswith("{") and w not in WORDS}
 )
-WORDS += [str(n) for n in range(10, 2 * FRAMES + 1)]  # counts up to 16
+WORDS += [str(n) for n in range(10, 2 * FRAMES + 1)]  # counts above 9 (none with 4 frames)
 MAX_ANSWER_TOKENS = 1
 _SPLIT_CODES = {"train": 0, "test": 1}
 
@@ -130,7 +131,7 @@ def _question(kind: str, digits: np.ndarray, rng: np.random.Generator):
     if kind == "order":
         first = _first_seen(digits)
         present = sorted(first)
-        if len(present) < 2:  # every digit the same (never with 16 real digits, but keep it total)
+        if len(present) < 2:  # every digit the same (kept total: then a frame question)
             return _question("frame", digits, rng)
         a, b = (int(v) for v in rng.choice(present, size=2, replace=False))
         winner = a if first[a] < first[b] else b
