@@ -64,6 +64,7 @@ def main(argv=None) -> dict:
         help="continue stage 2 from a saved checkpoint folder (its train_log.json is kept as a previous phase)",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--freeze-vision", action="store_true", help="keep the vision tower's weights fixed")
     ap.add_argument(
         "--rope-theta", type=float, default=ROPE_THETA, help="RoPE base of the decoder (see common.py)"
     )
@@ -111,6 +112,8 @@ def main(argv=None) -> dict:
         with open(os.path.splitext(args.stage1)[0] + ".json") as f:
             stage1 = json.load(f)
         source = f"stage-1 tower from {args.stage1}"
+    if args.freeze_vision:  # the tower already reads the frames (warm start): train projector + decoder only
+        model.model.vision_tower.requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,}; {source}")
 
@@ -188,6 +191,7 @@ def main(argv=None) -> dict:
             "max_grad_norm": 1.0,
             "seed": args.seed,
             "data_seed": args.data_seed,
+            "freeze_vision": args.freeze_vision,
             "final_train_loss": result.training_loss,
             "wall_time_s": round(train_time, 1),
             "log_history": trainer.state.log_history,
