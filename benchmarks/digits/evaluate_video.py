@@ -26,8 +26,8 @@ compression does), and the answer is the argmax of the last position's logits (a
 
 Costs (`--cost-samples` videos per row; `costs.prefill_costs`): prefill FLOPs, the visual tokens the language
 model saw, median prefill wall time of the batch, and the KV cache it leaves (bytes per video, padding
-included). Fixed-subset rows report the language-model prefill of that path (the vision tower still encodes
-every frame there).
+included). Fixed-subset rows time that path: the vision tower on every frame (a real frame sampler would encode
+only the kept frames: an upper bound) and the language model on the kept tokens.
 """
 
 from __future__ import annotations
@@ -141,10 +141,11 @@ def subset_row(model, processor, samples, keep_of, batch_size: int, cost_samples
     }
     if cost_samples:
         chunk = samples[:cost_samples]
-        inputs = _subset_inputs(model, collate(chunk), [keep_of(j, s) for j, s in enumerate(chunk)])
+        batch, keep = collate(chunk), [keep_of(j, s) for j, s in enumerate(chunk)]
         times = []
-        for _ in range(4):
+        for _ in range(4):  # the vision tower on every frame + the language model on the kept tokens
             t = time.perf_counter()
+            inputs = _subset_inputs(model, batch, keep)
             res = model(**inputs, use_cache=True, logits_to_keep=1)
             times.append(time.perf_counter() - t)
         out["prefill_s"] = statistics.median(times[1:])
@@ -181,6 +182,68 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def report(results: dict) -> str:
+    """Markdown tables of a results file: accuracy per method and budget (Wilson 95% interval), the costs at
+    each budget, the validity oracles."""
+    ratios = sorted({r["retention_ratio"] for r in results["rows"]}, reverse=True)
+    total = results["visual_tokens_full"]
+    full = results["full"]
+    by_kind = ", ".join(k + " " + _pct(v["accuracy"]) for k, v in full.get("by_kind", {}).items())
+    lo, hi = full["wilson95"]
+    lines = [
+        f"All {total} tokens: {_pct(full['accuracy'])} [{100 * lo:.0f}, {100 * hi:.0f}] ({by_kind}); "
+        f"n = {results['n']} held-out videos.",
+        "",
+        "| method | " + " | ".join(f"{100 * r:g}% ({int(total * r + 0.5)})" for r in ratios) + " |",
+        "|---|" + "---|" * len(ratios),
+    ]
+    for method in results["methods"]:
+        cells = []
+        for ratio in ratios:
+            row = next(
+                (r for r in results["rows"] if r["method"] == method and r["retention_ratio"] == ratio), None
+            )
+            if row is None or row.get("accuracy") is None:
+                cells.append("n/a")
+                continue
+            lo, hi = row["wilson95"]
+            cells.append(f"{_pct(row['accuracy'])} [{100 * lo:.0f}, {100 * hi:.0f}]")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| method @ budget | by kind (frame / count / order) | prefill (s, batch) | KV cache per video |",
+    ]
+    lines.append("|---|---|---|---|")
+    entries = [("full", full)] + [
+        (f"{r['method']} @ {100 * r['retention_ratio']:g}%", r)
+        for r in results["rows"]
+        if r.get("accuracy") is not None
+    ]
+    for name, row in entries:
+        kinds = " / ".join(_pct(v["accuracy"]) for v in row.get("by_kind", {}).values())
+        prefill = f"{row['prefill_s']:.3f} ({row['prefill_batch']})" if "prefill_s" in row else "-"
+        kv = (
+            f"{row['kv_cache_bytes_per_sample'] / 1024:.0f} KiB"
+            if "kv_cache_bytes_per_sample" in row
+            else "-"
+        )
+        lines.append(f"| {name} | {kinds} | {prefill} | {kv} |")
+    if results.get("oracles"):
+        lines += [
+            "",
+            "| validity (fixed subset, all-token model) | accuracy | frame / count / order | tokens |",
+        ]
+        lines.append("|---|---|---|---|")
+        for name, row in results["oracles"].items():
+            kinds = " / ".join(_pct(v["accuracy"]) for v in row["by_kind"].values())
+            lines.append(f"| {name} | {_pct(row['accuracy'])} | {kinds} | {row['mean_visual_tokens']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default=None, help="all-token video model (default: the task's)")
@@ -195,7 +258,16 @@ def main(argv=None) -> None:
     parser.add_argument("--no-oracles", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--report", default=None, help="print the tables of an existing results JSON and exit"
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        import json
+
+        with open(args.report) as f:
+            print(report(json.load(f)))
+        return
     task = TASKS["video"]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -319,6 +391,7 @@ def main(argv=None) -> None:
     results["wall_time_s"] = time.time() - start
     atomic_write_json(args.out, results)
     plot(results, os.path.splitext(args.out)[0] + ".png")
+    print(report(results))
     print(f"wrote {args.out} in {results['wall_time_s']:.0f} s")
 
 
