@@ -203,7 +203,11 @@ def main(argv=None) -> dict:
             train_time + stage1["wall_time_s"] + sum(p["wall_time_s"] for p in previous), 1
         ),
         "eval_wall_time_s": round(eval_time, 1),
-        "commands": [stage1["command"].replace("python -m", ".venv/bin/python -m", 1)]
+        "commands": [
+            stage1["command"]
+            if stage1["command"].startswith(".venv/bin/")
+            else stage1["command"].replace("python -m", ".venv/bin/python -m", 1)
+        ]
         + [p["command"] for p in previous]
         + [command],
         "parameters": n_params,
