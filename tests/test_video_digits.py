@@ -105,3 +105,24 @@ def test_collator_builds_video_batches_with_answer_labels():
     assert "labels" not in prompt and torch.equal(
         prompt["pixel_values_videos"], batch["pixel_values_videos"][:1]
     )
+
+
+def test_report_tables_come_from_the_results():
+    from benchmarks.digits.evaluate_video import report
+
+    row = dict(accuracy=0.5, wilson95=[0.4, 0.6], by_kind={k: {"accuracy": 0.5} for k in video.KINDS})
+    results = {
+        "visual_tokens_full": 256,
+        "n": 10,
+        "full": dict(row, prefill_s=0.3, prefill_batch=2, kv_cache_bytes_per_sample=2048),
+        "methods": ["deft", "deco"],
+        "rows": [
+            dict(row, method="deft", retention_ratio=0.25, kept_tokens=64),
+            dict(method="deco", retention_ratio=0.25, kept_tokens=64, accuracy=None),
+        ],
+        "oracles": {"oracle_background": dict(row, mean_visual_tokens=40.0)},
+    }
+    text = report(results)
+    assert "| deft | 50.0% [40, 60] |" in text and "| deco | n/a |" in text
+    assert "| full | 50.0% / 50.0% / 50.0% | 0.300 (2) | 2 KiB |" in text
+    assert "| oracle_background | 50.0% |" in text
