@@ -302,3 +302,35 @@ def placeholder_count(
     if not use_deft or cls.writes_all_placeholders(settings):
         return num_tokens
     return num_kept_tokens(num_tokens, retention_ratio)
+
+
+def video_placeholder_count(
+    tokens_per_frame: int,
+    frames: int,
+    use_deft: bool,
+    retention_ratio: float,
+    inference_mode: str = DEFAULTS.deft_inference_mode,
+    compression_method: str = DEFT_METHOD,
+    compression_settings: dict | None = None,
+) -> int:
+    """Placeholders the processor writes for one video of `frames` frames of `tokens_per_frame` encoder tokens.
+
+    A method that compresses videos (DeFT: one budget over all `frames * tokens_per_frame` tokens) gets
+    `placeholder_count` of the whole video; an image method applied frame by frame (`compresses_frames`)
+    keeps `placeholder_count(tokens_per_frame)` per frame, `frames` times that in all (the same total when
+    `ratio * tokens_per_frame` is a whole number).
+
+    Raises:
+        ValueError: `compression_method` is not a registered method.
+    """
+    from ..compressors.compression_registry import method_class
+
+    args = (use_deft, retention_ratio, inference_mode, compression_method, compression_settings)
+    settings = PlaceholderPolicyInputs(
+        deft_retention_ratio=retention_ratio,
+        deft_inference_mode=inference_mode,
+        compression_settings=compression_settings,
+    )
+    if use_deft and method_class(compression_method).compresses_frames(settings):
+        return frames * placeholder_count(tokens_per_frame, *args)
+    return placeholder_count(tokens_per_frame * frames, *args)

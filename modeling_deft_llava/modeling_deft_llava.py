@@ -35,9 +35,9 @@ from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 from transformers.utils.generic import can_return_tuple
 
 from .compressors.compression_method import LanguageModelCall, PromptBatch, TextBatch, VisualBatch
-from .compressors.compression_registry import build_method
+from .compressors.compression_registry import METHODS, build_method
 from .configuration.configuration_deft_llava import DeftLlavaConfig
-from .configuration.deft_settings import num_kept_tokens
+from .configuration.deft_settings import PlaceholderPolicyInputs, num_kept_tokens
 from .deft.score_mixer import ScoreMixer
 from .modeling_outputs_deft_llava import (
     DeftLlavaCausalLMOutputWithPast,
@@ -110,6 +110,17 @@ class DeftLlavaPreTrainedModel(LlavaPreTrainedModel):
         "MistralDecoderLayer",
         "DeFTModule",
     ]
+
+
+def video_capable_methods(config) -> list[str]:
+    """Registered methods that compress videos, natively or frame by frame (`config`'s budget and mode; each
+    method with its default `compression_settings`, `config`'s belong to its own method)."""
+    defaults = PlaceholderPolicyInputs(
+        deft_retention_ratio=config.deft_retention_ratio,
+        deft_inference_mode=config.deft_inference_mode,
+        compression_settings=None,
+    )
+    return [n for n, c in METHODS.items() if "video" in c.modalities or c.compresses_frames(defaults)]
 
 
 class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
@@ -280,10 +291,13 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
     ) -> DeftVisualFeaturesOutput:
         """Frames through the vision tower; `pixel_values_videos`: `(num_videos, frames, channels, height, width)`.
 
-        A video's tokens are its frames' patch tokens in frame order `(frames * patches, hidden_size)`.
+        A video's tokens are its frames' patch tokens in frame order `(frames * patches, hidden_size)`. A method
+        that compresses videos (DeFT) sees them all at once; an image method that `compresses_frames` runs the
+        image path on every frame (its per-frame budget K, `F * K` rows per video, sources `frame * N + patch`).
 
         Raises:
-            ValueError: `pixel_values_videos` is not 5-D; the method compresses images only.
+            ValueError: `pixel_values_videos` is not 5-D or has no frames; the method compresses neither videos
+                nor frames (it needs the prompt or the decoder).
         """
         kwargs.pop("return_dict", None)
         self._apply_config()
@@ -293,6 +307,16 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 f"{getattr(pixel_values_videos, 'shape', type(pixel_values_videos).__name__)}"
             )
         videos, frames = pixel_values_videos.shape[:2]
+        if videos == 0 or frames == 0:
+            raise ValueError(
+                "pixel_values_videos needs at least one video of at least one frame, got shape "
+                f"{tuple(pixel_values_videos.shape)}"
+            )
+        method = self.active_method
+        if method is not None and method.compresses_frames(self.config):
+            return self._compress_frames(
+                pixel_values_videos, vision_feature_layer, vision_feature_select_strategy, **kwargs
+            )
         visual = self._visual_batch("video", self._patch_grid(pixel_values_videos), frames, token_gradients)
         outputs = LlavaModel.get_image_features(
             self,
@@ -306,6 +330,31 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         outputs.pooler_output = list(per_frame.reshape(videos, -1, per_frame.shape[-1]))  # (videos, F * N, D)
         return self._compress(outputs, visual)
 
+    def _compress_frames(self, pixel_values_videos, vision_feature_layer, strategy, **kwargs):
+        """An image method on a video: every frame goes through `get_image_features` as an image (the method's
+        budget K per frame); each video's rows are its frames' rows in frame order, frame f's patch p being
+        source token `f * N + p` (kept tokens keep their original positions in the video)."""
+        videos, frames = pixel_values_videos.shape[:2]
+        per_frame = self.get_image_features(
+            pixel_values_videos.flatten(0, 1), vision_feature_layer, strategy, **kwargs
+        )
+        rows, sources = per_frame.pooler_output, per_frame.source_indices
+        n = per_frame.num_source_tokens[0]
+
+        def by_video(items):  # videos * frames entries -> one concatenation per video
+            return [torch.cat(list(items[v * frames : (v + 1) * frames])) for v in range(videos)]
+
+        scores = per_frame.compression_scores
+        return DeftVisualFeaturesOutput(
+            last_hidden_state=per_frame.last_hidden_state,
+            hidden_states=per_frame.hidden_states,
+            attentions=per_frame.attentions,
+            pooler_output=by_video(rows),
+            source_indices=by_video([s + (i % frames) * n for i, s in enumerate(sources)]),
+            num_source_tokens=[frames * n] * videos,
+            compression_scores=None if scores is None else scores.reshape(videos, frames * n),
+        )
+
     def _visual_batch(self, modality, grid, frames, token_gradients) -> VisualBatch:
         """The `VisualBatch` a method sees; refuses a modality the active method does not compress."""
         method = self.active_method
@@ -313,6 +362,13 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             raise ValueError(
                 f"compression_method={self.config.compression_method!r} supports "
                 f"{' and '.join(m + 's' for m in method.modalities)} only, not {modality}"
+                + (
+                    ": it needs the prompt or the decoder (or writes every placeholder), so it cannot compress a "
+                    "video frame by frame either; methods that take videos here: "
+                    f"{video_capable_methods(self.config)}"
+                    if modality == "video"
+                    else ""
+                )
             )
         n = grid[0] * grid[1] * frames
         return VisualBatch(
@@ -406,19 +462,28 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             raise ValueError(
                 "You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time"
             )
+        # token gradients: one entry per item, images first, then videos (the order of `kept_indices`)
+        num_images = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else 0
+        gradients = {"image": None, "video": None}
+        if token_gradients is not None:
+            gradients["image"] = list(token_gradients[:num_images]) or None
+            gradients["video"] = list(token_gradients[num_images:]) or None
         if pixel_values is not None:
             encoded["image"] = self.get_image_features(
                 pixel_values,
                 vision_feature_layer,
                 vision_feature_select_strategy,
                 image_sizes=image_sizes,
-                token_gradients=token_gradients,
+                token_gradients=gradients["image"],
             )
         if pixel_values_videos is not None:
             if self.config.video_token_index is None:
                 raise ValueError("pixel_values_videos was given but config.video_token_index is None")
             encoded["video"] = self.get_video_features(
-                pixel_values_videos, vision_feature_layer, vision_feature_select_strategy
+                pixel_values_videos,
+                vision_feature_layer,
+                vision_feature_select_strategy,
+                token_gradients=gradients["video"],
             )
         # images first, then videos: the order of `kept_indices`
         return {m: encoded[m] for m in ("image", "video") if encoded.get(m) is not None}
@@ -459,8 +524,8 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         Args (beyond `LlavaModel.forward`):
             pixel_values_videos: `(num_videos, frames, channels, height, width)` for `<video>` placeholders.
             deft_reconstruct: `(batch,)` bool, a second prefill (`reconsider`): samples that use every row.
-            deft_token_gradients: list, per image, of `(N, hidden_size)` gradients of a full-token task loss
-                with respect to that image's projected features: enables DeFT's feedback score `s_fb`.
+            deft_token_gradients: list, per image then per video, of `(N, hidden_size)` gradients of a full-token
+                task loss with respect to its projected features: enables DeFT's feedback score `s_fb`.
             deft_prompt_length: the first `deft_prompt_length` tokens are the prompt, later ones were generated.
                 Methods that decide from the prompt (FastV's last query, Recoverable's question) use only
                 the prompt, so a full-recompute forward over prompt + generated tokens decides as the prefill

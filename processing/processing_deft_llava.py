@@ -14,6 +14,7 @@ from ..configuration.deft_settings import (
     placeholder_count,
     validate_compression_method,
     validate_deft_settings,
+    video_placeholder_count,
 )
 from ..configuration.supported_versions import check_transformers_version
 from .image_depth import images_to_eight_bit
@@ -252,7 +253,15 @@ class DeftLlavaProcessor(LlavaProcessor):
         ]  # (videos * frames, C, H, W)
         pixel = pixel.view(len(videos), -1, *pixel.shape[1:])  # (videos, frames, C, H, W)
         per_frame = self.num_encoder_tokens(pixel.shape[-2], pixel.shape[-1])
-        count = self.num_placeholders(per_frame * pixel.shape[1])
+        count = video_placeholder_count(
+            per_frame,
+            pixel.shape[1],
+            self.use_deft,
+            self.deft_retention_ratio,
+            self.deft_inference_mode,
+            self.compression_method,
+            self.compression_settings,
+        )
         texts = [t.replace(self.video_token, self.video_token * count) for t in texts]
         out = super().__call__(images=images, text=texts, audio=audio, **kwargs)
         return_tensors = kwargs.get("return_tensors")

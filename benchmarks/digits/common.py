@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from .data import CANVAS, PATCH, WORDS, chat_messages, wilson_interval
+from .video import chat_messages as video_chat_messages
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -35,6 +36,11 @@ NUM_VISUAL_TOKENS = (CANVAS // PATCH) ** 2
 IMAGE_MEAN = [0.1, 0.1, 0.1]
 IMAGE_STD = [0.3, 0.3, 0.3]
 TEST_SEED = 1234  # the held-out query set of the benchmark
+
+
+def is_video(sample) -> bool:
+    """A video task's sample (`video.VideoSample`: frames) rather than an image task's (one canvas)."""
+    return hasattr(sample, "frames")
 
 
 def build_processor(words=WORDS) -> LlavaProcessor:
@@ -68,6 +74,44 @@ def build_processor(words=WORDS) -> LlavaProcessor:
 # one rotary pair has the period of an 8-patch image row and a token's column (left or right half) is a plain
 # phase difference. With the Llama default (10000) no pair has that period.
 ROPE_THETA = (8 / (2 * math.pi)) ** 16
+
+
+def build_video_processor(words, **deft):
+    """The video task's processor: a `DeftLlavaProcessor` (stock LLaVA has no `<video>`) with the digits image
+    processor and the word tokenizer of `words`; `deft`: DeFT settings (`use_deft`, `deft_retention_ratio`...)."""
+    from modeling_deft_llava import DeftLlavaProcessor
+
+    stock = build_processor(words)
+    return DeftLlavaProcessor(
+        image_processor=stock.image_processor,
+        tokenizer=stock.tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy=SELECT_STRATEGY,
+        chat_template=stock.tokenizer.chat_template,
+        num_additional_image_tokens=1,
+        **deft,
+    )
+
+
+def video_model_from_image_checkpoint(folder: str, processor, max_positions: int = 1024):
+    """A `DeftLlavaForConditionalGeneration` (compression off) warm-started from an image digits checkpoint
+    (`folder`, stock LLaVA): same weights, the vocabulary grown to `processor`'s tokenizer (the image task's
+    words keep their ids; new rows start at the mean embedding, transformers' default), `<video>` as the video
+    placeholder and room for `max_positions` positions (a video is frames x 64 tokens)."""
+    from modeling_deft_llava import DeftLlavaForConditionalGeneration
+
+    model = DeftLlavaForConditionalGeneration.from_pretrained(folder, use_deft=False)
+    tok = processor.tokenizer
+    old = build_processor().tokenizer.get_vocab()
+    new = tok.get_vocab()
+    if any(new.get(word) != i for word, i in old.items()):
+        raise ValueError("the video vocabulary must start with the image task's tokens, in their order")
+    model.resize_token_embeddings(len(tok))
+    model.config.video_token_index = tok.convert_tokens_to_ids("<video>")
+    model.config.text_config.max_position_embeddings = max_positions
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(tok, key))
+    return model
 
 
 def build_config(
@@ -139,19 +183,23 @@ class DigitsCollator:
         tok = processor.tokenizer
         self.pad_id = tok.pad_token_id
         self.image_id = tok.convert_tokens_to_ids("<image>")
+        self.video_id = tok.convert_tokens_to_ids("<video>")
 
     def __call__(self, samples):
         proc = self.processor
+        video = is_video(samples[0])
+        messages = video_chat_messages if video else chat_messages
+        visual = {"videos": [s.frames for s in samples]} if video else {"images": [s.image for s in samples]}
         prompts = [
-            proc.apply_chat_template(chat_messages(s.question), add_generation_prompt=True) for s in samples
+            proc.apply_chat_template(messages(s.question), add_generation_prompt=True) for s in samples
         ]
         if not self.train:
-            return proc(images=[s.image for s in samples], text=prompts, padding=True, return_tensors="pt")
+            return proc(**visual, text=prompts, padding=True, return_tensors="pt")
         texts = [
-            proc.apply_chat_template(chat_messages(s.question, s.answer), add_generation_prompt=False)
+            proc.apply_chat_template(messages(s.question, s.answer), add_generation_prompt=False)
             for s in samples
         ]
-        batch = proc(images=[s.image for s in samples], text=texts, padding=True, return_tensors="pt")
+        batch = proc(**visual, text=texts, padding=True, return_tensors="pt")
         ids = batch["input_ids"]
         labels = torch.full_like(ids, -100)
         for i, (prompt, text) in enumerate(zip(prompts, texts)):
@@ -159,7 +207,7 @@ class DigitsCollator:
             n_answer = len(proc.tokenizer(text[len(prompt) :], add_special_tokens=False)["input_ids"])
             # left padding: the answer tokens are the last n_answer tokens of the row
             labels[i, -n_answer:] = ids[i, -n_answer:]
-        labels[(ids == self.pad_id) | (ids == self.image_id)] = -100
+        labels[(ids == self.pad_id) | (ids == self.image_id) | (ids == self.video_id)] = -100
         batch["labels"] = labels
         return batch
 

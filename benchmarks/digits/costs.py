@@ -31,12 +31,14 @@ def _layer_lengths(layers, sink: list[int]):
 
 @torch.no_grad()
 def prefill_costs(model, batch: dict, repeats: int = 3) -> dict:
-    """Per-sample cost of `model`'s prefill on `batch` (a processor batch with `pixel_values`).
+    """Per-sample cost of `model`'s prefill on `batch` (a processor batch with `pixel_values` or
+    `pixel_values_videos`).
 
     Returns `prefill_flops` (per sample), `lm_seq_len_per_layer` / `vision_seq_len_per_layer` (lengths the
     layers were called with), `mean_visual_tokens_per_lm_layer` (the language model's visual tokens averaged
     over its layers: K for a method that compresses before the language model, more for in-model pruning) and
-    `prefill_s` (median wall time of `repeats` timed prefills of the whole batch after one warm-up)."""
+    `prefill_s` (median wall time of `repeats` timed prefills of the whole batch after one warm-up) and
+    `kv_cache_bytes_per_sample` (the cache the prefill leaves, `kv_cache_bytes`, over the batch)."""
     tower = model.model.vision_tower
     vision_layers = next(m for name, m in tower.named_modules() if name.endswith("encoder.layers"))
     text_layers = model.model.language_model.layers
@@ -56,11 +58,14 @@ def prefill_costs(model, batch: dict, repeats: int = 3) -> dict:
         4 * n * n * vision_hidden for n in vision_lens
     )
     # prompt text (padded) around the image; a compressing processor writes K placeholders, not N
-    text_tokens = int((batch["input_ids"][0] != model.config.image_token_id).sum())
+    placeholders = batch["input_ids"][0] == model.config.image_token_id
+    if getattr(model.config, "video_token_index", None) is not None:
+        placeholders |= batch["input_ids"][0] == model.config.video_token_index
+    text_tokens = int((~placeholders).sum())
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        model(**batch, use_cache=True, logits_to_keep=1)
+        out = model(**batch, use_cache=True, logits_to_keep=1)
         times.append(time.perf_counter() - start)
     return {
         "prefill_flops": (counter.get_total_flops() + b * attention) / b,
@@ -69,4 +74,15 @@ def prefill_costs(model, batch: dict, repeats: int = 3) -> dict:
         "mean_visual_tokens_per_lm_layer": statistics.mean(n - text_tokens for n in lm_lens),
         "prefill_s": statistics.median(times[1:]),
         "prefill_batch": b,
+        "kv_cache_bytes_per_sample": kv_cache_bytes(out.past_key_values) / b,
     }
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes of the keys and values a prefill left in its cache (every layer; padding included)."""
+    total = 0
+    for layer in getattr(cache, "layers", None) or []:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total

@@ -7,6 +7,7 @@ model + processor + train_log.json to checkpoints/digits-llava-base/.
 
     .venv/bin/python -m benchmarks.digits.train_base --steps 3000 --seed 0
     .venv/bin/python -m benchmarks.digits.train_base --task dense   # -> checkpoints/digits-dense-llava-base
+    .venv/bin/python -m benchmarks.digits.train_base --task video   # warm start from checkpoints/digits-llava-base
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from .common import (
     atomic_write_json,
     build_model,
     build_processor,
+    build_video_processor,
     evaluate_generate,
+    video_model_from_image_checkpoint,
 )
 from .data import INK_THRESHOLD, SCALE, source_indices
 from .tasks import TASKS
@@ -49,7 +52,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--data-seed", type=int, default=202, help="seed of the stage-2 training samples")
     ap.add_argument("--eval-samples", type=int, default=2000)
     ap.add_argument("--task", choices=sorted(TASKS), default="easy")
-    ap.add_argument("--stage1", default=None, help="default: the task's stage-1 path (tasks.py)")
+    ap.add_argument(
+        "--stage1",
+        default=None,
+        help="default: the task's stage-1 path (tasks.py; for video the image checkpoint it warm-starts from)",
+    )
     ap.add_argument("--out", default=None, help="default: the task's checkpoint folder (tasks.py)")
     ap.add_argument(
         "--init-from",
@@ -57,6 +64,7 @@ def main(argv=None) -> dict:
         help="continue stage 2 from a saved checkpoint folder (its train_log.json is kept as a previous phase)",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--freeze-vision", action="store_true", help="keep the vision tower's weights fixed")
     ap.add_argument(
         "--rope-theta", type=float, default=ROPE_THETA, help="RoPE base of the decoder (see common.py)"
     )
@@ -73,13 +81,29 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     previous = []
     if args.init_from:
-        processor = LlavaProcessor.from_pretrained(args.init_from)
-        model = LlavaForConditionalGeneration.from_pretrained(args.init_from)
+        if task.modality == "video":
+            from modeling_deft_llava import DeftLlavaForConditionalGeneration as model_class
+            from modeling_deft_llava import DeftLlavaProcessor as processor_class
+        else:
+            model_class, processor_class = LlavaForConditionalGeneration, LlavaProcessor
+        processor = processor_class.from_pretrained(args.init_from)
+        model = model_class.from_pretrained(args.init_from)
         with open(os.path.join(args.init_from, "train_log.json")) as f:
             prev_log = json.load(f)
         stage1 = prev_log["stage1"]
         previous = prev_log.get("previous_stage2_phases", []) + [prev_log["stage2"]]
         source = f"continued from {args.init_from}"
+    elif task.modality == "video":  # warm start from the easy task's whole model (its tower reads the frames)
+        processor = build_video_processor(task.words)
+        model = video_model_from_image_checkpoint(args.stage1, processor)
+        with open(os.path.join(args.stage1, "train_log.json")) as f:
+            base_log = json.load(f)
+        stage1 = {
+            "warm_start_from": args.stage1,
+            "wall_time_s": base_log["total_train_wall_time_s"],
+            "command": "; ".join(base_log["commands"]),
+        }
+        source = f"warm start from {args.stage1} (vocabulary grown to {len(processor.tokenizer)})"
     else:
         processor = build_processor(task.words)
         model = build_model(processor, seed=args.seed, rope_theta=args.rope_theta, text_heads=args.text_heads)
@@ -88,6 +112,8 @@ def main(argv=None) -> dict:
         with open(os.path.splitext(args.stage1)[0] + ".json") as f:
             stage1 = json.load(f)
         source = f"stage-1 tower from {args.stage1}"
+    if args.freeze_vision:  # the tower already reads the frames (warm start): train projector + decoder only
+        model.model.vision_tower.requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,}; {source}")
 
@@ -165,6 +191,7 @@ def main(argv=None) -> dict:
             "max_grad_norm": 1.0,
             "seed": args.seed,
             "data_seed": args.data_seed,
+            "freeze_vision": args.freeze_vision,
             "final_train_loss": result.training_loss,
             "wall_time_s": round(train_time, 1),
             "log_history": trainer.state.log_history,
@@ -176,7 +203,11 @@ def main(argv=None) -> dict:
             train_time + stage1["wall_time_s"] + sum(p["wall_time_s"] for p in previous), 1
         ),
         "eval_wall_time_s": round(eval_time, 1),
-        "commands": [stage1["command"].replace("python -m", ".venv/bin/python -m", 1)]
+        "commands": [
+            stage1["command"]
+            if stage1["command"].startswith(".venv/bin/")
+            else stage1["command"].replace("python -m", ".venv/bin/python -m", 1)
+        ]
         + [p["command"] for p in previous]
         + [command],
         "parameters": n_params,

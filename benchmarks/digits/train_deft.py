@@ -3,6 +3,7 @@
     python -m benchmarks.digits.train_deft [--base checkpoints/digits-llava-base] [--retention 0.25] \
         [--steps 600] [--semantic-dim 128] [--saliency-hidden-dim 64] [--out checkpoints/digits-deft-llava]
     python -m benchmarks.digits.train_deft --task dense   # -> checkpoints/digits-dense-deft-llava
+    python -m benchmarks.digits.train_deft --task video   # -> checkpoints/digits-video-deft-llava (`train_video`)
 
 1. Writes training-split canvases as PNG files and a LLaVA conversation JSONL (`_work/deft_data/`).
 2. Converts the all-token base model into a DeFT-LLaVA folder (`modeling_deft_llava.commands.convert`; fresh DeFT
@@ -111,6 +112,9 @@ def main(argv=None) -> None:
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         parser.error(f"{args.out!r} exists; pass --overwrite to replace it")
     start = time.time()
+    if task.modality == "video":
+        train_video(args, task, argv, start)
+        return
     data = write_training_data(task.work("deft_data"), args.samples, task.make_split)
     init = task.work("deft_init")
     convert(
@@ -173,6 +177,127 @@ def main(argv=None) -> None:
             "feedback_every_n_steps": args.feedback_every_n_steps,
             "learned_mixture": learned_mixture(model),
             "wall_time_s": time.time() - start,
+            "log": log,
+        },
+    )
+    if os.path.isdir(args.out):
+        shutil.rmtree(args.out)
+    os.replace(staging, args.out)
+    print(f"wrote {args.out} in {time.time() - start:.0f} s; last log: {log[-1] if log else None}")
+
+
+def video_feedback_gradients(model, full_batch: dict) -> list:
+    """Per video, `(frames * N, hidden_size)` gradients of the full-token task loss w.r.t. its projected rows:
+    the trainer's feedback pass (`training/trainer.py`, `feedback_gradients`) for `pixel_values_videos`."""
+    import torch
+
+    from modeling_deft_llava.modeling_outputs_deft_llava import DeftVisualFeaturesOutput
+
+    inner = model.model
+    with inner.compression_disabled():
+        with torch.no_grad():
+            features = inner.get_video_features(full_batch["pixel_values_videos"])
+        rows = [r.detach().requires_grad_(True) for r in features.pooler_output]
+        video = DeftVisualFeaturesOutput(
+            pooler_output=rows,
+            source_indices=features.source_indices,
+            num_source_tokens=features.num_source_tokens,
+        )
+        full = model(
+            input_ids=full_batch["input_ids"],
+            attention_mask=full_batch["attention_mask"],
+            labels=full_batch["labels"],
+            mm_encoder_outputs={"video": video},
+            use_cache=False,
+        )
+        grads = torch.autograd.grad(full.lm_loss, rows, allow_unused=True)
+    return [g.detach() if g is not None else torch.zeros_like(r) for g, r in zip(grads, rows)]
+
+
+def train_video(args, task, argv, start: float) -> None:
+    """The video task: the same recipe by hand (`training/train.py` reads image conversations only). DeFT
+    modules alone are trained (backbone frozen, so the all-token accuracy is unchanged), every step with a
+    full-token feedback pass; loss = lm + rtd + feedback, as the trainer's (`DeftLlavaModel` computes it)."""
+    import math
+
+    import torch
+
+    from modeling_deft_llava import DeftLlavaForConditionalGeneration
+
+    from .common import DigitsCollator, build_video_processor
+
+    torch.manual_seed(args.seed)
+    settings = dict(
+        use_deft=True,
+        deft_retention_ratio=args.retention,
+        deft_semantic_dim=args.semantic_dim,
+        deft_saliency_hidden_dim=args.saliency_hidden_dim,
+    )
+    model = DeftLlavaForConditionalGeneration.from_pretrained(args.base, **settings)
+    processor = build_video_processor(task.words, use_deft=True, deft_retention_ratio=args.retention)
+    full_processor = build_video_processor(task.words, use_deft=False)
+    trained = [p for n, p in model.named_parameters() if ".deft." in n]
+    for n, p in model.named_parameters():
+        p.requires_grad_(".deft." in n)
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
+    warmup = max(1, args.steps // 20)
+
+    def lr_at(step):  # linear warmup + cosine, as the image recipe's Trainer schedule
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    samples = task.make_split("train", args.steps * args.batch_size, seed=TRAIN_SEED)
+    collate, collate_full = DigitsCollator(processor), DigitsCollator(full_processor)
+    model.train()
+    log = []
+    for step in range(args.steps):
+        chunk = samples[step * args.batch_size : (step + 1) * args.batch_size]
+        grads = None
+        if args.feedback_every_n_steps and step % args.feedback_every_n_steps == 0:
+            grads = video_feedback_gradients(model, collate_full(chunk))
+        out = model(**collate(chunk), deft_token_gradients=grads, use_cache=False)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        entry = {"step": step + 1, "loss": out.loss.item(), "lm_loss": out.lm_loss.item()}
+        for name in ("rtd_loss", "feedback_loss"):
+            value = getattr(out, name, None)
+            entry[name] = None if value is None else value.item()
+        log.append(entry)
+        if (step + 1) % 10 == 0 or step == 0:
+            print(entry, f"{time.time() - start:.0f} s", flush=True)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    staging = args.out + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    atomic_write_json(
+        os.path.join(staging, "train_deft_log.json"),
+        {
+            "command": "python -m benchmarks.digits.train_deft "
+            + " ".join(argv if argv is not None else os.sys.argv[1:]),
+            "task": args.task,
+            "base": args.base,
+            "recipe": train_video.__doc__,
+            "retention": args.retention,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "samples": args.steps * args.batch_size,
+            "train_seed": TRAIN_SEED,
+            "seed": args.seed,
+            "semantic_dim": args.semantic_dim,
+            "saliency_hidden_dim": args.saliency_hidden_dim,
+            "feedback_every_n_steps": args.feedback_every_n_steps,
+            "learned_mixture": learned_mixture(model),
+            "wall_time_s": time.time() - start,
+            "torch_threads": torch.get_num_threads(),
             "log": log,
         },
     )

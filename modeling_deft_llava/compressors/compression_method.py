@@ -181,6 +181,21 @@ class CompressionMethod:
         return False
 
     @classmethod
+    def compresses_frames(cls, config) -> bool:
+        """True when a video is compressed frame by frame, each frame as an image: the method takes images but
+        not videos (`"video"` not in `modalities`), acts on each image alone (no hook that needs the prompt,
+        the decoder or a second prefill: `compress_with_prompt`, `run_language_model`, `reconsider`) and
+        writes K placeholders (`writes_all_placeholders` False). A video of F frames of N patches then keeps
+        `F * floor(ratio * N + 0.5)` tokens (`configuration.deft_settings.video_placeholder_count`); the
+        model runs the image path on the frames (`DeftLlavaModel.get_video_features`)."""
+        if "video" in cls.modalities or "image" not in cls.modalities:
+            return False
+        own = ("compress_with_prompt", "run_language_model", "reconsider")
+        if any(getattr(cls, hook) is not getattr(CompressionMethod, hook) for hook in own):
+            return False
+        return not cls.writes_all_placeholders(config)
+
+    @classmethod
     def parse_settings(cls, settings: dict | None):
         """An instance of `settings_class` from plain `compression_settings` (None or {} for its defaults).
 
