@@ -141,6 +141,24 @@ def test_deft_video_feedback_gradients_reach_the_scorer():
     assert saliency and any(bool(g.abs().sum() > 0) for g in saliency)
 
 
+def test_feedback_gradients_of_a_video_batch():
+    # the one feedback pass of the trainer and the benchmarks (`training.trainer.feedback_gradients`) takes videos
+    from modeling_deft_llava.training.trainer import feedback_gradients
+
+    settings = method_settings("deft")
+    model, full_processor = tiny.model(**settings), tiny.processor(use_deft=False)
+    full = video_inputs(full_processor)
+    full["labels"] = full["input_ids"].clone()
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = feedback_gradients(model, full, pixel_values_videos=full["pixel_values_videos"])
+    assert [tuple(g.shape) for g in grads] == [(FRAMES * N, model.config.text_config.hidden_size)] * 2
+    assert all(bool(g.abs().sum() > 0) for g in grads)
+    assert all(p.grad is None for p in model.parameters())  # only the rows get a gradient
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="needs pixel_values and/or pixel_values_videos"):
+        feedback_gradients(model, full)
+
+
 def test_deft_video_uses_the_temporal_group_score():
     settings = method_settings("deft")
     model, processor = tiny.model(**settings), tiny.processor(**settings)

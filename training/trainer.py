@@ -275,31 +275,10 @@ class DeftLlavaTrainer(Trainer):
     def feedback_gradients(
         self, model, pixel_values: torch.Tensor, full_inputs: dict, **loss_kwargs
     ) -> list[torch.Tensor]:
-        """Per image, `(N, hidden_size)` gradients of the full-token task loss w.r.t. its projected rows.
-
-        `loss_kwargs` (`num_items_in_batch`) normalise that loss as the compressed pass's `lm_loss` is: by the
-        answer tokens of the whole batch, so a sample's gradient does not depend on its micro-batch."""
-        module = self.accelerator.unwrap_model(model)  # no DDP hooks: only the rows get a gradient
-        inner = unwrap_deft_model(module).model
-        with inner.compression_disabled():
-            with torch.no_grad():
-                features = inner.get_image_features(pixel_values)
-            rows = [r.detach().requires_grad_(True) for r in features.pooler_output]  # each (N, D)
-            image = DeftVisualFeaturesOutput(
-                pooler_output=rows,
-                source_indices=features.source_indices,
-                num_source_tokens=features.num_source_tokens,
-            )
-            full = module(
-                input_ids=full_inputs["input_ids"],
-                attention_mask=full_inputs["attention_mask"],
-                labels=full_inputs["labels"],
-                mm_encoder_outputs={"image": image},
-                use_cache=False,
-                **loss_kwargs,
-            )
-            grads = torch.autograd.grad(full.lm_loss, rows, allow_unused=True)
-        return [g.detach() if g is not None else torch.zeros_like(r) for g, r in zip(grads, rows)]
+        """Per image, `(N, hidden_size)` gradients of the full-token task loss w.r.t. its projected rows
+        (`feedback_gradients` below, on the unwrapped model: no DDP hooks, only the rows get a gradient)."""
+        module = self.accelerator.unwrap_model(model)
+        return feedback_gradients(module, full_inputs, pixel_values=pixel_values, **loss_kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         num_images = inputs.pop(NUM_IMAGES_KEY, None)
@@ -428,12 +407,63 @@ class DeftLlavaTrainer(Trainer):
             dist.barrier()
 
 
+def feedback_gradients(
+    model,
+    full_inputs: dict,
+    pixel_values: torch.Tensor | None = None,
+    pixel_values_videos: torch.Tensor | None = None,
+    **loss_kwargs,
+) -> list[torch.Tensor]:
+    """DeFT's task-loss feedback: per image, then per video, the `(N, hidden_size)` gradient of the full-token
+    task loss (`full_inputs`: `input_ids`, `attention_mask`, `labels` with every placeholder) w.r.t. that item's
+    projected rows, for `forward(deft_token_gradients=...)`. The encoder runs without gradients and with
+    compression off; only the rows get a gradient (no weight's `.grad` changes). A row the loss does not reach
+    gets zeros.
+
+    `loss_kwargs` (`num_items_in_batch`) normalise that loss as the compressed pass's `lm_loss` is: by the
+    answer tokens of the whole batch, so a sample's gradient does not depend on its micro-batch.
+
+    Raises:
+        ValueError: neither `pixel_values` nor `pixel_values_videos` is given.
+    """
+    if pixel_values is None and pixel_values_videos is None:
+        raise ValueError("feedback_gradients needs pixel_values and/or pixel_values_videos, got neither")
+    inner = unwrap_deft_model(model).model
+    encoded, rows = {}, []
+    with torch.enable_grad(), inner.compression_disabled():
+        for modality, pixels in (("image", pixel_values), ("video", pixel_values_videos)):
+            if pixels is None:
+                continue
+            with torch.no_grad():
+                features = (inner.get_image_features if modality == "image" else inner.get_video_features)(
+                    pixels
+                )
+            items = [r.detach().requires_grad_(True) for r in features.pooler_output]  # each (N, D)
+            rows += items
+            encoded[modality] = DeftVisualFeaturesOutput(
+                pooler_output=items,
+                source_indices=features.source_indices,
+                num_source_tokens=features.num_source_tokens,
+            )
+        full = model(
+            input_ids=full_inputs["input_ids"],
+            attention_mask=full_inputs["attention_mask"],
+            labels=full_inputs["labels"],
+            mm_encoder_outputs=encoded,
+            use_cache=False,
+            **loss_kwargs,
+        )
+        grads = torch.autograd.grad(full.lm_loss, rows, allow_unused=True)
+    return [g.detach() if g is not None else torch.zeros_like(r) for g, r in zip(grads, rows)]
+
+
 __all__ = [
     "DeftLlavaTrainer",
     "FINAL_STAGING",
     "LOSS_COMPONENTS",
     "STAGING_PREFIX",
     "complete_checkpoints",
+    "feedback_gradients",
     "final_save_complete",
     "last_complete_checkpoint",
     "recover_output_dir",

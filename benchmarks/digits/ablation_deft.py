@@ -29,10 +29,10 @@ import time
 
 import torch
 from modeling_deft_llava.configuration.deft_settings import num_kept_tokens
+from modeling_deft_llava.training.trainer import feedback_gradients
 
 from modeling_deft_llava import DeftLlavaProcessor
 from modeling_deft_llava.deft.score_mixer import COMPONENTS
-from modeling_deft_llava.modeling_outputs_deft_llava import DeftVisualFeaturesOutput
 
 from .calibrate_rtd import CALIBRATION_SEED
 from .common import (
@@ -61,30 +61,6 @@ def mixture_weights(model) -> dict:
     }
 
 
-def feedback_gradients(model, full_batch: dict) -> list[torch.Tensor]:
-    """Per image, `(N, D)` gradients of the full-token LM loss (labels: the answers) w.r.t. its projected rows
-    (what `DeftLlavaTrainer.feedback_gradients` computes in training)."""
-    inner = model.model
-    with torch.enable_grad(), inner.compression_disabled():
-        with torch.no_grad():
-            features = inner.get_image_features(full_batch["pixel_values"])
-        rows = [r.detach().requires_grad_(True) for r in features.pooler_output]
-        image = DeftVisualFeaturesOutput(
-            pooler_output=rows,
-            source_indices=features.source_indices,
-            num_source_tokens=features.num_source_tokens,
-        )
-        full = model(
-            input_ids=full_batch["input_ids"],
-            attention_mask=full_batch["attention_mask"],
-            labels=full_batch["labels"],
-            mm_encoder_outputs={"image": image},
-            use_cache=False,
-        )
-        grads = torch.autograd.grad(full.lm_loss, rows, allow_unused=True)
-    return [g.detach() if g is not None else torch.zeros_like(r) for g, r in zip(grads, rows)]
-
-
 @torch.no_grad()
 def teacher_forced(model, processor, full_processor, samples, task, batch_size: int, oracle: bool) -> dict:
     """Teacher-forced answer accuracy (see the module docstring); `oracle`: DeFT gets the feedback gradient."""
@@ -97,7 +73,8 @@ def teacher_forced(model, processor, full_processor, samples, task, batch_size: 
         labels = batch.pop("labels")
         extra = {}
         if oracle:
-            extra["deft_token_gradients"] = feedback_gradients(model, full_collate(chunk))
+            full = full_collate(chunk)
+            extra["deft_token_gradients"] = feedback_gradients(model, full, pixel_values=full["pixel_values"])
         out = model(**batch, use_cache=False, **extra)
         if out.deft_gather_index is not None:
             raise ValueError("teacher_forced expects fast mode (no re-packed rows)")

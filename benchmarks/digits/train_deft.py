@@ -186,34 +186,6 @@ def main(argv=None) -> None:
     print(f"wrote {args.out} in {time.time() - start:.0f} s; last log: {log[-1] if log else None}")
 
 
-def video_feedback_gradients(model, full_batch: dict) -> list:
-    """Per video, `(frames * N, hidden_size)` gradients of the full-token task loss w.r.t. its projected rows:
-    the trainer's feedback pass (`training/trainer.py`, `feedback_gradients`) for `pixel_values_videos`."""
-    import torch
-
-    from modeling_deft_llava.modeling_outputs_deft_llava import DeftVisualFeaturesOutput
-
-    inner = model.model
-    with inner.compression_disabled():
-        with torch.no_grad():
-            features = inner.get_video_features(full_batch["pixel_values_videos"])
-        rows = [r.detach().requires_grad_(True) for r in features.pooler_output]
-        video = DeftVisualFeaturesOutput(
-            pooler_output=rows,
-            source_indices=features.source_indices,
-            num_source_tokens=features.num_source_tokens,
-        )
-        full = model(
-            input_ids=full_batch["input_ids"],
-            attention_mask=full_batch["attention_mask"],
-            labels=full_batch["labels"],
-            mm_encoder_outputs={"video": video},
-            use_cache=False,
-        )
-        grads = torch.autograd.grad(full.lm_loss, rows, allow_unused=True)
-    return [g.detach() if g is not None else torch.zeros_like(r) for g, r in zip(grads, rows)]
-
-
 def train_video(args, task, argv, start: float) -> None:
     """The video task: the same recipe by hand (`training/train.py` reads image conversations only). DeFT
     modules alone are trained (backbone frozen, so the all-token accuracy is unchanged), every step with a
@@ -221,6 +193,7 @@ def train_video(args, task, argv, start: float) -> None:
     import math
 
     import torch
+    from modeling_deft_llava.training.trainer import feedback_gradients
 
     from modeling_deft_llava import DeftLlavaForConditionalGeneration
 
@@ -256,7 +229,8 @@ def train_video(args, task, argv, start: float) -> None:
         chunk = samples[step * args.batch_size : (step + 1) * args.batch_size]
         grads = None
         if args.feedback_every_n_steps and step % args.feedback_every_n_steps == 0:
-            grads = video_feedback_gradients(model, collate_full(chunk))
+            full = collate_full(chunk)
+            grads = feedback_gradients(model, full, pixel_values_videos=full["pixel_values_videos"])
         out = model(**collate(chunk), deft_token_gradients=grads, use_cache=False)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
