@@ -55,18 +55,29 @@ from .transformers_compat import (
 )
 
 
-def batch_share(features: DeftVisualFeaturesOutput, num_images_in_batch: int | None) -> float:
-    """Share of a batch's images held by this call (`features`: one entry per image or video), the weight of a
-    per-image mean loss that makes micro-batches add up to the batch mean; 1 when `num_images_in_batch` is None
-    (this call is the whole batch)."""
+def batch_share(items_here: int, num_images_in_batch: int | None) -> float:
+    """Share of a batch's images and videos held by this call (`items_here` of them), the weight of a per-item
+    mean loss that makes micro-batches add up to the batch mean; 1 when `num_images_in_batch` is None (this
+    call is the whole batch)."""
     if num_images_in_batch is None:
         return 1.0
-    here, total = len(features.pooler_output), int(num_images_in_batch)
-    if total < here:
+    total = int(num_images_in_batch)
+    if total < items_here:
         raise ValueError(
-            f"deft_num_images_in_batch must count every image of the batch, got {total} for a call that holds {here}"
+            f"deft_num_images_in_batch must count every image of the batch, got {total} for a call that holds "
+            f"{items_here}"
         )
-    return here / total
+    return items_here / total
+
+
+def mean_over_items(feats: list, name: str) -> tuple[torch.Tensor | None, int]:
+    """The per-item mean of the loss `name` over every modality of the call (`feats`: the images' and the
+    videos' outputs, each holding the mean over its own items), and the number of items it covers."""
+    sources = [(len(o.pooler_output), getattr(o, name)) for o in feats if getattr(o, name) is not None]
+    if not sources:
+        return None, 0
+    items = sum(count for count, _ in sources)
+    return sum(count * loss for count, loss in sources) / items, items
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -466,6 +477,12 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         num_images = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else 0
         gradients = {"image": None, "video": None}
         if token_gradients is not None:
+            num_videos = pixel_values_videos.shape[0] if isinstance(pixel_values_videos, torch.Tensor) else 0
+            if len(token_gradients) != num_images + num_videos:
+                raise ValueError(
+                    f"deft_token_gradients must hold one (N, hidden_size) gradient per image, then per video: "
+                    f"{num_images} image(s) + {num_videos} video(s), got {len(token_gradients)}"
+                )
             gradients["image"] = list(token_gradients[:num_images]) or None
             gradients["video"] = list(token_gradients[num_images:]) or None
         if pixel_values is not None:
@@ -927,17 +944,17 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
             loss = lm_loss
-        rtd_source = next((o for o in feats if o.rtd_loss is not None), None)
-        feedback_source = next((o for o in feats if o.feedback_loss is not None), None)
-        rtd_loss = rtd_source.rtd_loss if rtd_source is not None else None
-        feedback_loss = feedback_source.feedback_loss if feedback_source is not None else None
+        # images and videos together: each loss is the mean over every item of the call (before, only the first
+        # modality's loss was kept, and a mixed batch's videos did not train)
+        rtd_loss, rtd_items = mean_over_items(feats, "rtd_loss")
+        feedback_loss, feedback_items = mean_over_items(feats, "feedback_loss")
         # total training loss: lm + deft_rtd_loss_weight * rtd + deft_feedback_loss_weight * feedback
         if loss is not None and self.training:
             if rtd_loss is not None:
-                share = batch_share(rtd_source, num_images_in_batch)
+                share = batch_share(rtd_items, num_images_in_batch)
                 loss = loss + self.config.deft_rtd_loss_weight * share * rtd_loss
             if feedback_loss is not None:
-                share = batch_share(feedback_source, num_images_in_batch)
+                share = batch_share(feedback_items, num_images_in_batch)
                 loss = loss + self.config.deft_feedback_loss_weight * share * feedback_loss
         return {"loss": loss, "lm_loss": lm_loss, "rtd_loss": rtd_loss, "feedback_loss": feedback_loss}
 

@@ -159,6 +159,72 @@ def test_feedback_gradients_of_a_video_batch():
         feedback_gradients(model, full)
 
 
+def mixed_batch(processor):
+    """Row 0: an image; row 1: a video (one batch, both modalities)."""
+    return processor(
+        images=tiny.images(1),
+        videos=videos(1),
+        text=["USER: <image>\n" + QUESTIONS[0] + " ASSISTANT:", prompt(QUESTIONS[1])],
+        return_tensors="pt",
+        padding=True,
+    )
+
+
+def test_a_mixed_batch_trains_on_its_images_and_its_videos():
+    """Before: the RTD and feedback losses of a batch with images and videos were the images' alone (the first
+    modality's), so the videos of a mixed batch never trained DeFT."""
+    settings = method_settings("deft")
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    inputs = mixed_batch(processor)
+    model.train()
+    hidden = model.config.text_config.hidden_size
+    torch.manual_seed(0)
+    image_grad, video_grad = torch.randn(N, hidden), torch.randn(FRAMES * N, hidden)
+    out = model(**inputs, deft_token_gradients=[image_grad, video_grad])
+    other = model(**inputs, deft_token_gradients=[image_grad, 100 * torch.randn(FRAMES * N, hidden)])
+    assert not torch.allclose(out.feedback_loss, other.feedback_loss)  # the video's feedback counts
+    # the per-item mean over both modalities: the image alone and the video alone, weighted one item each
+    image_only = processor(images=tiny.images(1), text=["USER: <image>\n" + QUESTIONS[0] + " ASSISTANT:"],
+                           return_tensors="pt")  # fmt: skip
+    video_only = video_inputs(processor, questions=QUESTIONS[1:])
+    alone = [
+        model(**image_only, deft_token_gradients=[image_grad]),
+        model(**video_only, deft_token_gradients=[video_grad]),
+    ]
+    for name in ("rtd_loss", "feedback_loss"):
+        want = (getattr(alone[0], name) + getattr(alone[1], name)) / 2
+        torch.testing.assert_close(getattr(out, name), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_gradient_list_that_misses_an_item_is_refused():
+    settings = method_settings("deft")
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    hidden = model.config.text_config.hidden_size
+    with pytest.raises(ValueError, match=r"1 image\(s\) \+ 1 video\(s\), got 1"):
+        model(**mixed_batch(processor), deft_token_gradients=[torch.randn(N, hidden)])
+
+
+def test_the_trainer_computes_feedback_for_videos(tmp_path):
+    """Before: `DeftLlavaTrainer.compute_loss` ran the feedback pass only when the batch had `pixel_values`."""
+    from modeling_deft_llava.training.trainer import DeftLlavaTrainer
+    from transformers import TrainingArguments
+
+    settings = method_settings("deft")
+    model, processor = tiny.model(**settings), tiny.processor(**settings)
+    inputs = dict(video_inputs(processor))
+    inputs["labels"] = inputs["input_ids"].clone()
+    full = video_inputs(tiny.processor(use_deft=False))
+    inputs.update({f"full_{k}": v for k, v in full.items() if k != "pixel_values_videos"})
+    inputs["full_labels"] = full["input_ids"].clone()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", remove_unused_columns=False
+    )
+    trainer = DeftLlavaTrainer(model=model, args=args, feedback_every_n_steps=1)
+    model.train()
+    loss, out = trainer.compute_loss(model, inputs, return_outputs=True)
+    assert out.feedback_loss is not None and torch.isfinite(out.feedback_loss)
+
+
 def test_deft_video_uses_the_temporal_group_score():
     settings = method_settings("deft")
     model, processor = tiny.model(**settings), tiny.processor(**settings)

@@ -214,6 +214,9 @@ def test_errors_name_the_bad_value(folders, tmp_path):
     baseline = tmp_path / "baseline"
     tiny.model(use_deft=True, compression_method="divprune").save_pretrained(baseline)
     fails("compression_method='divprune'", model_folder=str(baseline))
+    no_processor = tmp_path / "no_processor"  # before: an OSError traceback from the processor's loader
+    tiny.model(use_deft=True).save_pretrained(no_processor)
+    fails("holds no processor .* save the processor there", model_folder=str(no_processor))
     fails("images folder '.*nowhere' does not exist", images=str(tmp_path / "nowhere"))
     (tmp_path / "no_images").mkdir()
     (tmp_path / "no_images" / "notes.txt").write_text("not an image")

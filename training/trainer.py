@@ -264,7 +264,12 @@ class DeftLlavaTrainer(Trainer):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if num_items_in_batch is None:
             return batch_samples, num_items_in_batch
-        images = sum(b["pixel_values"].shape[0] for b in batch_samples if b.get("pixel_values") is not None)
+        images = sum(  # images and videos: the items DeFT's per-item losses average over
+            b[key].shape[0]
+            for b in batch_samples
+            for key in ("pixel_values", "pixel_values_videos")
+            if b.get(key) is not None
+        )
         # over all processes exactly when Trainer counts the tokens over all processes
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             images = int(self.accelerator.gather(torch.tensor([images], device=device)).sum())
@@ -272,13 +277,18 @@ class DeftLlavaTrainer(Trainer):
             batch[NUM_IMAGES_KEY] = images
         return batch_samples, num_items_in_batch
 
-    def feedback_gradients(
-        self, model, pixel_values: torch.Tensor, full_inputs: dict, **loss_kwargs
-    ) -> list[torch.Tensor]:
-        """Per image, `(N, hidden_size)` gradients of the full-token task loss w.r.t. its projected rows
-        (`feedback_gradients` below, on the unwrapped model: no DDP hooks, only the rows get a gradient)."""
+    def feedback_gradients(self, model, inputs: dict, full_inputs: dict, **loss_kwargs) -> list[torch.Tensor]:
+        """Per image, then per video, `(N, hidden_size)` gradients of the full-token task loss w.r.t. its
+        projected rows (`feedback_gradients` below, on the unwrapped model: no DDP hooks, only the rows get a
+        gradient); `inputs` gives `pixel_values` and/or `pixel_values_videos`."""
         module = self.accelerator.unwrap_model(model)
-        return feedback_gradients(module, full_inputs, pixel_values=pixel_values, **loss_kwargs)
+        return feedback_gradients(
+            module,
+            full_inputs,
+            pixel_values=inputs.get("pixel_values"),
+            pixel_values_videos=inputs.get("pixel_values_videos"),
+            **loss_kwargs,
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         num_images = inputs.pop(NUM_IMAGES_KEY, None)
@@ -286,9 +296,10 @@ class DeftLlavaTrainer(Trainer):
         # as Trainer decides: the loss is normalised over the whole batch (not divided by the accumulation steps)
         whole_batch = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         loss_kwargs = {"num_items_in_batch": num_items_in_batch} if whole_batch else {}
-        if model.training and full_inputs and self.feedback_step() and inputs.get("pixel_values") is not None:
+        has_visual = inputs.get("pixel_values") is not None or inputs.get("pixel_values_videos") is not None
+        if model.training and full_inputs and self.feedback_step() and has_visual:
             inputs["deft_token_gradients"] = self.feedback_gradients(
-                model, inputs["pixel_values"], full_inputs, **loss_kwargs
+                model, inputs, full_inputs, **loss_kwargs
             )
         if model.training and whole_batch and num_images:
             inputs[NUM_IMAGES_KEY] = num_images

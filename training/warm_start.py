@@ -283,7 +283,13 @@ def load_for_warm_start(args: WarmStartArguments):
     if getattr(model.model, "deft", None) is None:
         raise ValueError(f"{args.model_folder!r} loaded without DeFT modules (use_deft=True is needed)")
     check_teacher(args.teacher, model.config)
-    processor = DeftLlavaProcessor.from_pretrained(args.model_folder)
+    try:
+        processor = DeftLlavaProcessor.from_pretrained(args.model_folder)
+    except OSError as error:  # a folder saved without its processor: say what is missing, not a traceback
+        raise ValueError(
+            f"{args.model_folder!r} holds no processor (the warm start needs its image processor): save the "
+            f"processor there (`processor.save_pretrained(folder)`); loading it said: {error}"
+        ) from None
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for name in SCORING_MODULES:
