@@ -21,7 +21,7 @@ import time
 import torch
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
-from modeling_deft_llava.commands.visualize import prefill_seconds, processed_image, save_overlays
+from modeling_deft_llava.commands.visualize import paired_prefill_seconds, processed_image, save_overlays
 
 from .common import TEST_SEED
 from .data import chat_messages, make_split
@@ -81,9 +81,7 @@ def main(argv=None) -> None:
         generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
     )
     full_inputs = full_processor(images=images, text=prompts, padding=True, return_tensors="pt")
-    on = prefill_seconds(model, inputs, args.repeats)
-    with model.model.compression_disabled():
-        off = prefill_seconds(model, full_inputs, args.repeats)
+    on, off = paired_prefill_seconds(model, inputs, full_inputs, args.repeats)
     scoring = compression_seconds(model, inputs["pixel_values"], args.repeats)
     grid = model.model._patch_grid(inputs["pixel_values"])
     n_tokens = grid[0] * grid[1]

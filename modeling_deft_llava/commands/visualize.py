@@ -11,6 +11,7 @@ patches outlined; it works for any patch grid.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -63,14 +64,23 @@ def processed_image(processor, image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
 
 
-def prefill_seconds(model, inputs, repeats: int) -> float:
-    times = []
+def paired_prefill_seconds(model, inputs, full_inputs, repeats: int) -> tuple[float, float]:
+    """Median prefill seconds with compression on (`inputs`) and off (`full_inputs`, all placeholders), the
+    runs alternating on, off, on, off... after one warm-up of each: a burst of load on a shared machine then
+    hits both sides alike (measured one side after the other, one such burst once made the compressed side
+    30x slower in a whole run)."""
+    on, off = [], []
     with torch.no_grad():
         for _ in range(repeats + 1):
-            start = time.perf_counter()
-            model(**inputs, use_cache=True, logits_to_keep=1)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times[1:]) if repeats else times[0]
+            for times, batch, disabled in ((on, inputs, False), (off, full_inputs, True)):
+                context = model.model.compression_disabled() if disabled else contextlib.nullcontext()
+                with context:
+                    start = time.perf_counter()
+                    model(**batch, use_cache=True, logits_to_keep=1)
+                    times.append(time.perf_counter() - start)
+    if not repeats:
+        return on[0], off[0]
+    return statistics.median(on[1:]), statistics.median(off[1:])
 
 
 def answer_images(
@@ -96,9 +106,7 @@ def answer_images(
             generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
         )
         full_inputs = full_processor(images=[image], text=[prompt], return_tensors="pt")
-        on = prefill_seconds(model, inputs, repeats)
-        with model.model.compression_disabled():
-            off = prefill_seconds(model, full_inputs, repeats)
+        on, off = paired_prefill_seconds(model, inputs, full_inputs, repeats)
         grid = model.model._patch_grid(inputs["pixel_values"])
         results.append(
             {
