@@ -45,6 +45,7 @@ from .common import (
 )
 from .data import wilson_interval
 from .evaluate_methods import evaluate_config, load, method_settings
+from .report_tables import pct
 from .tasks import TASKS
 
 VARIANTS = {"mixture": None, "semantic": ["semantic"], "group": ["group"]}
@@ -92,11 +93,6 @@ def teacher_forced(model, processor, full_processor, samples, task, batch_size: 
     if len(task.kinds) > 1:
         out["by_kind"] = accuracy_by_kind(hits, [s.kind for s in samples], task.kinds)
     return out
-
-
-def pct(row: dict) -> str:
-    lo, hi = row["wilson95"]
-    return f"{row['accuracy']:.1%} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 def report(results: dict) -> str:

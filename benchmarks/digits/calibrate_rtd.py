@@ -40,6 +40,7 @@ from modeling_deft_llava.deft.token_dictionary import calibrate_thresholds, unce
 
 from .common import NUM_VISUAL_TOKENS, TEST_SEED, DigitsCollator, answer_token_ids, atomic_write_json
 from .evaluate_methods import evaluate_config, load, method_settings
+from .report_tables import pct
 from .tasks import TASKS
 
 CALIBRATION_SEED = 2718  # calibration canvases: TRAIN split (disjoint source images from the test split)
@@ -157,11 +158,6 @@ def target_share(target: str, k: int, n: int) -> float:
     if not 0 < share < 1:
         raise ValueError(f"--target must be 'extra-half-budget' or a share in (0, 1), got {target!r}")
     return share
-
-
-def pct(row: dict) -> str:
-    lo, hi = row["wilson95"]
-    return f"{row['accuracy']:.1%} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 def report(results: dict) -> str:

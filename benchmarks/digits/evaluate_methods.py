@@ -125,15 +125,27 @@ def load(folder: str, settings: dict):
     return model, processor
 
 
+def evaluate_model(
+    model, processor, samples, task, batch_size: int, desc: str, cost_samples: int = 0
+) -> dict:
+    """Answer/strict accuracy (`score`) of a loaded model on `samples` of `task` (greedy `generate`), plus its
+    prefill cost on the first `cost_samples` of them when asked (`prefill_costs`)."""
+    res = evaluate_generate(
+        model, processor, samples, batch_size, desc=desc, max_new_tokens=task.max_answer_tokens + 1
+    )
+    out = score(res, samples, processor.tokenizer, task.kinds)
+    if cost_samples:
+        batch = DigitsCollator(processor, train=False)(samples[:cost_samples])
+        out.update(prefill_costs(model, batch))
+    return out
+
+
 def evaluate_config(folder: str, settings: dict, samples, task, batch_size: int = 125) -> dict:
     """Answer/strict accuracy (`score`) and visual tokens seen of one configuration (`settings`: config and
     processor overrides, e.g. `method_settings(...)` plus DeFT settings) on `samples` of `task`."""
     model, processor = load(folder, settings)
     desc = ",".join(f"{k}={v}" for k, v in settings.items() if k != "use_deft")
-    res = evaluate_generate(
-        model, processor, samples, batch_size, desc=desc, max_new_tokens=task.max_answer_tokens + 1
-    )
-    out = score(res, samples, processor.tokenizer, task.kinds)
+    out = evaluate_model(model, processor, samples, task, batch_size, desc)
     k = num_kept_tokens(NUM_VISUAL_TOKENS, settings.get("deft_retention_ratio", 1.0))
     out["mean_visual_tokens"] = mean_visual_tokens(model, processor, samples, batch_size, k)
     return out
@@ -313,14 +325,7 @@ def main(argv=None) -> None:
 
     def run(model, processor, desc: str) -> dict:
         """Accuracy of one configuration, plus its prefill cost when asked (`--cost-samples`)."""
-        res = evaluate_generate(
-            model, processor, samples, args.batch_size, desc=desc, max_new_tokens=task.max_answer_tokens + 1
-        )
-        out = score(res, samples, processor.tokenizer, task.kinds)
-        if args.cost_samples:
-            batch = DigitsCollator(processor, train=False)(samples[: args.cost_samples])
-            out.update(prefill_costs(model, batch))
-        return out
+        return evaluate_model(model, processor, samples, task, args.batch_size, desc, args.cost_samples)
 
     model, processor = load(args.base, method_settings("full", 1.0))
     full = run(model, processor, "full")

@@ -43,10 +43,10 @@ from modeling_deft_llava.configuration.deft_settings import num_kept_tokens
 
 from modeling_deft_llava.compressors.method_uniform import uniform_indices
 
-from .common import TEST_SEED, DigitsCollator, atomic_write_json, evaluate_generate
+from .common import TEST_SEED, DigitsCollator, atomic_write_json
 from .costs import kv_cache_bytes, prefill_costs
 from .data import wilson_interval
-from .evaluate_methods import load, method_settings, score, spread_by_ratio
+from .evaluate_methods import evaluate_model, load, method_settings, score, spread_by_ratio
 from .tasks import TASKS
 from .video import TOKENS_PER_FRAME
 
@@ -292,14 +292,7 @@ def main(argv=None) -> None:
     start = time.time()
 
     def run(model, processor, desc):
-        res = evaluate_generate(
-            model, processor, samples, args.batch_size, desc=desc, max_new_tokens=task.max_answer_tokens + 1
-        )
-        out = score(res, samples, processor.tokenizer, task.kinds)
-        if args.cost_samples:
-            batch = DigitsCollator(processor, train=False)(samples[: args.cost_samples])
-            out.update(prefill_costs(model, batch))
-        return out
+        return evaluate_model(model, processor, samples, task, args.batch_size, desc, args.cost_samples)
 
     model, processor = load(args.base, method_settings("full", 1.0))
     results = {
