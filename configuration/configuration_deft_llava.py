@@ -73,6 +73,11 @@ class DeftLlavaConfig(LlavaConfig):
     deft_rtd_loss_weight: float = DEFAULTS.deft_rtd_loss_weight
     deft_text_retention_ratio: float | None = DEFAULTS.deft_text_retention_ratio
     deft_score_components: tuple[str, ...] | list[str] | None = DEFAULTS.deft_score_components
+    deft_question_aware: bool = DEFAULTS.deft_question_aware
+    deft_position_aware: bool = DEFAULTS.deft_position_aware
+    deft_ranking_loss: str = DEFAULTS.deft_ranking_loss
+    deft_ranking_temperature: float = DEFAULTS.deft_ranking_temperature
+    deft_coverage_weight: float = DEFAULTS.deft_coverage_weight
     video_token_index: int | None = None
     context_start_token_index: int | None = None
     context_end_token_index: int | None = None

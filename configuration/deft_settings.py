@@ -16,6 +16,8 @@ MODALITIES = ("image", "video", "text")
 INFERENCE_MODES = ("fast", "hybrid", "adaptive")
 # the score components of FGCS, in the order of the score mixer's `mixture_logits`
 SCORE_COMPONENTS = ("semantic", "feedback", "group")
+# how the scorer learns from the feedback score `s_fb` (training only): the seed's per-token MSE, or ListNet
+RANKING_LOSSES = ("mse", "listnet")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,21 @@ class DeftSettings:
             are present, so `["group"]` ranks by the group score alone (an ablation; the weights are unchanged).
             A call in which no listed component is present (`["feedback"]` without task-loss gradients, i.e. at
             inference) raises a ValueError.
+        deft_question_aware: the saliency of each visual token depends on the prompt's text: the language
+            model's input embeddings of the question modulate the saliency MLP (FiLM, `question_conditioning.py`).
+            The visual tokens are then selected once the prompt is known. False (default): the seed's
+            question-blind saliency.
+        deft_position_aware: the saliency MLP also reads each token's place in the patch grid (sinusoidal
+            features of its row and column, normalised to [0, 1], so any grid size works). False (default): the
+            seed, which sees positions only through the encoder's features.
+        deft_ranking_loss: how the scores learn from the feedback score in training: `"mse"` (default, the
+            seed: per-token MSE between min-max normalised scores) or `"listnet"` (cross-entropy between the
+            softmax of the normalised feedback score and that of the normalised scores, both divided by
+            `deft_ranking_temperature`: a listwise ranking loss, which weighs the top of the ranking most).
+        deft_ranking_temperature: temperature of `"listnet"` (> 0; smaller puts more weight on the top tokens).
+        deft_coverage_weight: redundancy penalty of the selection, in [0, 1): 0 (default) keeps the top-k
+            scores (the seed); above 0 the k tokens are picked greedily by maximal marginal relevance,
+            `(1 - w) * score_i - w * max(0, max_{j kept} cos(z_i, z_j))` on SAM's semantic tokens `z`.
     """
 
     use_deft: bool = False
@@ -74,6 +91,11 @@ class DeftSettings:
     deft_rtd_loss_weight: float = 1.0
     deft_text_retention_ratio: float | None = None
     deft_score_components: tuple[str, ...] | list[str] | None = None
+    deft_question_aware: bool = False
+    deft_position_aware: bool = False
+    deft_ranking_loss: str = "mse"
+    deft_ranking_temperature: float = 0.1
+    deft_coverage_weight: float = 0.0
 
     def __post_init__(self):
         validate_deft_settings(**asdict(self))
@@ -142,6 +164,11 @@ MODULE_ARGUMENT_NAMES = {
     "feedback_loss_weight": "deft_feedback_loss_weight",
     "rtd_loss_weight": "deft_rtd_loss_weight",
     "score_components": "deft_score_components",
+    "question_aware": "deft_question_aware",
+    "position_aware": "deft_position_aware",
+    "ranking_loss": "deft_ranking_loss",
+    "ranking_temperature": "deft_ranking_temperature",
+    "coverage_weight": "deft_coverage_weight",
 }
 
 
@@ -188,7 +215,13 @@ def check_unknown_deft_keys(keys, valid: tuple[str, ...], where: str, *, every_k
 def validate_deft_settings(**values) -> None:
     """Raise `TypeError`/`ValueError` naming the first invalid DeFT setting (unknown keys included)."""
     check_unknown_deft_keys(values, DeftSettings.field_names(), "the DeFT settings", every_key=True)
-    for name in ("use_deft", "deft_enable_rtd", "deft_keep_original_positions"):
+    for name in (
+        "use_deft",
+        "deft_enable_rtd",
+        "deft_keep_original_positions",
+        "deft_question_aware",
+        "deft_position_aware",
+    ):
         if name in values:
             _check_type(name, values[name], (bool,), "True or False")
     for name in (
@@ -224,6 +257,20 @@ def validate_deft_settings(**values) -> None:
             _check_type(name, values[name], (int, float), "a number in [0, 1]")
             if not 0.0 <= float(values[name]) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {values[name]!r}")
+    if "deft_ranking_loss" in values and values["deft_ranking_loss"] not in RANKING_LOSSES:
+        raise ValueError(
+            f"deft_ranking_loss must be one of {RANKING_LOSSES}, got {values['deft_ranking_loss']!r}"
+        )
+    if "deft_ranking_temperature" in values:
+        value = values["deft_ranking_temperature"]
+        _check_type("deft_ranking_temperature", value, (int, float), "a finite number > 0")
+        if not (math.isfinite(float(value)) and float(value) > 0):
+            raise ValueError(f"deft_ranking_temperature must be a finite number > 0, got {value!r}")
+    if "deft_coverage_weight" in values:
+        value = values["deft_coverage_weight"]
+        _check_type("deft_coverage_weight", value, (int, float), "a number in [0, 1)")
+        if not 0.0 <= float(value) < 1.0:
+            raise ValueError(f"deft_coverage_weight must be in [0, 1), got {value!r}")
     for name in ("deft_alpha_var", "deft_feedback_loss_weight", "deft_rtd_loss_weight"):
         if name in values:
             _check_type(name, values[name], (int, float), "a finite number >= 0")
@@ -246,6 +293,16 @@ def num_kept_tokens(num_tokens: int, retention_ratio: float) -> int:
 
 
 DEFAULTS = DeftSettings()
+
+# The recipe of the shipped DeFT checkpoints and of `convert`'s new DeFT folders: a question-aware,
+# position-aware scorer trained with a ranking loss (measured in the README, "DeFT's scorer"). The defaults above
+# stay the seed's, so `DeFTModule(...)` called the seed's way and folders saved before these settings existed
+# behave as they did.
+DEFT_RECIPE = {
+    "deft_question_aware": True,
+    "deft_position_aware": True,
+    "deft_ranking_loss": "listnet",
+}
 
 # the default `compression_method`: DeFT itself. The names of every method live in one place, the registry
 # (`modeling_deft_llava/compressors/compression_registry.py`), which the functions below ask.

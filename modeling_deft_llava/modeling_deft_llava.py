@@ -38,6 +38,7 @@ from .compressors.compression_method import LanguageModelCall, PromptBatch, Text
 from .compressors.compression_registry import METHODS, build_method
 from .configuration.configuration_deft_llava import DeftLlavaConfig
 from .configuration.deft_settings import PlaceholderPolicyInputs, num_kept_tokens
+from .deft.question_conditioning import QuestionEncoder
 from .deft.score_mixer import ScoreMixer
 from .modeling_outputs_deft_llava import (
     DeftLlavaCausalLMOutputWithPast,
@@ -96,7 +97,8 @@ class DeftLlavaPreTrainedModel(LlavaPreTrainedModel):
         (`ScoreMixer.mixture_logits`) or draw from the global RNG (so two loads of a stock checkpoint differed).
 
         DeFT parameters a checkpoint lacks get defined, load-independent values: `mixture_logits` = 0 (equal
-        weights, 1/3 each), every `nn.Linear` PyTorch's default scheme (weight Kaiming-uniform with a = sqrt(5),
+        weights, 1/3 each), the output layers of the question and position inputs (`_deft_zero_init`) = 0 (the
+        seed's scores until trained), the question queries N(0, 1/semantic_dim), every other `nn.Linear` PyTorch's default scheme (weight Kaiming-uniform with a = sqrt(5),
         bias U(-1/sqrt(fan_in), 1/sqrt(fan_in))) drawn from a generator seeded with the CRC-32 of the layer's
         name inside `DeFTModule` (`_deft_init_seed`, set by `DeftLlavaModel`). Loaded parameters are untouched
         (transformers' guarded init functions skip them)."""
@@ -106,6 +108,15 @@ class DeftLlavaPreTrainedModel(LlavaPreTrainedModel):
             return
         if isinstance(module, ScoreMixer):
             hf_init.zeros_(module.mixture_logits)
+        elif isinstance(module, QuestionEncoder) and module.queries.device.type != "meta":
+            generator = torch.Generator(device=module.queries.device).manual_seed(seed)
+            hf_init.normal_(
+                module.queries, std=1.0 / math.sqrt(module.queries.shape[-1]), generator=generator
+            )
+        elif getattr(module, "_deft_zero_init", False):  # output layers of the question and position inputs
+            hf_init.zeros_(module.weight)
+            if module.bias is not None:
+                hf_init.zeros_(module.bias)
         elif isinstance(module, nn.Linear) and module.weight.device.type != "meta":
             generator = torch.Generator(device=module.weight.device).manual_seed(seed)
             hf_init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
@@ -533,6 +544,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         deft_token_gradients: list | None = None,
         deft_prompt_length: int | None = None,
         deft_layer_gather_index: torch.LongTensor | None = None,
+        deft_answer_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         **kwargs,
     ) -> DeftLlavaModelOutputWithPast:
@@ -548,6 +560,9 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 the prompt, so a full-recompute forward over prompt + generated tokens decides as the prefill
                 did. Default: the whole input. `generate` passes it on (`deft_generation_state`).
             deft_layer_gather_index: FastV decoding steps: the prefill's `deft_generation_state` entry.
+            deft_answer_mask: `(batch, seq)` bool, True on answer tokens (`labels != -100` of a training batch):
+                a method that reads the prompt's question (question-aware DeFT, CDPruner, Recoverable) skips them.
+                `DeftLlavaForConditionalGeneration.forward` passes it from `labels`.
 
         When visual tokens are present and compression is on, `position_ids` is computed here from
         `attention_mask` (original layout, gaps kept) unless `deft_keep_original_positions=False`.
@@ -590,6 +605,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             deft_reconstruct,
             kwargs,
             context,
+            deft_answer_mask,
         )
 
     def _find_context(self, input_ids, attention_mask, cache) -> TextContext | None:
@@ -634,6 +650,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         reconsidered,
         kwargs,
         context=None,
+        answer_mask=None,
     ) -> DeftLlavaModelOutputWithPast:
         """A forward with visual inputs or a text context: steps 2 and 3 of the pipeline (module docstring)."""
         method = self.active_method
@@ -653,9 +670,15 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                     text &= ~placeholders
             if context is not None:
                 text &= ~context.markers
+            if answer_mask is not None:  # a training batch: the answer is never read as the question
+                if tuple(answer_mask.shape) != tuple(text.shape):
+                    raise ValueError(
+                        f"labels {tuple(answer_mask.shape)} must have the shape of input_ids {tuple(text.shape)}"
+                    )
+                text &= ~answer_mask.to(device=text.device, dtype=torch.bool)
             for modality, features in visual.items():
                 if features.pooler_output:
-                    prompt = PromptBatch(inputs_embeds, masks[modality], text, prompt_length)
+                    prompt = PromptBatch(inputs_embeds, masks[modality], text, prompt_length, modality)
                     visual[modality] = method.compress_with_prompt(self, features, prompt)
         for modality, features in visual.items():
             inputs_embeds = layout.place(
@@ -885,6 +908,8 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
             mm_encoder_outputs=mm_encoder_outputs,
             deft_prompt_length=deft_prompt_length,
             deft_layer_gather_index=deft_layer_gather_index,
+            # labels mark the answer: methods that read the question never read it
+            deft_answer_mask=(labels != -100) if labels is not None and mm_encoder_outputs else None,
         )
         cached_before = past_key_values.get_seq_length() if past_key_values is not None else 0
         outputs = self.model(**model_kwargs, **kwargs)

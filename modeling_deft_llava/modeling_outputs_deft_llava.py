@@ -25,6 +25,9 @@ class DeftVisualFeaturesOutput(BaseModelOutputWithPooling):
     num_reconstructed: `(items,)` rows that RTD rebuilt. rtd_loss / feedback_loss: DeFT's training losses.
     cls_embeddings: `(items, hidden_size)` the projected CLS token of the feature layer, and
     cls_attention: `(items, N)`, kept for a method that compresses once the prompt is known.
+    spatial_shape: `(rows, cols)` patch grid of one image or frame (shared by every item), and
+    token_gradients: list, per item, of `(N, hidden_size)` feedback gradients, kept for question-aware DeFT,
+        which selects once the prompt is known.
 
     Every field after `attentions` is per item (a list or a tensor whose first dimension is the item):
     `select_items` reorders them all (beam search), so a new per-item field needs no other code.
@@ -41,6 +44,8 @@ class DeftVisualFeaturesOutput(BaseModelOutputWithPooling):
     feedback_loss: torch.Tensor | None = None
     cls_embeddings: torch.Tensor | None = None
     cls_attention: torch.Tensor | None = None
+    spatial_shape: tuple | None = None  # shared by every item: a tuple, which `select_items` leaves alone
+    token_gradients: list | None = None
 
     # fields of the encoder itself, not per item
     ENCODER_FIELDS = ("last_hidden_state", "hidden_states", "attentions")

@@ -90,6 +90,14 @@ def serving_refusal(config) -> str | None:
             "image, which vLLM's placeholder accounting cannot hold; set deft_inference_mode='fast' (a fixed "
             "K per image) in config.json, or pass hf_overrides={'deft_inference_mode': 'fast'}"
         )
+    if getattr(config, "deft_question_aware", False):
+        return (
+            "deft_question_aware=True selects each image's tokens with the prompt's question, but vLLM encodes "
+            "images (embed_multimodal) without the prompt's text and this plugin does not pass it. Serve this "
+            "folder with transformers' generate (or serving/handler.py), or serve it question-blind with "
+            "hf_overrides={'deft_question_aware': False} (the question encoder's weights are then ignored and the "
+            "scorer ranks without the question: lower accuracy, see the model card)"
+        )
     return None
 
 
@@ -300,8 +308,9 @@ class DeftLlavaVllmForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
                         name = head + "vision_model." + name[len(head) :]
                 yield name, tensor
 
-        # compression off (use_deft=False): the checkpoint's DeFT weights are not used
-        skip = ["deft."] if self.deft is None else None
+        # compression off (use_deft=False): the checkpoint's DeFT weights are not used; question-blind serving
+        # of a question-aware checkpoint (hf_overrides deft_question_aware=False): its question encoder is not
+        skip = ["deft."] if self.deft is None else ["deft.question_encoder."]
         return AutoWeightsLoader(self, ignore_unexpected_prefixes=skip).load_weights(
             renamed(), mapper=self.hf_to_vllm_mapper
         )

@@ -227,7 +227,8 @@ def test_missing_question_raises():
 
 def test_in_the_model_each_image_is_pruned_with_its_own_question():
     """N placeholders per image; the kept rows are the standalone compressor's choice on the plain projected
-    features and the language model's input embeddings of the text after the image (one sample at a time)."""
+    features and the language model's input embeddings of its row's text, before and after the image (one sample
+    at a time; `PromptBatch.questions`)."""
     settings = dict(use_deft=True, deft_retention_ratio=0.25, compression_method="cdpruner")
     model, processor = tiny.model(**settings), tiny.processor(**settings)
     inputs = batch_inputs(processor, n_images=(2, 1), questions=("what is in the picture ?", "a cat ?"))
@@ -241,10 +242,10 @@ def test_in_the_model_each_image_is_pruned_with_its_own_question():
     item = 0
     for b in range(2):
         ids, valid = inputs["input_ids"][b], inputs["attention_mask"][b].bool()
-        starts = (ids == IMAGE).nonzero()[::16, 0].tolist()  # 16 placeholders per image, adjacent images too
-        for start in starts:
-            after = [u for u in range(start + 16, len(ids)) if valid[u] and ids[u] != IMAGE]
-            context = CompressionContext((4, 4), 4, text_embeds=embeds[b, after][None])
+        images = int((ids == IMAGE).sum()) // 16  # 16 placeholders per image
+        for _ in range(images):
+            text = [u for u in range(len(ids)) if valid[u] and ids[u] != IMAGE]
+            context = CompressionContext((4, 4), 4, text_embeds=embeds[b, text][None])
             want = compressor(features[item][None], context).kept_indices[0]
             assert torch.equal(out.kept_indices[item], want)
             item += 1

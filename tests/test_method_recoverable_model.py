@@ -2,7 +2,7 @@
 
 The reference takes one sample at a time, without padding: the plain LLaVA features (all N), the CLS token of
 the feature layer through the projector, the CLS attention (by default the released code's: the last encoder
-layer as one full-width head; it ranks patches and weighs the released cluster merge), the model's own input embeddings of the text after each image, the standalone compressor, and then the stock language model fed the K tokens of each image at the positions of
+layer as one full-width head; it ranks patches and weighs the released cluster merge), the model's own input embeddings of its row's text (before and after the image), the standalone compressor, and then the stock language model fed the K tokens of each image at the positions of
 their representative patches (the text after an image resumes after all N)."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def reference_last_logits(model, ids, pixel_values, merge, attention_layer="rele
                 positions.append(pos)
                 pos, t = pos + 1, t + 1
                 continue
-            after = [u for u in range(t + 16, len(ids)) if ids[u] != IMAGE]  # the question of this image
+            after = [u for u in range(len(ids)) if ids[u] != IMAGE]  # the question: the row's text
             context = CompressionContext(
                 spatial_shape=(4, 4),
                 num_kept=4,

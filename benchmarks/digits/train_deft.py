@@ -25,6 +25,8 @@ import os
 import shutil
 import time
 
+from modeling_deft_llava.configuration.deft_settings import DEFT_RECIPE, RANKING_LOSSES
+
 from modeling_deft_llava.commands.convert import convert
 
 from .common import atomic_write_json
@@ -54,6 +56,15 @@ def write_training_data(folder: str, num_samples: int, make_split) -> str:
             f.write(json.dumps(row) + "\n")
     os.replace(path + ".tmp", path)
     return path
+
+
+def scorer_settings(args) -> dict:
+    """The scorer's config fields from the command line (defaults: `DEFT_RECIPE`)."""
+    return {
+        "deft_question_aware": args.question_aware,
+        "deft_position_aware": args.position_aware,
+        "deft_ranking_loss": args.ranking_loss,
+    }
 
 
 def learned_mixture(model) -> dict:
@@ -91,6 +102,24 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--saliency-hidden-dim", type=int, default=64, help="hidden width of the saliency MLP"
     )
+    parser.add_argument(
+        "--question-aware",
+        action=argparse.BooleanOptionalAction,
+        default=DEFT_RECIPE["deft_question_aware"],
+        help="deft_question_aware (the recipe: on; --no-question-aware for the seed's question-blind scorer)",
+    )
+    parser.add_argument(
+        "--position-aware",
+        action=argparse.BooleanOptionalAction,
+        default=DEFT_RECIPE["deft_position_aware"],
+        help="deft_position_aware (the recipe: on)",
+    )
+    parser.add_argument(
+        "--ranking-loss",
+        choices=RANKING_LOSSES,
+        default=DEFT_RECIPE["deft_ranking_loss"],
+        help="deft_ranking_loss (the recipe: listnet; mse is the seed's)",
+    )
     parser.add_argument("--out", default=None, help="default: the task's DeFT checkpoint (tasks.py)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -125,6 +154,7 @@ def main(argv=None) -> None:
         deft_retention_ratio=args.retention,
         deft_semantic_dim=args.semantic_dim,
         deft_saliency_hidden_dim=args.saliency_hidden_dim,
+        **scorer_settings(args),
     )
     run = task.work("deft_run")
     shutil.rmtree(run, ignore_errors=True)
@@ -175,6 +205,7 @@ def main(argv=None) -> None:
             "semantic_dim": args.semantic_dim,
             "saliency_hidden_dim": args.saliency_hidden_dim,
             "feedback_every_n_steps": args.feedback_every_n_steps,
+            "scorer": scorer_settings(args),
             "learned_mixture": learned_mixture(model),
             "wall_time_s": time.time() - start,
             "log": log,
@@ -205,6 +236,7 @@ def train_video(args, task, argv, start: float) -> None:
         deft_retention_ratio=args.retention,
         deft_semantic_dim=args.semantic_dim,
         deft_saliency_hidden_dim=args.saliency_hidden_dim,
+        **scorer_settings(args),
     )
     model = DeftLlavaForConditionalGeneration.from_pretrained(args.base, **settings)
     processor = build_video_processor(task.words, use_deft=True, deft_retention_ratio=args.retention)
@@ -269,6 +301,7 @@ def train_video(args, task, argv, start: float) -> None:
             "semantic_dim": args.semantic_dim,
             "saliency_hidden_dim": args.saliency_hidden_dim,
             "feedback_every_n_steps": args.feedback_every_n_steps,
+            "scorer": scorer_settings(args),
             "learned_mixture": learned_mixture(model),
             "wall_time_s": time.time() - start,
             "torch_threads": torch.get_num_threads(),

@@ -14,10 +14,11 @@ non-empty folder is never touched without `--overwrite`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 
-from ..configuration.deft_settings import DeftSettings
+from ..configuration.deft_settings import DEFT_RECIPE, DeftSettings
 from ..hub_card.atomic_write import place, staged
 from ..modeling_deft_llava import DeftLlavaForConditionalGeneration
 from ..processing.processing_deft_llava import PROCESSOR_DEFT_KEYS, DeftLlavaProcessor
@@ -26,9 +27,20 @@ logger = logging.getLogger(__name__)
 
 
 def convert(stock_folder: str, out_folder: str, overwrite: bool = False, **deft_settings) -> list[str]:
-    """Write a DeFT-LLaVA folder from `stock_folder`; returns the names of the freshly initialised weights."""
-    if not os.path.isfile(os.path.join(stock_folder, "config.json")):
+    """Write a DeFT-LLaVA folder from `stock_folder`; returns the names of the freshly initialised weights.
+
+    DeFT's scorer follows `DEFT_RECIPE` (question- and position-aware, ListNet) for every recipe setting that
+    neither `deft_settings` nor the folder's config.json gives; pass e.g. `deft_question_aware=False` for the
+    seed's scorer."""
+    config_path = os.path.join(stock_folder, "config.json")
+    if not os.path.isfile(config_path):
         raise ValueError(f"{stock_folder!r} is not a checkpoint folder: it has no config.json")
+    with open(config_path) as f:
+        present = json.load(f)
+    deft_settings = {
+        **{k: v for k, v in DEFT_RECIPE.items() if k not in present and k not in deft_settings},
+        **deft_settings,
+    }
     unknown = sorted(set(deft_settings) - set(DeftSettings.field_names()) - {"compression_method"})
     if unknown:
         raise ValueError(f"unknown DeFT settings {unknown}; valid: {sorted(DeftSettings.field_names())}")
@@ -72,12 +84,20 @@ def main(argv=None) -> None:
     parser.add_argument("--deft-inference-mode", choices=["fast", "hybrid", "adaptive"])
     parser.add_argument("--deft-semantic-dim", type=int)
     parser.add_argument("--compression-method")
+    parser.add_argument(
+        "--seed-scorer",
+        action="store_true",
+        help="DeFT's scorer as the seed README describes it (question- and position-blind, MSE), not DEFT_RECIPE",
+    )
     args = parser.parse_args(argv)
+    seed_scorer = vars(args).pop("seed_scorer")
     settings = {
         key: value
         for key, value in vars(args).items()
         if key not in ("stock_folder", "out_folder", "overwrite") and value is not None
     }
+    if seed_scorer:
+        settings.update({key: DeftSettings.__dataclass_fields__[key].default for key in DEFT_RECIPE})
     try:
         new = convert(args.stock_folder, args.out_folder, overwrite=args.overwrite, **settings)
     except ValueError as err:

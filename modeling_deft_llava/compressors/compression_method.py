@@ -67,25 +67,31 @@ class PromptBatch:
 
     Args:
         inputs_embeds: `(batch, seq, hidden_size)` the model's input embeddings (placeholders not yet filled).
-        placeholder_mask: `(batch, seq)` bool, this modality's placeholders (N per item, items in row-major order).
-        text_mask: `(batch, seq)` bool, real text tokens (not padding, not a placeholder).
+        placeholder_mask: `(batch, seq)` bool, this modality's placeholders (the same number per item, items in
+            row-major order).
+        text_mask: `(batch, seq)` bool, real text tokens: not padding, not a placeholder, not a context marker,
+            and not an answer token of a training batch (`labels` set: the model never reads the answer as the
+            question).
         prompt_length: tokens of the prompt; later ones were generated.
+        modality: `"image"` or `"video"`, the items of `placeholder_mask`.
     """
 
     inputs_embeds: torch.Tensor
     placeholder_mask: torch.Tensor
     text_mask: torch.Tensor
     prompt_length: int
+    modality: str = "image"
 
     def questions(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each item's batch row `(items,)` and its question `(items, seq)` bool: the real text tokens after
-        the item's last placeholder, up to the prompt length (`num_rows` placeholders per item, row-major)."""
-        where = self.placeholder_mask.nonzero()  # (items * N, 2): item j holds entries j*N .. j*N + N-1
+        """Each item's batch row `(items,)` and its question `(items, seq)` bool: every real text token of the
+        item's row up to the prompt length, before or after the item (a chat template may put the question on
+        either side of the image; `num_rows` placeholders per item, row-major). With several items in a row,
+        each reads the whole row's text."""
+        where = self.placeholder_mask.nonzero()  # (items * num_rows, 2): item j holds entries j*num_rows ...
         row = where[::num_rows, 0]  # (items,)
-        last = where[num_rows - 1 :: num_rows, 1]  # (items,) column of the item's last placeholder
         columns = torch.arange(self.placeholder_mask.shape[1], device=row.device)  # (seq,)
-        after = (columns > last.unsqueeze(1)) & (columns < self.prompt_length)  # (items, seq)
-        return row, self.text_mask[row] & after
+        in_prompt = (columns < self.prompt_length).unsqueeze(0)  # (1, seq)
+        return row, self.text_mask[row] & in_prompt
 
 
 @dataclass

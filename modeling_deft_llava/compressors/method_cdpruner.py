@@ -163,7 +163,7 @@ class DeftLlavaCDPrunerCompressor(TokenCompressor):
     Where it runs: the instruction is known only once the prompt is, so the method acts in
     `compress_with_prompt` (as `recoverable`): the processor writes all N placeholders, the method marks
     the K kept rows (`rows_used`) and the model drops the others and re-packs the batch. The instruction of an
-    image is the text after it in its row, up to the prompt length (`PromptBatch.questions`), as the language
+    image is every real text token of its row in the prompt, before or after it (`PromptBatch.questions`), as the language
     model's input embeddings of those tokens.
 
     Shapes: `compress` takes `(batch, N, D)` features with `context.text_embeds` `(batch, T, D)` and
@@ -183,8 +183,9 @@ class DeftLlavaCDPrunerCompressor(TokenCompressor):
       embeddings of the question tokens, one embedding per token, and averages over the tokens (the
       official code averages over its text segments).
     - the question: the official code passes the raw question string; here it is every real text token
-      after the image up to the prompt length, so the chat template's tail (`ASSISTANT:`) is included, and
-      with several images the text after later images too.
+      of the image's row in the prompt, before or after the image (a template may put the question on either
+      side), so the chat template's words (`USER:`, `ASSISTANT:`) are included, and with several images in a
+      row each reads the whole row's text. Answer tokens of a training batch (`labels`) are never read.
     - sign: the official code negates the cosine (a CLIP-specific observation of its authors); default here
       is the cosine itself, `negate_relevance=True` gives the official sign.
     - normalisation: the official code min-max normalises over the whole batch tensor (it runs batch 1);
@@ -205,7 +206,7 @@ class DeftLlavaCDPrunerCompressor(TokenCompressor):
     name = "cdpruner"
     settings_class = CDPrunerSettings
     needs_text = True
-    decides_on_prompt = True  # the instruction is the prompt's text after the image
+    decides_on_prompt = True  # the instruction is the prompt's text
 
     @classmethod
     def writes_all_placeholders(cls, config) -> bool:

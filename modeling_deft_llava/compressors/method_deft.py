@@ -18,6 +18,16 @@ the same `DeFTModule` with `modality="text"` (SAM, saliency, group score over th
 most similar context tokens of the same sample; feedback when trained with gradients is not wired for text),
 and the top K of each sample's context tokens are kept in order, `fast` mode whatever `deft_inference_mode`.
 
+Question-aware DeFT (`deft_question_aware`): the saliency reads the prompt's question (`QuestionEncoder`), so
+the selection waits for the prompt: `compress_features` leaves the N rows (and records the grid and the
+token gradients), and `compress_with_prompt` scores and selects with the question, the same way in every mode
+(K placeholders in `fast`, N with `rows_used` otherwise). The question of an image is every real text token
+of its row in the prompt, before or after it (`PromptBatch.questions`; answer tokens in training are never
+read). In a multi-turn chat the image is compressed in the turn that brings it, with that turn's text: a
+question asked in a later turn, after the image sits in the KV cache, cannot change which tokens were kept
+(send the conversation again without `past_key_values` to re-select). A call of `get_image_features` alone
+returns the N uncompressed rows (no prompt yet).
+
 Differences from the seed README: see `DeFTModule`. For text: the RTD is not used (no reconstructed context
 rows), and the scorers are the same weights that score visual tokens (one SAM for every modality, as the seed's
 unified semantic space).
@@ -33,7 +43,14 @@ import torch
 from ..deft.deft_module import DeFTModule
 from ..deft.token_dictionary import sample_is_uncertain
 from ..modeling_outputs_deft_llava import updated
-from .compression_method import CompressionMethod, NoSettings, TextBatch, TextSelection, VisualBatch
+from .compression_method import (
+    CompressionMethod,
+    NoSettings,
+    PromptBatch,
+    TextBatch,
+    TextSelection,
+    VisualBatch,
+)
 
 # DeFTModule attribute <- config key: read from the config at every call
 CALL_TIME_SETTINGS = {
@@ -47,6 +64,9 @@ CALL_TIME_SETTINGS = {
     "feedback_loss_weight": "deft_feedback_loss_weight",
     "rtd_loss_weight": "deft_rtd_loss_weight",
     "score_components": "deft_score_components",
+    "ranking_loss": "deft_ranking_loss",
+    "ranking_temperature": "deft_ranking_temperature",
+    "coverage_weight": "deft_coverage_weight",
 }
 
 
@@ -96,11 +116,15 @@ class DeftLlavaDeFTCompressor(CompressionMethod, DeFTModule):
             enable_rtd=config.deft_enable_rtd,
             rtd_bottleneck_ratio=config.deft_rtd_bottleneck_ratio,
             saliency_hidden_dim=config.deft_saliency_hidden_dim,
+            question_aware=config.deft_question_aware,
+            position_aware=config.deft_position_aware,
             **{attribute: getattr(config, key) for attribute, key in CALL_TIME_SETTINGS.items()},
         )
         for name, module in method.named_modules():  # see DeftLlavaPreTrainedModel._init_weights
             module._deft_init_seed = zlib.crc32(name.encode())
         method.inference_mode = config.deft_inference_mode
+        # question-aware DeFT decides from the prompt: later steps and a full recompute read the same prompt
+        method.decides_on_prompt = method.question_aware
         return method
 
     def apply_config(self, config) -> None:
@@ -111,8 +135,51 @@ class DeftLlavaDeFTCompressor(CompressionMethod, DeFTModule):
     def compress_features(self, model, features, visual: VisualBatch):
         if not features.pooler_output:
             return features
+        if self.question_aware:  # selected once the prompt is known (`compress_with_prompt`)
+            return updated(
+                features,
+                spatial_shape=tuple(visual.spatial_shape),
+                token_gradients=visual.token_gradients,
+            )
+        return self._select(model, features, visual.modality, visual.spatial_shape, visual.token_gradients)
+
+    def compress_with_prompt(self, model, features, prompt: PromptBatch):
+        """Question-aware DeFT: score and select each item with its row's question (see the module docstring)."""
+        if not self.question_aware:
+            return features
+        items = len(features.pooler_output)
+        row, question = prompt.questions(
+            int(prompt.placeholder_mask.sum()) // items
+        )  # (items,), (items, seq)
+        spatial_shape = features.spatial_shape
+        if spatial_shape is None:
+            raise ValueError(
+                "question-aware DeFT got visual features without their patch grid (spatial_shape): pass the "
+                "features that get_image_features / get_video_features of this model return"
+            )
+        return self._select(
+            model,
+            features,
+            prompt.modality,
+            spatial_shape,
+            features.token_gradients,
+            question_embeds=prompt.inputs_embeds[row],  # (items, seq, D)
+            question_mask=question,
+        )
+
+    def _select(
+        self,
+        model,
+        features,
+        modality,
+        spatial_shape,
+        token_gradients,
+        question_embeds=None,
+        question_mask=None,
+    ):
+        """Score and select the rows of each item (`fast`: K rows; `hybrid`/`adaptive`: N rows, `rows_used`)."""
         tokens = torch.stack(list(features.pooler_output))  # (items, N, D)
-        grads = torch.stack(visual.token_gradients) if visual.token_gradients is not None else None
+        grads = torch.stack(token_gradients) if token_gradients is not None else None
         mode = self.inference_mode
         logits = None
         if mode == "hybrid":
@@ -120,11 +187,13 @@ class DeftLlavaDeFTCompressor(CompressionMethod, DeFTModule):
             logits = tokens @ model.get_input_embeddings().weight.t()  # (items, N, vocab)
         out = self(
             tokens=tokens,
-            modality=visual.modality,
-            spatial_shape=visual.spatial_shape,
+            modality=modality,
+            spatial_shape=tuple(spatial_shape),
             inference_mode="fast" if mode == "fast" else "hybrid",
             logits=logits,
             token_gradients=grads,
+            question_embeds=question_embeds,
+            question_mask=question_mask,
         )
         result = updated(
             features,

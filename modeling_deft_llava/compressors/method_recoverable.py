@@ -173,7 +173,7 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
       wording (cosine of the projected CLS token and each patch) is `visual_score="cls_similarity"`.
     - text score: the released code compares the CLIP text encoder's projected embedding of the question with
       CLIP's projected patch features; here the question is the language model's input embeddings of the
-      prompt text after the image (mean of the valid tokens), compared with the projected patch features.
+      prompt text of the image's row, before or after it (`PromptBatch.questions`; mean of the valid tokens), compared with the projected patch features.
     - output order: the released code feeds the LLM [kept (ascending), centres (by CLS attention), summary];
       here every token sits at its representative patch (`kept_indices`), which gives its position id.
     """
@@ -182,7 +182,7 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
     needs_cls_token = True  # both visual scores read the CLS token (its embedding or its attention)
     needs_text = True
     settings_class = RecoverableSettings
-    decides_on_prompt = True  # the question is the prompt's text after the image
+    decides_on_prompt = True  # the question is the prompt's text
 
     @classmethod
     def writes_all_placeholders(cls, config) -> bool:

@@ -28,11 +28,13 @@ from .deft_inputs import (
 )
 from .feedback_scorer import feedback_scores, feedback_scores_from_gradients
 from .group_scorer import group_scores
+from .question_conditioning import GridPositionEncoding, QuestionEncoder
+from .ranking_loss import ranking_loss
 from .saliency_scorer import SaliencyScorer
 from .score_mixer import ScoreMixer, normalize_per_sample
 from .semantic_abstraction import SemanticAbstraction
 from .token_dictionary import TokenDictionary, is_uncertain, sample_is_uncertain
-from .topk_selector import gather_tokens, select_topk
+from .topk_selector import gather_tokens, select_topk, select_with_coverage
 
 COMPONENT_KEYS = {"semantic": "s_sem", "feedback": "s_fb", "group": "s_group"}
 
@@ -55,8 +57,9 @@ class DeFTOutput:
             components `s_sem`, `s_fb` (None without feedback), `s_group`, and `num_kept` per sample.
         rtd_loss: reconstruction loss of the pruned tokens (None without RTD, and at inference: in eval mode
             with gradients off nothing can use it, so the pruned tokens are not encoded for it).
-        feedback_loss: MSE pulling the normalised scores (the inference-time semantic + group mixture, and the
-            training-time mixture) towards the normalised `s_fb` (None without feedback).
+        feedback_loss: the ranking loss (`deft_ranking_loss`: the seed's MSE, or ListNet) pulling the scores (the
+            inference-time semantic + group mixture, and the training-time mixture) towards the normalised
+            `s_fb` (None without feedback).
     """
 
     retained_tokens: torch.Tensor
@@ -94,6 +97,14 @@ class DeFTModule(nn.Module):
         score_components: the components the mixture may use (None: every component present in the call; see
             `DeftSettings.deft_score_components`).
         feedback_loss_weight, rtd_loss_weight: recorded for training code; the module returns the raw losses.
+        question_aware: build the `QuestionEncoder`; a call with `question_embeds` then conditions the saliency
+            on the question (a call without one scores as the seed).
+        position_aware: build the `GridPositionEncoding` (images and videos; text has no grid).
+        ranking_loss, ranking_temperature: the feedback loss (`ranking_loss.py`).
+        coverage_weight: redundancy penalty of the selection (0: plain top-k; see `select_with_coverage`).
+
+    Every new argument defaults to the seed's behaviour (`DeftSettings`); the shipped checkpoints use
+    `DEFT_RECIPE` (question- and position-aware, ListNet).
 
     Tokens may have any floating dtype: the scorers and the RTD run in the dtype of their own weights (the
     tokens are cast to it), and retained and reconstructed tokens come back in the tokens' dtype.
@@ -123,6 +134,11 @@ class DeFTModule(nn.Module):
         feedback_loss_weight: float = DEFAULTS.deft_feedback_loss_weight,
         rtd_loss_weight: float = DEFAULTS.deft_rtd_loss_weight,
         score_components: tuple[str, ...] | list[str] | None = DEFAULTS.deft_score_components,
+        question_aware: bool = DEFAULTS.deft_question_aware,
+        position_aware: bool = DEFAULTS.deft_position_aware,
+        ranking_loss: str = DEFAULTS.deft_ranking_loss,
+        ranking_temperature: float = DEFAULTS.deft_ranking_temperature,
+        coverage_weight: float = DEFAULTS.deft_coverage_weight,
     ):
         super().__init__()
         if isinstance(token_dim, bool) or not isinstance(token_dim, int) or token_dim < 1:
@@ -142,6 +158,11 @@ class DeFTModule(nn.Module):
             deft_feedback_loss_weight=feedback_loss_weight,
             deft_rtd_loss_weight=rtd_loss_weight,
             deft_score_components=score_components,
+            deft_question_aware=question_aware,
+            deft_position_aware=position_aware,
+            deft_ranking_loss=ranking_loss,
+            deft_ranking_temperature=ranking_temperature,
+            deft_coverage_weight=coverage_weight,
         )
         self.token_dim = token_dim
         self.retention_ratio = float(retention_ratio)
@@ -154,10 +175,21 @@ class DeFTModule(nn.Module):
         self.feedback_loss_weight = float(feedback_loss_weight)
         self.rtd_loss_weight = float(rtd_loss_weight)
         self.score_components = score_components
+        self.ranking_loss = ranking_loss
+        self.ranking_temperature = float(ranking_temperature)
+        self.coverage_weight = float(coverage_weight)
         self.semantic_abstraction = SemanticAbstraction(token_dim, semantic_dim)
         self.saliency_scorer = SaliencyScorer(semantic_dim, saliency_hidden_dim)
         self.score_mixer = ScoreMixer()
         self.token_dictionary = TokenDictionary(token_dim, rtd_bottleneck_ratio) if enable_rtd else None
+        self.question_encoder = (
+            QuestionEncoder(token_dim, semantic_dim, saliency_hidden_dim) if question_aware else None
+        )
+        self.position_encoding = GridPositionEncoding(semantic_dim) if position_aware else None
+
+    @property
+    def question_aware(self) -> bool:
+        return self.question_encoder is not None
 
     @property
     def enable_rtd(self) -> bool:
@@ -227,10 +259,21 @@ class DeFTModule(nn.Module):
         token_mask: torch.Tensor | None = None,
         task_loss: torch.Tensor | None = None,
         token_gradients: torch.Tensor | None = None,
+        question_embeds: torch.Tensor | None = None,
+        question_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
-        """SAM + FGCS: mixed scores `(batch, N)` (padding -inf) and the scoring details."""
+        """SAM + FGCS: mixed scores `(batch, N)` (padding -inf) and the scoring details (`semantic`: SAM's
+        tokens `(batch, N, semantic_dim)`)."""
         semantic = self.semantic_abstraction(tokens)  # (batch, N, semantic_dim)
-        s_sem = normalize_per_sample(self.saliency_scorer(semantic), token_mask)  # (batch, N)
+        located = semantic
+        if self.position_encoding is not None and modality in ("image", "video"):
+            located = semantic + self.position_encoding(
+                tuple(spatial_shape), tokens.shape[1]
+            )  # (batch, N, S)
+        film = None
+        if self.question_encoder is not None and question_embeds is not None:
+            film = self.question_encoder(question_embeds, question_mask)  # 2 x (batch, hidden)
+        s_sem = normalize_per_sample(self.saliency_scorer(located, film), token_mask)  # (batch, N)
         s_fb = None
         if token_gradients is not None:
             s_fb = normalize_per_sample(
@@ -265,7 +308,13 @@ class DeFTModule(nn.Module):
             )
         if token_mask is not None:
             mixed = mixed.masked_fill(~token_mask, float("-inf"))
-        info = {"mixture_weights": beta, "s_sem": s_sem, "s_fb": s_fb, "s_group": s_group}
+        info = {
+            "mixture_weights": beta,
+            "s_sem": s_sem,
+            "s_fb": s_fb,
+            "s_group": s_group,
+            "semantic": semantic,
+        }
         return mixed, info
 
     def _allowed(self, components: dict) -> dict:
@@ -295,6 +344,8 @@ class DeFTModule(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_gradients: torch.Tensor | None = None,
         retention_ratio: float | None = None,
+        question_embeds: torch.Tensor | None = None,
+        question_mask: torch.Tensor | None = None,
     ) -> DeFTOutput:
         """Compress `tokens` `(batch_size, num_tokens, token_dim)`.
 
@@ -309,6 +360,9 @@ class DeFTModule(nn.Module):
             token_gradients: precomputed `d loss / d tokens`, exactly the shape of `tokens`, instead of
                 `task_loss` (not both).
             retention_ratio: override of the module's ratio for this call.
+            question_embeds: `(batch, T, token_dim)` embeddings of each sample's question tokens (for a
+                DeFT-LLaVA model: the language model's input embeddings of the prompt), with `question_mask`
+                `(batch, T)` bool, True on the question's tokens. Read only by a `question_aware` module.
 
         Raises:
             TypeError / ValueError: an argument of the wrong type, dtype, shape (named with the shape `tokens`
@@ -327,10 +381,27 @@ class DeFTModule(nn.Module):
         )
         ratio = self.retention_ratio if retention_ratio is None else float(retention_ratio)
         token_mask = attention_mask.bool() if attention_mask is not None else None
-        scores, info = self.score(tokens, modality, spatial_shape, token_mask, task_loss, token_gradients)
+        if question_embeds is not None:
+            self._check_question(question_embeds, question_mask, tokens)
+        scores, info = self.score(
+            tokens,
+            modality,
+            spatial_shape,
+            token_mask,
+            task_loss,
+            token_gradients,
+            question_embeds,
+            question_mask,
+        )
+        semantic = info.pop("semantic")
         feedback_loss = self._feedback_loss(info, scores, token_mask) if info["s_fb"] is not None else None
 
-        kept_indices, kept_mask = select_topk(scores, ratio, token_mask)  # (batch, k)
+        if self.coverage_weight > 0:
+            kept_indices, kept_mask = select_with_coverage(
+                scores.detach(), semantic.detach(), ratio, self.coverage_weight, token_mask
+            )  # (batch, k)
+        else:
+            kept_indices, kept_mask = select_topk(scores, ratio, token_mask)  # (batch, k)
         retained = gather_tokens(tokens, kept_indices)  # (batch, k, D)
         if ratio >= 1.0 and token_mask is None:
             retained = tokens  # keep-all: the input itself, untouched
@@ -375,10 +446,33 @@ class DeFTModule(nn.Module):
             feedback_loss=feedback_loss,
         )
 
+    def _check_question(self, question_embeds, question_mask, tokens) -> None:
+        if not isinstance(question_embeds, torch.Tensor) or question_embeds.dim() != 3:
+            raise ValueError(
+                "question_embeds must be a (batch_size, question_tokens, token_dim) tensor, got "
+                f"{getattr(question_embeds, 'shape', type(question_embeds).__name__)}"
+            )
+        if question_embeds.shape[0] != tokens.shape[0] or question_embeds.shape[2] != self.token_dim:
+            raise ValueError(
+                f"question_embeds {tuple(question_embeds.shape)} must be (batch_size={tokens.shape[0]}, T, "
+                f"token_dim={self.token_dim})"
+            )
+        if (
+            not isinstance(question_mask, torch.Tensor)
+            or question_mask.dtype != torch.bool
+            or tuple(question_mask.shape) != tuple(question_embeds.shape[:2])
+        ):
+            raise ValueError(
+                f"question_mask must be a bool tensor of shape {tuple(question_embeds.shape[:2])} (True on the "
+                f"question's tokens), got {getattr(question_mask, 'dtype', type(question_mask).__name__)} "
+                f"{tuple(getattr(question_mask, 'shape', ()))}"
+            )
+
     def _feedback_loss(self, info, scores, token_mask) -> torch.Tensor:
-        """Pull the scores towards the task feedback `s~_fb` (MSE on per-sample normalised scores): the score
-        used at inference (semantic + group mixture, where no feedback exists) and the training-time score
-        (all three components). SAM, the saliency MLP and every mixture weight learn from it."""
+        """Pull the scores towards the task feedback `s~_fb` (`ranking_loss`: the seed's MSE on per-sample
+        normalised scores, or ListNet): the score used at inference (semantic + group mixture, where no feedback
+        exists) and the training-time score (all three components). SAM, the saliency MLP (and its question and
+        position inputs) and every mixture weight learn from it."""
         target = info["s_fb"]
         terms = [normalize_per_sample(scores, token_mask)]
         inference = {"semantic": info["s_sem"], "group": info["s_group"]}
@@ -389,10 +483,10 @@ class DeFTModule(nn.Module):
         ):  # no inference-time component listed (`score_components=["feedback"]`): training mix only
             inference_mix, _ = self.score_mixer(inference)
             terms.insert(0, normalize_per_sample(inference_mix, token_mask))
-        losses = [(term - target).pow(2) for term in terms]
-        if token_mask is not None:
-            return sum(loss[token_mask].mean() for loss in losses)
-        return sum(loss.mean() for loss in losses)
+        return sum(
+            ranking_loss(term, target, token_mask, self.ranking_loss, self.ranking_temperature)
+            for term in terms
+        )
 
     # ------------------------------------------------------------------ RTD
     def _recover_mask(self, mode, logits, pruned_mask, token_mask):

@@ -31,9 +31,16 @@ class SaliencyScorer(nn.Module):
             nn.Linear(hidden_dim, 1, bias=False),
         )
 
-    def forward(self, semantic_tokens: torch.Tensor) -> torch.Tensor:
-        """`(batch_size, num_tokens, semantic_dim)` -> raw scores `(batch_size, num_tokens)`."""
-        return self.mlp(semantic_tokens).squeeze(-1)
+    def forward(self, semantic_tokens: torch.Tensor, film: tuple | None = None) -> torch.Tensor:
+        """`(batch_size, num_tokens, semantic_dim)` -> raw scores `(batch_size, num_tokens)`.
+
+        `film`: optional `(gamma, beta)`, each `(batch_size, hidden_dim)`, applied to the first hidden layer
+        before its activation, `h * (1 + gamma) + beta` (`QuestionEncoder`; zeros leave the seed's MLP)."""
+        hidden = self.mlp[0](semantic_tokens)  # (batch, N, hidden)
+        if film is not None:
+            gamma, beta = film
+            hidden = hidden * (1 + gamma.unsqueeze(1).to(hidden.dtype)) + beta.unsqueeze(1).to(hidden.dtype)
+        return self.mlp[1:](hidden).squeeze(-1)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in self.LEGACY_KEYS:  # `load_state_dict(strict=True)` of an older DeFTModule still works

@@ -52,3 +52,55 @@ def select_topk(
 def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """`(batch, N, D)` tokens at `(batch, k)` indices -> `(batch, k, D)`."""
     return torch.gather(tokens, 1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def select_with_coverage(
+    scores: torch.Tensor,
+    semantic: torch.Tensor,
+    retention_ratio: float,
+    coverage_weight: float,
+    token_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k with a redundancy penalty: greedy maximal marginal relevance (Carbonell & Goldstein, 1998).
+
+    Each step keeps the token with the largest `(1 - w) * q_i - w * max(0, max_{j kept} cos(z_i, z_j))`, where
+    `q` is the score min-max normalised over the row's valid tokens and `z` the semantic tokens. `w = 0` keeps
+    the same set as `select_topk` (ties aside); the loop runs k times (k sequential steps of `(batch, N)` work).
+
+    Args:
+        scores: `(batch_size, num_tokens)`, higher is more important (padding may hold -inf).
+        semantic: `(batch_size, num_tokens, dim)` the tokens whose cosine similarity measures redundancy.
+        retention_ratio: share kept, in (0, 1]; coverage_weight: `w` in [0, 1).
+        token_mask: optional `(batch_size, num_tokens)` bool, False on padding (never kept).
+
+    Returns:
+        kept_indices, kept_mask: as `select_topk` (ascending indices, unused slots of short rows at index 0).
+    """
+    from .score_mixer import normalize_per_sample
+
+    batch, n = scores.shape
+    valid = token_mask if token_mask is not None else torch.ones_like(scores, dtype=torch.bool)
+    counts = kept_counts(valid.sum(1), retention_ratio)  # (batch,)
+    k_max = max(int(counts.max().item()) if batch else 0, 1)
+    quality = normalize_per_sample(scores, valid)  # (batch, N) in [0, 1]
+    unit = torch.nn.functional.normalize(semantic.float(), dim=-1)
+    similarity = unit @ unit.transpose(1, 2)  # (batch, N, N)
+    rows = torch.arange(batch, device=scores.device)
+    taken = ~valid  # (batch, N): padding counts as taken
+    redundancy = torch.zeros_like(quality)  # (batch, N) max similarity to a kept token, clamped at 0
+    picks = []
+    for _ in range(k_max):
+        value = ((1.0 - coverage_weight) * quality - coverage_weight * redundancy).masked_fill(
+            taken, float("-inf")
+        )
+        pick = value.argmax(1)  # (batch,) ties: the earlier token
+        picks.append(pick)
+        taken = taken.clone()
+        taken[rows, pick] = True
+        redundancy = torch.maximum(redundancy, similarity[rows, pick].clamp_min(0.0))
+    top = torch.stack(picks, dim=1)  # (batch, k_max), pick order
+    rank = torch.arange(k_max, device=scores.device).unsqueeze(0)
+    kept_mask = rank < counts.unsqueeze(1)  # (batch, k_max)
+    kept, order = top.masked_fill(~kept_mask, n).sort(dim=1)
+    kept_mask = torch.gather(kept_mask, 1, order)
+    return kept.masked_fill(~kept_mask, 0), kept_mask
