@@ -49,6 +49,8 @@ try:
     from benchmarks import cpu_memory
 except ImportError:  # run as a script: benchmarks/ is on sys.path
     import cpu_memory
+from modeling_deft_llava.configuration.deft_settings import DEFT_RECIPE
+
 from modeling_deft_llava import DeftLlavaConfig, DeftLlavaForConditionalGeneration
 from modeling_deft_llava.compressors.compression_registry import BASELINE_METHODS, build_method
 
@@ -96,6 +98,8 @@ def build_model(shape: str, dtype, device, first_ratio: float, text_layers: int 
     with torch.device(device):
         model = DeftLlavaForConditionalGeneration(config).to(dtype).eval()
     config.deft_enable_rtd, config.deft_retention_ratio = False, first_ratio
+    for key, value in DEFT_RECIPE.items():  # DeFT as shipped: question- and position-aware
+        setattr(config, key, value)
     model.model.deft = build_method(config).to(device, dtype)  # compression_method="deft": the DeFT method
     return model, config, config.patch_tokens_per_image()
 
@@ -151,14 +155,23 @@ def memory_probe(shape: str, configs: list, dtype, batch: int, text_layers: int 
     return rows
 
 
-def lm_flops(text_config, tokens: int) -> float:
-    """Forward FLOPs of a decoder over `tokens` positions (matmuls + attention scores; last-token head)."""
+def lm_flops(text_config, tokens) -> float:
+    """Forward FLOPs of a decoder (matmuls + attention scores; last-token head) over `tokens` positions in every
+    layer (an int), or over `tokens[l]` positions in layer l (a list: a method that prunes inside the decoder)."""
     d, ff, layers = text_config.hidden_size, text_config.intermediate_size, text_config.num_hidden_layers
     heads = text_config.num_attention_heads
     kv = getattr(text_config, "num_key_value_heads", heads) * (d // heads)
     per_token = 2 * (d * d + 2 * d * kv + d * d) + 2 * 3 * d * ff  # q, k, v, o projections + gated MLP
-    attention = 2 * 2 * tokens * tokens * d  # QK^T and AV, causal masking ignored (upper bound)
-    return layers * (tokens * per_token + attention) + 2 * d * text_config.vocab_size
+    per_layer = [tokens] * layers if isinstance(tokens, int) else list(tokens)
+    # attention: QK^T and AV, causal masking ignored (upper bound)
+    return sum(t * per_token + 2 * 2 * t * t * d for t in per_layer) + 2 * d * text_config.vocab_size
+
+
+def layer_tokens(cache) -> list[int]:
+    """Positions each decoder layer processed in a prefill: the length of its KV cache (batch row 0). A method
+    that writes all N placeholders and re-packs (CDPruner, Recoverable, question-aware DeFT) shows its K here,
+    and one that prunes inside the decoder (FastV) its per-layer counts."""
+    return [int(layer.keys.shape[-2]) for layer in getattr(cache, "layers", []) if layer.keys is not None]
 
 
 def vision_flops(vision_config, projector_out: int, tokens: int) -> float:
@@ -446,6 +459,7 @@ def main(argv=None) -> None:
                     out = model(**inputs, use_cache=True, logits_to_keep=1)
 
                 prefill = timer(run_prefill)
+                seen = layer_tokens(out.past_key_values)  # before decoding grows the cache
                 decode = timer(
                     lambda out=out, inputs=inputs: decode_steps(model, out, inputs, args.decode_tokens)
                 )
@@ -454,7 +468,8 @@ def main(argv=None) -> None:
                 )
                 if repeat == 0:
                     extras[(method, ratio)] = {
-                        "kept_tokens": k,
+                        "placeholders": k,
+                        "layer_tokens": seen,
                         "kv_bytes": kv_bytes_after_prefill,
                         "peak_memory_bytes": torch.cuda.max_memory_allocated()
                         if device.type == "cuda"
@@ -475,8 +490,21 @@ def main(argv=None) -> None:
         # the compressor's own cost on the projected features
         features = torch.randn(args.batch, n, config.text_config.hidden_size, device=device, dtype=dtype)
         side = int(n**0.5)
+        # the question: the prompt's TEXT_TOKENS embeddings (question-aware DeFT reads them all)
+        question = torch.randn(
+            args.batch, TEXT_TOKENS, config.text_config.hidden_size, device=device, dtype=dtype
+        )
+        question_mask = torch.ones(args.batch, TEXT_TOKENS, dtype=torch.bool, device=device)
         scoring = statistics.median(
-            timer(lambda: model.model.deft(tokens=features, modality="image", spatial_shape=(side, side)))
+            timer(
+                lambda: model.model.deft(
+                    tokens=features,
+                    modality="image",
+                    spatial_shape=(side, side),
+                    question_embeds=question,
+                    question_mask=question_mask,
+                )
+            )
             for _ in range(args.repeats + 1)
         )
 
@@ -487,11 +515,14 @@ def main(argv=None) -> None:
     base = (None, 1.0)
     base_prefill = statistics.median(samples[base]["prefill"])
     base_decode = statistics.median(samples[base]["decode"])
-    base_flops = vision + lm_flops(config.text_config, TEXT_TOKENS + n)
+    base_flops = vision + lm_flops(config.text_config, extras[base]["layer_tokens"])
     runs = []
     for method, ratio in configs:
-        k = extras[(method, ratio)]["kept_tokens"]
-        flops = vision + lm_flops(config.text_config, TEXT_TOKENS + k)
+        # the ideal comes from the tokens each decoder layer really processed (not the placeholders: a method
+        # that writes all N and re-packs to K runs K), so "share of ideal" compares like with like
+        seen = extras[(method, ratio)]["layer_tokens"]
+        k = round(statistics.mean(seen)) - TEXT_TOKENS  # visual tokens per decoder layer, on average
+        flops = vision + lm_flops(config.text_config, seen)
         prefill = statistics.median(samples[(method, ratio)]["prefill"])
         decode = statistics.median(samples[(method, ratio)]["decode"])
         ideal = base_flops / flops
@@ -499,6 +530,8 @@ def main(argv=None) -> None:
             "method": method or "none",
             "retention_ratio": ratio,
             "kept_tokens": k,
+            "placeholders": extras[(method, ratio)]["placeholders"],
+            "layer_tokens": seen,
             "kept_share": k / n,
             "prefill_s": prefill,
             "prefill_speedup": base_prefill / prefill,

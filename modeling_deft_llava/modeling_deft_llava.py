@@ -176,6 +176,8 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         "deft_semantic_dim",
         "deft_saliency_hidden_dim",
         "deft_enable_rtd",
+        "deft_question_aware",
+        "deft_position_aware",
         "deft_rtd_bottleneck_ratio",
     )
 

@@ -235,3 +235,21 @@ def test_warm_start_benchmark_runs_end_to_end(tmp_path):
     assert {"deft (random init)", "deft (warm start: divprune)", "visionzip_dominant", "divprune"} <= methods
     assert set(results["teacher_agreement"]) == {"cls_attention", "divprune"}
     assert all(0 <= r["accuracy"] <= 1 for r in results["rows"])
+
+
+def test_speed_ideal_counts_the_tokens_each_layer_runs_not_the_placeholders(tmp_path):
+    """CDPruner writes all N placeholders and re-packs to K before the language model: its ideal is K's (it
+    was N's, which showed "154% of ideal"); a method that prunes inside the decoder counts each layer."""
+    out = tmp_path / "speed.json"
+    speed_memory.main(
+        ["--shape", "tiny", "--methods", "deft,cdpruner", "--ratios", "0.25", "--repeats", "1"]
+        + ["--decode-tokens", "2", "--no-cpu-memory", "--out", str(out)]
+    )
+    rows = {r["method"]: r for r in json.loads(out.read_text())["runs"]}
+    assert rows["cdpruner"]["placeholders"] == 64 and rows["cdpruner"]["kept_tokens"] == 16
+    assert rows["cdpruner"]["ideal_speedup"] == rows["deft"]["ideal_speedup"] > 1
+    assert rows["cdpruner"]["layer_tokens"] == rows["deft"]["layer_tokens"]
+    text = speed_memory.load_config("tiny").text_config
+    full, kept = speed_memory.TEXT_TOKENS + 64, speed_memory.TEXT_TOKENS + 16
+    mixed = speed_memory.lm_flops(text, [full, kept])  # FastV-like: all N in layer 1, K in layer 2
+    assert speed_memory.lm_flops(text, kept) < mixed < speed_memory.lm_flops(text, full)
