@@ -2,7 +2,7 @@
 
 A folder written by `convert` holds freshly initialised DeFT modules, whose selection is no better than random
 until they are trained with labelled data. This module trains only DeFT's scoring path (SAM, the saliency MLP
-and the mixture logits; the RTD is not on that path and is left as it is) on a folder of unlabelled images:
+the mixture logits and, when present, the grid position input; the RTD is not on that path and is left as it is) on a folder of unlabelled images:
 
 1. the frozen vision tower and projector encode a batch of images (no gradient; the language model never runs);
 2. a training-free teacher scores every visual token (`TEACHERS`);
@@ -48,8 +48,11 @@ from modeling_deft_llava.compressors.vision_attention import cls_attention
 TEACHERS = ("cls_attention", "divprune")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 LOG_FILE = "warm_start_log.json"
-# the DeFT children on the scoring path; `token_dictionary` (RTD) is not and keeps its weights
-SCORING_MODULES = ("semantic_abstraction", "saliency_scorer", "score_mixer")
+# the DeFT children on the scoring path; `token_dictionary` (RTD) is not and keeps its weights. The position
+# input (`deft_position_aware`) is trained when present; the question input (`deft_question_aware`) is not: there
+# is no question without labelled data, so it stays at its zero start (the question-blind ranking) until
+# supervised training
+SCORING_MODULES = ("semantic_abstraction", "saliency_scorer", "score_mixer", "position_encoding")
 
 
 @dataclass
@@ -293,7 +296,8 @@ def load_for_warm_start(args: WarmStartArguments):
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for name in SCORING_MODULES:
-        for parameter in getattr(model.model.deft, name).parameters():
+        module = getattr(model.model.deft, name)
+        for parameter in module.parameters() if module is not None else ():
             parameter.requires_grad_(True)
     return model, processor
 

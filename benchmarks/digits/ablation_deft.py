@@ -8,6 +8,8 @@ DeFT checkpoint with `deft_score_components` (a config setting; the weights are 
   softmax weights renormalised over the two);
 - `semantic`: `["semantic"]`, the learned saliency `s~_sem` alone;
 - `group`: `["group"]`, the group score `s~_group` alone;
+- `coverage`: the learned mixture selected with a redundancy penalty (`deft_coverage_weight=COVERAGE_ABLATION`,
+  greedy maximal marginal relevance on SAM's tokens) instead of plain top-k;
 - `feedback (oracle)`: `["feedback"]` with the task-loss gradient of a full-token pass on the query WITH ITS
   ANSWER (teacher-forced labels, as in training): an upper reference that no deployment can run (it needs the
   answer). Its accuracy is teacher-forced: every answer token is the argmax given the true earlier answer
@@ -48,7 +50,14 @@ from .evaluate_methods import evaluate_config, load, method_settings
 from .report_tables import pct
 from .tasks import TASKS
 
-VARIANTS = {"mixture": None, "semantic": ["semantic"], "group": ["group"]}
+COVERAGE_ABLATION = 0.3  # `deft_coverage_weight` of the `coverage` row (chosen on train-split queries)
+# inference settings of each variant (the checkpoint's weights are never edited)
+VARIANTS = {
+    "mixture": {},
+    "semantic": {"deft_score_components": ["semantic"]},
+    "group": {"deft_score_components": ["group"]},
+    "coverage": {"deft_coverage_weight": COVERAGE_ABLATION},
+}
 
 
 def mixture_weights(model) -> dict:
@@ -76,7 +85,8 @@ def teacher_forced(model, processor, full_processor, samples, task, batch_size: 
         if oracle:
             full = full_collate(chunk)
             extra["deft_token_gradients"] = feedback_gradients(model, full, pixel_values=full["pixel_values"])
-        out = model(**batch, use_cache=False, **extra)
+        # labels mark the answer, which a question-aware scorer must not read as the question
+        out = model(**batch, labels=labels, use_cache=False, **extra)
         if out.deft_gather_index is not None:
             raise ValueError("teacher_forced expects fast mode (no re-packed rows)")
         pred = out.logits[:, :-1].argmax(-1)
@@ -118,6 +128,7 @@ def report(results: dict) -> str:
         "semantic": "semantic (saliency) alone",
         "group": "group alone",
         "oracle": "feedback alone (oracle: uses the answer)",
+        "coverage": f"learned mixture, coverage {COVERAGE_ABLATION} (MMR)",
     }
     keys = []
     for r in results["rows"]:
@@ -148,7 +159,7 @@ def main(argv=None) -> None:
         help="comma-separated label=folder of DeFT checkpoints (default: trained=<the task's checkpoint>)",
     )
     parser.add_argument("--ratios", default="0.25,0.125")
-    parser.add_argument("--variants", default="mixture,semantic,group,oracle")
+    parser.add_argument("--variants", default="mixture,semantic,group,coverage,oracle")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument(
         "--split",
@@ -219,7 +230,7 @@ def main(argv=None) -> None:
                     )
                     row["mixture_teacher_forced_accuracy"] = check["accuracy"]
                 else:
-                    settings = {**method_settings("deft", ratio), "deft_score_components": VARIANTS[variant]}
+                    settings = {**method_settings("deft", ratio), **VARIANTS[variant]}
                     row.update(evaluate_config(folder, settings, samples, task, args.batch_size))
                     row["accuracy_kind"] = "greedy generation"
                 results["rows"].append(row)
