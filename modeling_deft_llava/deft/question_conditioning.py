@@ -2,10 +2,10 @@
 
 Two optional inputs of the saliency scorer (`DeftSettings.deft_position_aware`, `deft_question_aware`):
 
-- `GridPositionEncoding`: each visual token's row and column in its patch grid, as sinusoidal features of the
-  coordinates normalised to (0, 1) (the centre of each cell), projected into the semantic space and added to
-  SAM's token before the saliency MLP. Normalised coordinates make one set of weights fit every grid size.
-  A video repeats the grid of its frames (the frame index is not encoded).
+- `GridPositionEncoding`: each visual token's frame, row and column, as sinusoidal features of the coordinates
+  normalised to (0, 1) (the centre of each cell; an image is one frame, at 0.5), projected into the semantic
+  space and added to SAM's token before the saliency MLP. Normalised coordinates make one set of weights fit
+  every grid size and frame count.
 - `QuestionEncoder`: the question's tokens, as the language model's own input embeddings `e_t` (no second
   text tower, as CDPruner reads its instruction), become a FiLM modulation `(gamma, beta)` of the saliency MLP's
   first hidden layer: `h_i <- h_i * (1 + gamma) + beta`. Each question token is read with the token before it
@@ -28,26 +28,32 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-NUM_FREQUENCIES = 4  # sin and cos of pi * 2^f * coordinate, f = 0..3, for rows and columns: 16 features
+NUM_FREQUENCIES = (
+    4  # sin and cos of pi * 2^f * coordinate, f = 0..3, for frames, rows and columns: 24 features
+)
+NUM_AXES = 3
 NUM_QUERIES = 4  # learned attention queries that pool the question
 
 
 @lru_cache(maxsize=64)
-def _grid_features(rows: int, cols: int, num_frequencies: int) -> torch.Tensor:
-    """`(rows * cols, 4 * num_frequencies)` sinusoidal features of the normalised cell centres, row-major."""
+def _grid_features(frames: int, rows: int, cols: int, num_frequencies: int) -> torch.Tensor:
+    """`(frames * rows * cols, 2 * NUM_AXES * num_frequencies)` sinusoidal features of the normalised cell
+    centres, frame by frame, row-major inside a frame."""
+    t = (torch.arange(frames, dtype=torch.float64) + 0.5) / frames  # (frames,)
     r = (torch.arange(rows, dtype=torch.float64) + 0.5) / rows  # (rows,)
     c = (torch.arange(cols, dtype=torch.float64) + 0.5) / cols  # (cols,)
-    rr = r.view(-1, 1).expand(rows, cols).reshape(-1)  # (N,)
-    cc = c.view(1, -1).expand(rows, cols).reshape(-1)  # (N,)
-    angles = [math.pi * 2**f * x for f in range(num_frequencies) for x in (rr, cc)]
+    tt = t.view(-1, 1, 1).expand(frames, rows, cols).reshape(-1)  # (N,)
+    rr = r.view(1, -1, 1).expand(frames, rows, cols).reshape(-1)  # (N,)
+    cc = c.view(1, 1, -1).expand(frames, rows, cols).reshape(-1)  # (N,)
+    angles = [math.pi * 2**f * x for f in range(num_frequencies) for x in (tt, rr, cc)]
     return torch.stack([fn(a) for a in angles for fn in (torch.sin, torch.cos)], dim=-1).float()
 
 
 def grid_position_features(
     spatial_shape: tuple[int, int], num_tokens: int, device, num_frequencies: int = NUM_FREQUENCIES
 ) -> torch.Tensor:
-    """`(num_tokens, 4 * num_frequencies)` float32 features of each token's cell in a `(rows, cols)` grid;
-    `num_tokens` is a whole number of grids (the frames of a video).
+    """`(num_tokens, 2 * NUM_AXES * num_frequencies)` float32 features of each token's frame and cell in a
+    `(rows, cols)` grid; `num_tokens` is a whole number of grids (the frames of a video).
 
     Raises:
         ValueError: `num_tokens` is not a multiple of `rows * cols`.
@@ -58,12 +64,11 @@ def grid_position_features(
             f"{num_tokens} tokens are not a whole number of {rows}x{cols} grids: cannot place them for "
             "deft_position_aware"
         )
-    features = _grid_features(rows, cols, num_frequencies).to(device)  # (rows * cols, F)
-    return features.repeat(num_tokens // (rows * cols), 1)  # (num_tokens, F)
+    return _grid_features(num_tokens // (rows * cols), rows, cols, num_frequencies).to(device)  # (N, F)
 
 
 class GridPositionEncoding(nn.Module):
-    """`(rows, cols)` grid -> `(num_tokens, semantic_dim)` position vectors to add to SAM's tokens.
+    """`(rows, cols)` grid (and frames) -> `(num_tokens, semantic_dim)` position vectors to add to SAM's tokens.
 
     Args:
         semantic_dim: width of the semantic tokens.
@@ -71,7 +76,7 @@ class GridPositionEncoding(nn.Module):
 
     def __init__(self, semantic_dim: int):
         super().__init__()
-        self.proj = nn.Linear(4 * NUM_FREQUENCIES, semantic_dim)
+        self.proj = nn.Linear(2 * NUM_AXES * NUM_FREQUENCIES, semantic_dim)
         self.proj._deft_zero_init = True
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
