@@ -347,13 +347,18 @@ class DeftLlavaFastVCompressor(MethodModule):
                 position_embeddings=embeddings,
             )
         hidden = language_model.norm(hidden)
+        prompt_index = layer_gather_index
         if dropping:
             hidden = scatter_seq(hidden, layer_gather_index, seq)  # (batch, seq, hidden), dropped -> 0
+            if prompt_length is not None and int(prompt_length) < seq:
+                # tokens after the prompt (the drafts of assisted decoding) follow the re-packed prompt in the
+                # later layers' cache, as generated tokens do: decoding steps need the prompt's index alone
+                prompt_index = repack_left(keep[:, : int(prompt_length)])[0]
         return FastVLanguageModelOutput(
             last_hidden_state=hidden,
             past_key_values=past_key_values if use_cache else None,
             keep=keep,
-            layer_gather_index=layer_gather_index if dropping else None,
+            layer_gather_index=prompt_index if dropping else None,
             scores=scores,
         )
 
