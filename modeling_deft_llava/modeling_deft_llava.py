@@ -34,7 +34,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 from transformers.utils.generic import can_return_tuple
 
-from .compressors.compression_method import LanguageModelCall, PromptBatch, TextBatch, VisualBatch
+from .compressors.compression_method import (
+    CompressionMethod,
+    LanguageModelCall,
+    PromptBatch,
+    TextBatch,
+    VisualBatch,
+)
 from .compressors.compression_registry import METHODS, build_method
 from .configuration.configuration_deft_llava import DeftLlavaConfig
 from .configuration.deft_settings import PlaceholderPolicyInputs, num_kept_tokens
@@ -182,8 +188,8 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         """Settings changed on `model.config` after the model was built take effect at the next call.
 
         Every budget and threshold (the retention ratio, DeFT's scoring and RTD settings, each baseline's budget)
-        is read from the config at call time (`CompressionMethod.apply_config`), and the whole config is
-        validated again. Settings that decide which modules exist or their shapes (`STRUCTURAL_SETTINGS`)
+        is read from the config at call time (`CompressionMethod.apply_config`, on every copy of the method:
+        each LoRA adapter's `modules_to_save` copy too), and the whole config is validated again. Settings that decide which modules exist or their shapes (`STRUCTURAL_SETTINGS`)
         cannot change on a built model, except that `use_deft` may be switched off.
 
         Raises:
@@ -212,9 +218,11 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         if snapshot == getattr(self, "_applied_snapshot", None):
             return
         config.validate_deft()
-        method = getattr(self, self._method_name) if self._method_name else None
-        if method is not None:
-            method.apply_config(config)
+        # every copy of the method: PEFT's `modules_to_save` keeps one per adapter besides the base one, and
+        # only the active one would answer `getattr(self, name)`; the config is the one place they read
+        for module in self.modules():
+            if isinstance(module, CompressionMethod):
+                module.apply_config(config)
         self._applied_snapshot = snapshot
 
     # ------------------------------------------------------------------ the active method
