@@ -34,7 +34,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 from transformers.utils.generic import can_return_tuple
 
-from .compressors.compression_method import LanguageModelCall, PromptBatch, TextBatch, VisualBatch
+from .compressors.compression_method import (
+    CompressionMethod,
+    LanguageModelCall,
+    PromptBatch,
+    TextBatch,
+    VisualBatch,
+)
 from .compressors.compression_registry import METHODS, build_method
 from .configuration.configuration_deft_llava import DeftLlavaConfig
 from .configuration.deft_settings import PlaceholderPolicyInputs, num_kept_tokens
@@ -46,7 +52,17 @@ from .modeling_outputs_deft_llava import (
     DeftVisualFeaturesOutput,
 )
 from .text_context import TextContext
-from .token_layout import TokenLayout, check_attention_mask, continue_cache, gather_seq, record_cache_state
+from .token_layout import (
+    STATE_ATTRIBUTE,
+    TokenLayout,
+    check_attention_mask,
+    continue_cache,
+    gather_seq,
+    last_real_index,
+    read_cache_state,
+    record_cache_state,
+    tokens_dropped_since_record,
+)
 from .transformers_compat import (
     cache_kwargs,
     cache_of,
@@ -185,8 +201,8 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         """Settings changed on `model.config` after the model was built take effect at the next call.
 
         Every budget and threshold (the retention ratio, DeFT's scoring and RTD settings, each baseline's budget)
-        is read from the config at call time (`CompressionMethod.apply_config`), and the whole config is
-        validated again. Settings that decide which modules exist or their shapes (`STRUCTURAL_SETTINGS`)
+        is read from the config at call time (`CompressionMethod.apply_config`, on every copy of the method:
+        each LoRA adapter's `modules_to_save` copy too), and the whole config is validated again. Settings that decide which modules exist or their shapes (`STRUCTURAL_SETTINGS`)
         cannot change on a built model, except that `use_deft` may be switched off.
 
         Raises:
@@ -215,9 +231,11 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         if snapshot == getattr(self, "_applied_snapshot", None):
             return
         config.validate_deft()
-        method = getattr(self, self._method_name) if self._method_name else None
-        if method is not None:
-            method.apply_config(config)
+        # every copy of the method: PEFT's `modules_to_save` keeps one per adapter besides the base one, and
+        # only the active one would answer `getattr(self, name)`; the config is the one place they read
+        for module in self.modules():
+            if isinstance(module, CompressionMethod):
+                module.apply_config(config)
         self._applied_snapshot = snapshot
 
     # ------------------------------------------------------------------ the active method
@@ -749,15 +767,21 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             ValueError: the cache was re-packed (`hybrid`/`adaptive`, Recoverable) and the attention mask does
                 not describe the cached tokens (a later turn with the uncompressed history).
         """
-        refusal = lambda: (  # noqa: E731 (a message built only when needed)
-            f"this cache holds {cache.get_seq_length() if cache is not None else 0} re-packed tokens "
-            f"(a <context> whose markers were dropped, deft_inference_mode {self.config.deft_inference_mode!r} "
-            f"or compression_method "
-            f"{self.config.compression_method!r} dropped placeholders), so a later turn cannot reuse it: "
-            "the input ids and the attention mask no longer line up with it; call generate with the "
-            "whole conversation and its images, without past_key_values (or use deft_inference_mode="
-            "'fast', whose caches can be continued)"
-        )
+
+        def refusal(given, expected):
+            held = cache.get_seq_length() if cache is not None else 0
+            given = "none" if given is None else given.tolist()
+            expected = "unknown" if expected is None else expected.tolist()
+            return (
+                f"this cache holds {held} re-packed tokens (a <context> whose markers were dropped, "
+                f"deft_inference_mode {self.config.deft_inference_mode!r} or compression_method "
+                f"{self.config.compression_method!r} dropped placeholders), and this call's position ids "
+                f"{given} do not continue it (the next positions are {expected}): a later turn cannot reuse it, "
+                "since its input ids and attention mask no longer line up with it; call generate "
+                "with the whole conversation and its images, without past_key_values (or use "
+                "deft_inference_mode='fast', whose caches can be continued)"
+            )
+
         continuation = continue_cache(cache, inputs_embeds, attention_mask, position_ids, refusal)
         state = dict(continuation.generation_state or {})
         state.update({k: v for k, v in generation_state.items() if v is not None})
@@ -914,9 +938,10 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
             deft_answer_mask=(labels != -100) if labels is not None and mm_encoder_outputs else None,
         )
         cached_before = past_key_values.get_seq_length() if past_key_values is not None else 0
+        state_before = read_cache_state(past_key_values)
         outputs = self.model(**model_kwargs, **kwargs)
         if mm_encoder_outputs:
-            outputs = self._reconsider(outputs, model_kwargs, cached_before, kwargs)
+            outputs = self._reconsider(outputs, model_kwargs, cached_before, state_before, kwargs)
 
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -946,19 +971,46 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
             deft_generation_state=outputs.deft_generation_state,
         )
 
-    def _reconsider(self, outputs, model_kwargs, cached_before, kwargs):
+    def _reconsider(self, outputs, model_kwargs, cached_before, state_before, kwargs):
         """Step 4: the prefill again when the method asks for more rows for some samples (`reconsider`);
         the cache is rewound to what it held before this prefill (earlier turns stay)."""
         method = self.model.active_method
         if method is None:
             return outputs
-        # the head on each sample's last position only when the method reads it (not on every prefill)
-        reconsidered = method.reconsider(self.model, lambda: self.lm_head(outputs.last_hidden_state[:, -1]))
+        # the head on each sample's last prompt token only when the method reads it (not on every prefill)
+        hidden = outputs.last_hidden_state
+        last = self._last_prompt_token(outputs, model_kwargs, hidden.shape[1])
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        reconsidered = method.reconsider(
+            self.model, lambda: self.lm_head(hidden[rows, last.to(hidden.device)])
+        )
         if reconsidered is None or not bool(reconsidered.any()):
             return outputs
-        if model_kwargs["past_key_values"] is not None:
-            rewind_cache(model_kwargs["past_key_values"], cached_before)
+        cache = model_kwargs["past_key_values"]
+        if cache is not None:
+            rewind_cache(cache, cached_before)
+            setattr(cache, STATE_ATTRIBUTE, state_before)  # what the cache recorded before this prefill
         return self.model(**model_kwargs, deft_reconstruct=reconsidered, **kwargs)
+
+    @staticmethod
+    def _last_prompt_token(outputs, model_kwargs, width) -> torch.Tensor:
+        """`(batch,)` column of each sample's last real prompt token in the layout the language model saw
+        (`width` columns): tokens after the prompt (`deft_prompt_length`: the drafts of assisted decoding) are
+        the last columns of every row; padding, left or right, is skipped."""
+        ids = (
+            model_kwargs["input_ids"]
+            if model_kwargs["input_ids"] is not None
+            else model_kwargs["inputs_embeds"]
+        )
+        batch, seq = ids.shape[:2]
+        prompt = model_kwargs.get("deft_prompt_length")
+        tail = 0 if prompt is None else seq - int(prompt)
+        mask = outputs.deft_attention_mask
+        if mask is None:
+            mask = model_kwargs["attention_mask"]
+        if mask is None or mask.dim() != 2:
+            mask = torch.ones(batch, width, dtype=torch.long, device=ids.device)
+        return last_real_index(mask[:, -width:][:, : width - tail])
 
     def _losses(self, logits, labels, outputs, feats, num_images_in_batch, kwargs) -> dict:
         """`loss`, `lm_loss`, `rtd_loss`, `feedback_loss` (None when not computed). Labels follow the layout the
@@ -994,13 +1046,57 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
             if model_kwargs.get(key) is None:  # the prefill's value holds for the whole generation
                 model_kwargs[key] = value
         positions = getattr(outputs, "deft_position_ids", None)
-        if positions is not None and cache_of(outputs) is not None:
-            model_kwargs["position_ids"] = positions
+        cache = cache_of(outputs)
+        if positions is not None and cache is not None:
+            # the prefill's positions and mask cover every token it saw; `super` appends the `num_new_tokens`
+            # just accepted. In assisted decoding the prefill also saw the drafts: those accepted are among the
+            # new tokens, those rejected were cropped from the cache. Both are cut here, so the positions and
+            # the mask follow the cache's length (the next token sits where the first rejected draft was).
+            cut = tokens_dropped_since_record(cache) + num_new_tokens - 1
+            model_kwargs["position_ids"] = positions[:, : positions.shape[1] - cut]
             if outputs.deft_attention_mask is not None:
-                model_kwargs["attention_mask"] = outputs.deft_attention_mask
+                mask = outputs.deft_attention_mask
+                model_kwargs["attention_mask"] = mask[:, : mask.shape[1] - cut]
         return super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
         )
+
+    def _assisted_decoding(self, input_ids, *args, **kwargs):
+        """Assisted and prompt-lookup decoding: their first forward is the prefill over the prompt AND the first
+        drafts. Methods that decide on the prompt (FastV's ranking query, the question of Recoverable, DeFT
+        `adaptive`'s uncertainty check) must not read the drafts, so that forward gets the prompt's length
+        (`prepare_inputs_for_generation`); the draft model's own arguments stay untouched."""
+        previous = getattr(self, "_deft_assisted_prompt_length", None)
+        self._deft_assisted_prompt_length = input_ids.shape[1]
+        try:
+            return super()._assisted_decoding(input_ids, *args, **kwargs)
+        finally:
+            self._deft_assisted_prompt_length = previous
+
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        """Stock's, plus in assisted decoding: the first forward gets the prompt's length, and context markers
+        among the drafts (prompt lookup copies them from the prompt) become plain tokens (id 0, as the markers'
+        own rows): a marker a draft proposes is verified, never read as a context. A marker the model itself
+        generates is refused at the next step, as in plain decoding."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        prompt_length = getattr(self, "_deft_assisted_prompt_length", None)
+        ids = model_inputs.get("input_ids")
+        if not prompt_length or ids is None:
+            return model_inputs
+        first = bool(kwargs.get("is_first_iteration"))
+        if first and model_inputs.get("deft_prompt_length") is None:
+            model_inputs["deft_prompt_length"] = prompt_length
+        markers = [self.config.context_start_token_index, self.config.context_end_token_index]
+        if markers[0] is not None:
+            drafts = (
+                ids[:, prompt_length:] if first else ids[:, 1:]
+            )  # later passes: the last accepted token first
+            is_marker = torch.isin(drafts, torch.tensor(markers, device=ids.device))
+            if bool(is_marker.any()):
+                ids = ids.clone()
+                ids[:, ids.shape[1] - drafts.shape[1] :] = drafts.masked_fill(is_marker, 0)
+                model_inputs["input_ids"] = ids
+        return model_inputs
 
     def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
         """Beam search / `num_return_sequences`: expand the compression bookkeeping with the features.

@@ -92,6 +92,13 @@ def contiguous_position_ids(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(1) - 1).masked_fill(~valid, 0)
 
 
+def last_real_index(mask: torch.Tensor) -> torch.Tensor:
+    """`(batch,)` the column of each row's last real token in the 2-D padding `mask` `(batch, seq)`, left or
+    right padded (0 for a row without one)."""
+    columns = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return columns.masked_fill(~mask.bool(), -1).amax(dim=1).clamp(min=0)
+
+
 def check_attention_mask(attention_mask: torch.Tensor | None) -> None:
     """Compression needs the 2-D `(batch, sequence)` padding mask (original positions, re-packing, in-LLM
     pruning); `generate` keeps it 2-D for this model (`create_masks_for_generate`).
@@ -355,21 +362,45 @@ def record_cache_state(
     state = dict(read_cache_state(cache) or {})
     state["repacked"] = bool(state.get("repacked")) or repacked
     if generation_state:
-        state.setdefault("generation_state", {}).update(generation_state)
+        state["generation_state"] = {**state.get("generation_state", {}), **generation_state}
+    length = cache.get_seq_length()
     # positions are tracked when they have gaps or the batch was re-packed (decoding steps of a re-packed
     # cache are recognised by continuing them, see `continue_cache`)
-    tracked = gaps or state["repacked"] or state.get("next_position") is not None
+    previous = None
+    if state.get("next_position") is not None:  # where the new tokens started (the cache held them not yet)
+        previous = next_cached_position(state, length - new_valid.shape[1])
+    tracked = gaps or state["repacked"] or previous is not None
     if tracked and position_ids is not None:
         last = position_ids.masked_fill(~new_valid, -1).amax(dim=1) + 1  # (batch,), 0 where nothing new
-        previous = state.get("next_position")
         state["next_position"] = last if previous is None else torch.maximum(previous.to(last.device), last)
+    elif previous is not None:  # contiguous new tokens
+        state["next_position"] = previous.to(new_valid.device) + new_valid.long().sum(dim=1)
+    state["cache_length"] = length
     setattr(cache, STATE_ATTRIBUTE, state)
 
 
-def continued_position_ids(state: dict, new_valid: torch.Tensor) -> torch.Tensor:
-    """`(batch, seq)` positions of new tokens that continue a cache with gaps: the next position recorded, then
-    one more per real token (padding gets 0)."""
-    next_position = state["next_position"].to(new_valid.device).unsqueeze(1)  # (batch, 1)
+def next_cached_position(state: dict, cache_length: int) -> torch.Tensor:
+    """`(batch,)` the position the next token of every row takes after a cache of `cache_length` tokens.
+
+    The recorded next position follows the cache's length: `generate` crops the cache after the drafts it
+    rejects (assisted and prompt-lookup decoding), and the next token then sits where the first rejected one
+    was. Tokens the cache lost (or gained) since the record move the next position by as many."""
+    return state["next_position"] + (cache_length - state["cache_length"])
+
+
+def tokens_dropped_since_record(cache) -> int:
+    """Tokens `cache` lost since this model's last forward recorded its state (the rejected drafts that
+    `generate` cropped in assisted decoding), 0 for a cache without state."""
+    state = read_cache_state(cache)
+    if state is None or state.get("cache_length") is None:
+        return 0
+    return max(0, state["cache_length"] - cache.get_seq_length())
+
+
+def continued_position_ids(state: dict, cache_length: int, new_valid: torch.Tensor) -> torch.Tensor:
+    """`(batch, seq)` positions of new tokens that continue a cache of `cache_length` tokens with gaps: the next
+    position (`next_cached_position`), then one more per real token (padding gets 0)."""
+    next_position = next_cached_position(state, cache_length).to(new_valid.device).unsqueeze(1)  # (batch, 1)
     positions = next_position + new_valid.long().cumsum(dim=1) - 1
     return positions.masked_fill(~new_valid, 0)
 
@@ -392,7 +423,7 @@ def continue_cache(cache, inputs_embeds, attention_mask, position_ids, refusal) 
 
     Raises:
         ValueError: the cache was re-packed and the call is not one of generate's own decoding steps (whose
-            positions continue it exactly), with `refusal()` as the message: the input ids and the attention
+            positions continue it exactly), with `refusal(position_ids, expected)` as the message: the input ids and the attention
             mask of a later turn no longer line up with the cache.
     """
     state = read_cache_state(cache)
@@ -404,13 +435,13 @@ def continue_cache(cache, inputs_embeds, attention_mask, position_ids, refusal) 
         return Continuation(position_ids, new_valid, None)
     expected = None
     if state.get("next_position") is not None:
-        expected = continued_position_ids(state, new_valid)
+        expected = continued_position_ids(state, cache.get_seq_length(), new_valid)
     if state.get("repacked") and not (
         expected is not None
         and position_ids is not None
         and torch.equal(position_ids.masked_fill(~new_valid, 0), expected)
     ):
-        raise ValueError(refusal())
+        raise ValueError(refusal(position_ids, expected))
     if expected is not None:
         position_ids = expected
     return Continuation(position_ids, new_valid, dict(state.get("generation_state") or {}))
@@ -422,8 +453,11 @@ __all__ = [
     "check_attention_mask",
     "continue_cache",
     "gather_seq",
+    "last_real_index",
+    "next_cached_position",
     "read_cache_state",
     "record_cache_state",
     "repack_left",
     "scatter_seq",
+    "tokens_dropped_since_record",
 ]

@@ -32,6 +32,10 @@ Stable across the supported range (relied on, re-checked on every supported vers
    `generate` validates model kwargs against the named parameters of `forward` (hence named `deft_*` args).
    `prepare_inputs_for_generation` calls `self.create_masks_for_generate` (overridden to keep the 2-D mask for
    static caches: compression needs it, the language model builds its own 4-D mask).
+   Assisted and prompt-lookup decoding (`GenerationMixin._assisted_decoding`, overridden to note the prompt's
+   length; `prepare_inputs_for_generation`, overridden to pass it to the first forward): the first forward is
+   the prefill over the prompt and the first drafts; `_update_model_kwargs_for_generation` runs after the cache
+   was cropped by `crop(-rejected)` and gets `num_new_tokens = accepted + 1`.
 7. Caches: the model sets a plain attribute `deft_state` on transformers' `Cache` objects (`token_layout.py`)
    and relies on `get_seq_length()`, `crop()`, `reset()`, `is_compileable` (`rewind_cache` above).
 8. Loading: `from_pretrained(key_mapping=...)` (legacy llava-hf key layout), `_tied_weights_keys` as a dict,

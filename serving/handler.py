@@ -10,19 +10,23 @@ Payload (JSON)::
     {"inputs": {"prompt": "what digit is on the left ?", "images": ["<base64 PNG/JPEG>", ...]},
      "parameters": {"max_new_tokens": 20}}
 
-- `images`: a list (or `image`: one) of base64 strings (a `data:image/...;base64,` prefix is accepted), raw
-  encoded bytes, or `PIL.Image.Image`. URLs are refused: the endpoint never fetches anything.
+- `images`: a list (or `image`: one) of base64 strings (a `data:image/...;base64,` prefix and line breaks are
+  accepted), raw encoded bytes, or `PIL.Image.Image`. URLs are refused: the endpoint never fetches anything.
+  Images reach the processor as decoded (16-bit grey included): the answer equals `generate` on the same file.
 - `prompt`: either a full prompt that already holds one `<image>` (the processor's image token) per image,
   used as it is, or plain text, which is wrapped by the folder's chat template as one user turn with the
-  images first and the text after them (`"image_position": "after"` puts the text first).
+  images first and the text after them (`"image_position": "after"` puts the text first: use the order the
+  checkpoint was trained with; the reply's `image_position` says which order was used).
 - `parameters`: keyword arguments for `generate` among `max_new_tokens` (default 20, at most 1024),
   `do_sample`, `temperature`, `top_p`, `top_k`, `num_beams`, `repetition_penalty`.
 - A body that is raw image bytes (the toolkit passes `{"inputs": <PIL image>}` for `image/*` requests) is
   accepted with `parameters.prompt` as the text.
 
 Returns `[{"generated_text": str, "num_visual_tokens": int, "num_visual_tokens_per_image": [int, ...],
-"num_source_tokens_per_image": [int, ...]}]`: the language model saw `num_visual_tokens` visual tokens in all
-(after compression), out of the encoder's `num_source_tokens_per_image`. The counts come from one extra
+"num_source_tokens_per_image": [int, ...], "image_position": str}]`: the language model saw `num_visual_tokens`
+visual tokens in all (after compression), out of the encoder's `num_source_tokens_per_image`; `image_position`
+is where the images went: "before" or "after" the text of a plain-text prompt, "prompt" when the prompt held
+its own image tokens. The counts come from one extra
 prefill (`model(**inputs).kept_indices`), so they are exact for every method, including those that decide the
 count inside the forward pass; it costs one more prefill per request.
 
@@ -60,10 +64,14 @@ HANDLER_PARAMETERS = ("prompt", "image_position")
 
 
 def _decode_image(value, index: int) -> Image.Image:
-    """One image of the payload -> RGB `PIL.Image.Image`. `index`: its place in `images` (for messages)."""
+    """One image of the payload -> `PIL.Image.Image` as decoded, in its own mode. `index`: its place in
+    `images` (for messages).
+
+    The processor converts it (to RGB; 16-bit grey scaled to 8 bits first), exactly as `generate` on the
+    same file: a `convert("RGB")` here would clip a 16-bit grey PNG before the processor's own scaling."""
     name = f"images[{index}]"
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return value
     if isinstance(value, str):
         text = value.strip()
         if text.lower().startswith(("http://", "https://", "ftp://", "file:")):
@@ -72,6 +80,7 @@ def _decode_image(value, index: int) -> Image.Image:
             header, _, text = text.partition(",")
             if ";base64" not in header:
                 raise ValueError(f"{name} is a data URI without ';base64' ({header[:60]!r})")
+        text = "".join(text.split())  # line-wrapped base64 (76-character lines of MIME encoders, CRLF too)
         try:
             raw = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError) as error:
@@ -89,7 +98,7 @@ def _decode_image(value, index: int) -> Image.Image:
         raise ValueError(
             f"{name} does not decode as an image ({len(raw)} bytes starting {raw[:8]!r}): {error}"
         ) from None
-    return image.convert("RGB")
+    return image
 
 
 def _generation_kwargs(parameters: dict) -> dict:
@@ -165,26 +174,28 @@ class EndpointHandler:
             raise ValueError(f"parameter 'image_position' must be 'before' or 'after', got {position!r}")
         return prompt, images, parameters, position
 
-    def _full_prompt(self, prompt: str, num_images: int, position: str) -> str:
+    def _full_prompt(self, prompt: str, num_images: int, position: str) -> tuple[str, str]:
+        """The prompt for the processor and where the images went: `position` ("before"/"after" the text) for a
+        plain-text prompt, "prompt" for one that holds its own image tokens."""
         count = prompt.count(self.image_token)
         if count == 0:
             content = [{"type": "text", "text": prompt}]
             image_parts = [{"type": "image"}] * num_images
             content = image_parts + content if position == "before" else content + image_parts
             messages = [{"role": "user", "content": content}]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True), position
         if count != num_images:
             raise ValueError(
                 f"the prompt holds {count} {self.image_token!r} token(s) but {num_images} image(s) were sent"
             )
-        return prompt
+        return prompt, "prompt"
 
     def __call__(self, data: dict) -> list[dict]:
         """Answer one request; see the module docstring for the payload and the result."""
         prompt, raw_images, parameters, position = self._read_payload(data)
         images = [_decode_image(value, i) for i, value in enumerate(raw_images)]
         generation = _generation_kwargs(parameters)
-        text = self._full_prompt(prompt, len(images), position)
+        text, used_position = self._full_prompt(prompt, len(images), position)
         inputs = self.processor(images=images, text=[text], return_tensors="pt")
         with torch.no_grad():
             kept = self.model(**inputs).kept_indices  # list, per image, of the kept source indices
@@ -199,5 +210,6 @@ class EndpointHandler:
                 "num_visual_tokens": sum(per_image),
                 "num_visual_tokens_per_image": per_image,
                 "num_source_tokens_per_image": [grid[0] * grid[1]] * len(images),
+                "image_position": used_position,
             }
         ]

@@ -157,3 +157,59 @@ def test_bad_parameters_and_image_counts(handler, samples):
         handler({"inputs": good, "parameters": {"image_position": "middle"}})
     with pytest.raises(ValueError, match=r"holds 2 '<image>' token\(s\) but 1 image\(s\)"):
         handler({"inputs": {"prompt": "<image> <image> q", "images": [image]}})
+
+
+def _grey16_png(sample) -> bytes:
+    """The sample as a 16-bit grey PNG (Pillow opens it as `I;16`): grey levels * 257."""
+    import numpy as np
+
+    grey = np.asarray(sample.pil_image().convert("L"), dtype=np.uint16) * 257
+    return _png_bytes(Image.fromarray(grey))
+
+
+def test_a_16_bit_grey_png_is_read_as_the_processor_reads_it(exported, handler, samples):
+    """Before: the handler's `convert("RGB")` clipped the 16-bit levels before the processor's own scaling ran
+    (5 of 8 answers differed from `generate` on the same file)."""
+    _, model, processor = exported
+    for sample in samples:
+        raw = _grey16_png(sample)
+        opened = Image.open(io.BytesIO(raw))
+        assert opened.mode == "I;16"
+        prompt = processor.apply_chat_template(chat_messages(sample.question), add_generation_prompt=True)
+        inputs = processor(images=[opened], text=[prompt], return_tensors="pt")
+        with torch.no_grad():
+            generated = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        expected = processor.tokenizer.decode(
+            generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        ).strip()
+        for image in (base64.b64encode(raw).decode(), raw, Image.open(io.BytesIO(raw))):
+            payload = {"inputs": {"prompt": prompt, "images": [image]}, "parameters": {"max_new_tokens": 2}}
+            assert handler(payload)[0]["generated_text"] == expected
+
+
+def test_line_wrapped_base64_is_accepted(handler, samples):
+    """Before: refused as "not valid base64" (76-character lines, what MIME encoders emit)."""
+    raw = _png_bytes(samples[0].pil_image())
+    wrapped = base64.encodebytes(raw).decode()  # 76-character lines, "\n" after each
+    assert "\n" in wrapped.strip()
+    crlf = wrapped.replace("\n", "\r\n")
+    answers = {
+        handler({"inputs": {"prompt": samples[0].question, "images": [image]}})[0]["generated_text"]
+        for image in (base64.b64encode(raw).decode(), wrapped, crlf, "data:image/png;base64," + crlf)
+    }
+    assert len(answers) == 1
+    with pytest.raises(ValueError, match=r"images\[0\] is not valid base64"):
+        handler({"inputs": {"prompt": "q", "images": ["aGVs\nbG8=%"]}})
+
+
+def test_the_reply_says_where_the_images_went(handler, samples):
+    """A plain-text prompt is wrapped with the images before the text unless `image_position` says "after":
+    the reply names the order used (the digits model was trained question first), "prompt" when the prompt
+    placed the images itself."""
+    image = base64.b64encode(_png_bytes(samples[0].pil_image())).decode()
+    question = samples[0].question
+    assert handler({"inputs": {"prompt": question, "images": [image]}})[0]["image_position"] == "before"
+    after = {"inputs": {"prompt": question, "images": [image]}, "parameters": {"image_position": "after"}}
+    assert handler(after)[0]["image_position"] == "after"
+    full = {"inputs": {"prompt": f"USER: {question} <image>\n ASSISTANT:", "images": [image]}}
+    assert handler(full)[0]["image_position"] == "prompt"

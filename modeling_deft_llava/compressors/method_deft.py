@@ -36,6 +36,7 @@ unified semantic space).
 from __future__ import annotations
 
 import zlib
+from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
@@ -68,6 +69,26 @@ CALL_TIME_SETTINGS = {
     "ranking_temperature": "deft_ranking_temperature",
     "coverage_weight": "deft_coverage_weight",
 }
+
+
+@contextmanager
+def loaded_weights(module: torch.nn.Module):
+    """`module`'s own weights readable inside the block, also when it is offloaded.
+
+    A model loaded with weights offloaded (`device_map` with `offload_folder`, or a `max_memory` that forces it)
+    keeps a placeholder in `module.weight` outside the module's forward; the hook offloading installs on the
+    module (accelerate's `AlignDevicesHook`, `module._hf_hook`) loads the real weights before the forward and
+    puts the placeholder back after it. The same two calls run around the block; a module without an offload
+    hook is left alone."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None or not getattr(hook, "offload", False):
+        yield module
+        return
+    hook.pre_forward(module)
+    try:
+        yield module
+    finally:
+        hook.post_forward(module, None)
 
 
 class DeftLlavaDeFTCompressor(CompressionMethod, DeFTModule):
@@ -184,7 +205,9 @@ class DeftLlavaDeFTCompressor(CompressionMethod, DeFTModule):
         logits = None
         if mode == "hybrid":
             # the language model's own reading of each visual token through its vocabulary embedding
-            logits = tokens @ model.get_input_embeddings().weight.t()  # (items, N, vocab)
+            embeddings = model.get_input_embeddings()
+            with loaded_weights(embeddings):
+                logits = tokens @ embeddings.weight.to(tokens.device).t()  # (items, N, vocab)
         out = self(
             tokens=tokens,
             modality=modality,

@@ -15,7 +15,7 @@ from transformers.cache_utils import DynamicCache
 
 from ..configuration.deft_settings import num_kept_tokens
 from ..modeling_outputs_deft_llava import DeftLlavaModelOutputWithPast
-from ..token_layout import check_attention_mask, gather_seq, repack_left, scatter_seq
+from ..token_layout import check_attention_mask, gather_seq, last_real_index, repack_left, scatter_seq
 from ..transformers_compat import cache_kwargs
 from .compression_method import LanguageModelCall
 from .token_compressor import MethodModule
@@ -53,9 +53,9 @@ def last_query_attention(
     hidden_states: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     key_valid: torch.Tensor,
-    query_index: int,
+    query_index: torch.Tensor | int,
 ) -> torch.Tensor:
-    """Head-averaged attention of ONE query over all keys of a decoder layer, recomputed from its input.
+    """Head-averaged attention of ONE query per row over all keys of a decoder layer, recomputed from its input.
 
     Fused kernels (SDPA) never return attention weights, so the one row FastV needs is rebuilt from the
     layer's own projections: `input_layernorm`, `q_proj`/`k_proj` (and `q_norm`/`k_norm` where the model has
@@ -66,26 +66,30 @@ def last_query_attention(
         hidden_states: `(batch, seq, hidden)` the states ENTERING the layer (no cache before them).
         position_embeddings: `(cos, sin)`, each `(batch, seq, head_dim)`.
         key_valid: `(batch, seq)` bool, False on padding.
-        query_index: the query's position (causal: it sees keys `0 .. query_index`).
+        query_index: `(batch,)` long (or one int for every row), each row's query position (causal: it sees keys `0 .. query_index`); each
+            row its own, so a padded batch ranks every row as that row alone.
 
     Returns:
         `(batch, seq)` float32, rows sum to 1 over the visible keys, 0 elsewhere.
     """
     attn = layer.self_attn
     batch, seq, _ = hidden_states.shape
+    rows = torch.arange(batch, device=hidden_states.device)
+    query_index = torch.as_tensor(query_index, device=hidden_states.device).expand(batch)
     normed = layer.input_layernorm(hidden_states)  # (batch, seq, hidden)
-    query = attn.q_proj(normed[:, query_index : query_index + 1]).view(batch, 1, -1, attn.head_dim)
+    query = attn.q_proj(normed[rows, query_index].unsqueeze(1)).view(batch, 1, -1, attn.head_dim)
     keys = attn.k_proj(normed).view(batch, seq, -1, attn.head_dim)
     if hasattr(attn, "q_norm"):
         query, keys = attn.q_norm(query), attn.k_norm(keys)
     query, keys = query.transpose(1, 2).float(), keys.transpose(1, 2).float()  # (b, h, 1, d), (b, kv, seq, d)
     cos, sin = (t.float().unsqueeze(1) for t in position_embeddings)  # (batch, 1, seq, head_dim)
-    qc, qs = cos[:, :, query_index : query_index + 1], sin[:, :, query_index : query_index + 1]
+    qc, qs = (t[rows, :, query_index].unsqueeze(2) for t in (cos, sin))  # (batch, 1, 1, head_dim)
     query = query * qc + _rotate_half(query) * qs
     keys = keys * cos + _rotate_half(keys) * sin
     keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)  # (batch, heads, seq, head_dim)
     logits = (query @ keys.transpose(-1, -2)).squeeze(2) * attn.scaling  # (batch, heads, seq)
-    visible = key_valid & (torch.arange(seq, device=key_valid.device) <= query_index)  # (batch, seq)
+    columns = torch.arange(seq, device=key_valid.device)
+    visible = key_valid & (columns <= query_index.to(key_valid.device).unsqueeze(1))  # (batch, seq)
     logits = logits.masked_fill(~visible.unsqueeze(1), float("-inf"))
     return logits.softmax(dim=-1).mean(dim=1)  # (batch, seq)
 
@@ -129,7 +133,8 @@ class FastVLanguageModelOutput:
 class DeftLlavaFastVCompressor(MethodModule):
     """FastV (Chen et al., ECCV 2024, https://arxiv.org/abs/2403.06764) inside the language model.
 
-    Layers `0 .. K-1` (K = `fastv_layer`) run on every token. The attention that the LAST prompt token pays
+    Layers `0 .. K-1` (K = `fastv_layer`) run on every token. The attention that the LAST prompt token (of each
+    row: its last real one, whichever side is padded) pays
     at layer K-1 (head average) ranks each image's visual tokens; each image keeps its `num_kept` best
     (K_img = `num_kept_tokens(N, deft_retention_ratio)`, the same count every method keeps; the first
     `fastv_layer` layers see all N) and layers `K ..` run on the text plus those tokens. Kept tokens keep
@@ -313,7 +318,10 @@ class DeftLlavaFastVCompressor(MethodModule):
         for i, layer in enumerate(layers):
             if i == cut:
                 if dropping:
-                    query = (prompt_length if prompt_length is not None else seq) - 1
+                    # each row's last real prompt token (left or right padding)
+                    query = last_real_index(
+                        full_valid[:, : prompt_length if prompt_length is not None else seq]
+                    )
                     scores = last_query_attention(layers[cut - 1], entering, embeddings, full_valid, query)
                     keep, hidden = self.reduce_visual(hidden, scores, visual_items, num_kept)
                     keep &= full_valid
@@ -347,13 +355,18 @@ class DeftLlavaFastVCompressor(MethodModule):
                 position_embeddings=embeddings,
             )
         hidden = language_model.norm(hidden)
+        prompt_index = layer_gather_index
         if dropping:
             hidden = scatter_seq(hidden, layer_gather_index, seq)  # (batch, seq, hidden), dropped -> 0
+            if prompt_length is not None and int(prompt_length) < seq:
+                # tokens after the prompt (the drafts of assisted decoding) follow the re-packed prompt in the
+                # later layers' cache, as generated tokens do: decoding steps need the prompt's index alone
+                prompt_index = repack_left(keep[:, : int(prompt_length)])[0]
         return FastVLanguageModelOutput(
             last_hidden_state=hidden,
             past_key_values=past_key_values if use_cache else None,
             keep=keep,
-            layer_gather_index=layer_gather_index if dropping else None,
+            layer_gather_index=prompt_index if dropping else None,
             scores=scores,
         )
 
