@@ -3,7 +3,8 @@
     python -m benchmarks.digits.compression_cost [--checkpoint checkpoints/digits-deft-llava] [--rounds 3]
 
 The main job's batch (8 held-out questions, the shipped checkpoint), one torch thread: process CPU time of
-the active method's `compress_features` on the batch's projected rows (DeFT: scoring and top-k), of the
+the active method's compression step on the batch's projected rows (`main_job.compression_step`: DeFT's
+question-aware scoring and top-k), of the
 compressed prefill and of the full-token prefill. Each is timed `--calls` times per round (after a warm-up),
 the rounds interleave the three, and the minimum over all calls is reported (on a loaded machine, the
 minimum is the least disturbed reading). Process CPU time counts the work of this process only, not the time
@@ -22,6 +23,7 @@ from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProc
 
 from .common import TEST_SEED
 from .data import chat_messages, make_split
+from .main_job import compression_step
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(__file__), "..", "..", "checkpoints", "digits-deft-llava")
 
@@ -58,16 +60,11 @@ def main(argv=None) -> None:
     inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
     full_inputs = full_processor(images=images, text=prompts, padding=True, return_tensors="pt")
     inner = model.model
-    method = inner.active_method
     times = {"compression step": [], "compressed prefill": [], "full-token prefill": []}
+    step = compression_step(model, inputs)
     with torch.no_grad():
-        with inner.compression_disabled():
-            features = inner.get_image_features(inputs["pixel_values"])
-        visual = inner._visual_batch("image", inner._patch_grid(inputs["pixel_values"]), 1, None)
         for _ in range(args.rounds):
-            times["compression step"] += cpu_seconds(
-                lambda: method.compress_features(inner, features, visual), args.calls
-            )
+            times["compression step"] += cpu_seconds(step, args.calls)
             times["compressed prefill"] += cpu_seconds(
                 lambda: model(**inputs, use_cache=True, logits_to_keep=1), args.calls
             )

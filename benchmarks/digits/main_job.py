@@ -6,8 +6,8 @@ Loads the shipped checkpoint (a small LLaVA trained on the two-digit task, with 
 feedback-guided scoring), asks held-out questions ("what digit is on the left ?") about canvases built from
 scikit-learn's real handwritten digits, and prints each answer next to the truth, the visual tokens kept,
 and the prefill time with compression on and off (same weights, median of repeated runs), and what the
-compression step itself costs (the method's `compress_features` on the batch's projected rows: for DeFT, its
-scoring and top-k) as a share of the full-token prefill. Writes a PNG that overlays the kept tokens on each
+compression step itself costs (the method's `compress_features` and `compress_with_prompt` on the batch's
+projected rows: for DeFT, its question-aware scoring and top-k) as a share of the full-token prefill. Writes a PNG that overlays the kept tokens on each
 canvas.
 """
 
@@ -22,6 +22,7 @@ import torch
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
 from modeling_deft_llava.commands.visualize import paired_prefill_seconds, processed_image, save_overlays
+from modeling_deft_llava.compressors.compression_method import PromptBatch
 
 from .common import TEST_SEED
 from .data import chat_messages, make_split
@@ -29,20 +30,42 @@ from .data import chat_messages, make_split
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(__file__), "..", "..", "checkpoints", "digits-deft-llava")
 
 
-def compression_seconds(model, pixel_values, repeats: int) -> float:
-    """Median time of the active method's `compress_features` on the projected rows of `pixel_values` (what the
-    compressed prefill adds to the vision tower's work), after one warm-up."""
+def compression_step(model, inputs):
+    """A function that runs the active method's compression of `inputs`' images as the prefill does:
+    `compress_features` on all N projected rows, then `compress_with_prompt` with the prompt (question-aware
+    DeFT, CDPruner and Recoverable score and select there). The vision tower is not in it."""
     inner = model.model
     method = inner.active_method
-    with torch.no_grad():
-        with inner.compression_disabled():
-            features = inner.get_image_features(pixel_values)  # all N projected rows per image
-        visual = inner._visual_batch("image", inner._patch_grid(pixel_values), 1, None)
-        times = []
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            method.compress_features(inner, features, visual)
-            times.append(time.perf_counter() - start)
+    pixel_values = inputs["pixel_values"]
+    with torch.no_grad(), inner.compression_disabled():
+        features = inner.get_image_features(pixel_values)  # all N projected rows per image
+    visual = inner._visual_batch("image", inner._patch_grid(pixel_values), 1, None)
+    prompt = None
+    if method.acts_in("compress_with_prompt"):
+        ids = inputs["input_ids"]
+        placeholders = ids == model.config.image_token_index
+        with torch.no_grad():
+            embeds = inner.get_input_embeddings()(ids)
+        text = inputs["attention_mask"].bool() & ~placeholders
+        prompt = PromptBatch(embeds, placeholders, text, ids.shape[1], "image")
+
+    def run():
+        with torch.no_grad():
+            out = method.compress_features(inner, features, visual)
+            if prompt is not None:
+                method.compress_with_prompt(inner, out, prompt)
+
+    return run
+
+
+def compression_seconds(model, inputs, repeats: int) -> float:
+    """Median time of the active method's compression step (`compression_step`), after one warm-up."""
+    step = compression_step(model, inputs)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
     return statistics.median(times[1:]) if repeats else times[0]
 
 
@@ -82,7 +105,7 @@ def main(argv=None) -> None:
     )
     full_inputs = full_processor(images=images, text=prompts, padding=True, return_tensors="pt")
     on, off = paired_prefill_seconds(model, inputs, full_inputs, args.repeats)
-    scoring = compression_seconds(model, inputs["pixel_values"], args.repeats)
+    scoring = compression_seconds(model, inputs, args.repeats)
     grid = model.model._patch_grid(inputs["pixel_values"])
     n_tokens = grid[0] * grid[1]
     print(
