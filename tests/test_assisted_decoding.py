@@ -14,6 +14,7 @@ import pytest
 import test_text_context as ctx
 import tiny
 import torch
+from modeling_deft_llava.configuration.deft_settings import DEFT_RECIPE
 from test_model import ALWAYS_UNCERTAIN
 from test_model_methods import METHODS, method_settings
 
@@ -62,6 +63,9 @@ def test_compression_off_equals_plain_greedy_and_stock(how):
 SETTINGS = {m: method_settings(m) for m in METHODS}
 SETTINGS["deft_hybrid"] = dict(method_settings("deft"), deft_inference_mode="hybrid")
 SETTINGS["deft_adaptive"] = dict(method_settings("deft"), deft_inference_mode="adaptive", **ALWAYS_UNCERTAIN)
+SETTINGS["deft_recipe"] = dict(
+    method_settings("deft"), **DEFT_RECIPE
+)  # question-aware: selects with the prompt
 
 
 @pytest.mark.parametrize("how", ["assistant", "lookup"])
@@ -69,6 +73,10 @@ SETTINGS["deft_adaptive"] = dict(method_settings("deft"), deft_inference_mode="a
 def test_every_method_equals_plain_greedy(name, how):
     settings = SETTINGS[name]
     model, processor = tiny.model(**settings), tiny.processor(**settings)
+    if name == "deft_recipe":  # give the zero-started question input weight, so the question changes the choice
+        with torch.no_grad():
+            film = model.model.deft.question_encoder.film
+            film.weight.copy_(torch.randn(film.weight.shape, generator=torch.Generator().manual_seed(3)))
     inputs = single(processor)
     plain = model.generate(**inputs, **GEN)
     extra = (
