@@ -627,38 +627,61 @@ def test_dry_run_command_validates_and_carries_given_results(saved_source, tmp_p
     assert main([str(saved_source), "a/b", "--dry-run", str(out)]) == 1  # never overwrites OUT
 
 
-@pytest.mark.parametrize("fake_version", ["5.17.0", "5.99.0", "6.0.0"])
-def test_exported_code_refuses_an_unsupported_transformers_at_import(exported, tmp_path, fake_version):
-    """The Hub folder's own code checks the installed transformers before anything runs."""
-    from modeling_deft_llava.configuration.supported_versions import supported_transformers_range
+_FAKE_VERSION_CHILD = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import isolated_check as c
+    sys.path.pop(0)
+    c._strip_project(sys.argv[4:], block=False)
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    import transformers  # after the Auto imports, which can replace the module object in sys.modules
+    transformers.__version__ = sys.argv[3]
+    try:
+        AutoConfig.from_pretrained(sys.argv[2], trust_remote_code=True)
+        AutoProcessor.from_pretrained(sys.argv[2], trust_remote_code=True)
+        AutoModelForImageTextToText.from_pretrained(sys.argv[2], trust_remote_code=True)
+        print("LOADED")
+    except ImportError as error:
+        print("IMPORT-ERROR:", error)
+    """
+)
 
-    code = textwrap.dedent(
-        """
-        import sys
-        sys.path.insert(0, sys.argv[1])
-        import isolated_check as c
-        sys.path.pop(0)
-        c._strip_project(sys.argv[4:], block=False)
-        import transformers
-        transformers.__version__ = sys.argv[3]
-        from transformers import AutoConfig
-        try:
-            AutoConfig.from_pretrained(sys.argv[2], trust_remote_code=True)
-        except ImportError as error:
-            print("IMPORT-ERROR:", error)
-        """
-    )
+
+def _load_with_fake_version(exported, tmp_path, fake_version) -> subprocess.CompletedProcess:
     script_dir = str(Path(isolated_check.__file__).parent)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    proc = subprocess.run(
-        [sys.executable, "-I", "-c", code, script_dir, str(exported["folder"]), fake_version]
+    return subprocess.run(
+        [sys.executable, "-I", "-c", _FAKE_VERSION_CHILD, script_dir, str(exported["folder"]), fake_version]
         + isolated_check.project_roots(),
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
     )
+
+
+@pytest.mark.parametrize("fake_version", ["5.16.1", "5.17.0"])
+def test_exported_code_refuses_a_too_old_transformers_at_import(exported, tmp_path, fake_version):
+    """The Hub folder's own code checks the installed transformers before anything runs."""
+    from modeling_deft_llava.configuration.supported_versions import supported_transformers_range
+
+    proc = _load_with_fake_version(exported, tmp_path, fake_version)
     assert (
         f"IMPORT-ERROR: DeFT-LLaVA supports transformers {supported_transformers_range()}" in proc.stdout
     ), proc.stdout + proc.stderr[-2000:]
     assert f"transformers {fake_version} is installed" in proc.stdout
+
+
+@pytest.mark.parametrize("fake_version", ["5.99.0", "6.0.0"])
+def test_exported_code_warns_once_and_loads_under_a_newer_transformers(exported, tmp_path, fake_version):
+    """A folder exported today must not refuse every later transformers release: config, processor and model
+    load, with one warning that names the tested range."""
+    from modeling_deft_llava.configuration.supported_versions import supported_transformers_range
+
+    proc = _load_with_fake_version(exported, tmp_path, fake_version)
+    assert "LOADED" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    warned = [line for line in proc.stderr.splitlines() if "is newer and untested" in line]
+    assert len(warned) == 1, proc.stderr[-3000:]
+    assert f"transformers {fake_version} is newer and untested" in warned[0]
+    assert supported_transformers_range() in warned[0]
