@@ -50,6 +50,7 @@ try:
 except ImportError:  # run as a script: benchmarks/ is on sys.path
     import cpu_memory
 from modeling_deft_llava import DeftLlavaConfig, DeftLlavaForConditionalGeneration
+from modeling_deft_llava.commands.process_state import restores_process_state
 from modeling_deft_llava.compressors.compression_registry import BASELINE_METHODS, build_method
 
 MODEL_METHODS = tuple(BASELINE_METHODS)  # every baseline, in the registry's order
@@ -340,6 +341,7 @@ def markdown_tables(results: dict) -> str:
     return "\n".join(lines)
 
 
+@restores_process_state
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="siglip_qwen2_0.5b")

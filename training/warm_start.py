@@ -42,6 +42,7 @@ from modeling_deft_llava.configuration.vision_towers import tower_has_cls
 from modeling_deft_llava.hub_card.atomic_write import place, staged
 from tqdm.auto import tqdm
 
+from modeling_deft_llava.commands.process_state import restores_process_state
 from modeling_deft_llava.compressors.method_divprune import divprune_indices
 from modeling_deft_llava.compressors.vision_attention import cls_attention
 
@@ -298,6 +299,7 @@ def load_for_warm_start(args: WarmStartArguments):
     return model, processor
 
 
+@restores_process_state  # `threads` and the seed apply to this call only
 def warm_start(args: WarmStartArguments, progress: bool = True, command: str | None = None) -> dict:
     """Run a warm start and write the output folder; returns the log (also saved as `warm_start_log.json`).
 

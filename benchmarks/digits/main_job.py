@@ -21,6 +21,7 @@ import time
 import torch
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
+from modeling_deft_llava.commands.process_state import restores_process_state
 from modeling_deft_llava.commands.visualize import paired_prefill_seconds, processed_image, save_overlays
 
 from .common import TEST_SEED
@@ -46,6 +47,7 @@ def compression_seconds(model, pixel_values, repeats: int) -> float:
     return statistics.median(times[1:]) if repeats else times[0]
 
 
+@restores_process_state
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=os.path.normpath(DEFAULT_CHECKPOINT))

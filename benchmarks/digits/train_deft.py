@@ -26,6 +26,7 @@ import shutil
 import time
 
 from modeling_deft_llava.commands.convert import convert
+from modeling_deft_llava.commands.process_state import restores_process_state
 
 from .common import atomic_write_json
 from .data import user_text
@@ -72,6 +73,7 @@ def learned_mixture(model) -> dict:
     }
 
 
+@restores_process_state
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=sorted(TASKS), default="easy")
