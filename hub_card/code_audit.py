@@ -78,7 +78,8 @@ ALLOWED: dict[str, frozenset[str]] = {name: frozenset(names) for name, names in 
     "torch.nn": {ANY},
     "torch.nn.functional": {ANY},
     "transformers": {
-        "AutoModel", "LlavaConfig", "LlavaForConditionalGeneration", "LlavaModel", "LlavaProcessor",
+        "AutoModel", "GenerationMixin", "LlavaConfig", "LlavaForConditionalGeneration", "LlavaModel",
+        "LlavaProcessor",
         "__version__", "cache_utils", "image_utils", "initialization", "modeling_outputs", "models", "utils",
     },
     # loading a model by name would fetch other code: only building one from a config

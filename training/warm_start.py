@@ -215,7 +215,7 @@ def encode(model, pixel_values: torch.Tensor, teacher: str) -> tuple[torch.Tenso
         hook = layer.register_forward_pre_hook(keep_input, with_kwargs=True)
     try:
         with inner.compression_disabled():
-            out = inner.get_image_features(pixel_values=pixel_values)
+            out = inner.get_image_features(pixel_values=pixel_values, return_dict=True)
     finally:
         if hook is not None:
             hook.remove()
