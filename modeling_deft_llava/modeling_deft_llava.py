@@ -179,6 +179,8 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             ValueError: a structural setting changed (names it, the built and the new value), or a new value
                 is invalid.
         """
+        if torch.compiler.is_compiling():
+            return  # host-side bookkeeping dynamo cannot trace: done by the eager calls (see the class docstring)
         config = self.config
         for key, built in self._built_with.items():
             now = getattr(config, key)
@@ -404,6 +406,12 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         """While the stock encoder runs: keep the feature layer's input when the method needs it (its attention
         slice is recomputed from it, SDPA-safe) and let the method compress the features that enter the
         projector (the projector then sees the K kept rows). Yields a dict that receives that result."""
+        if method is not None and torch.compiler.is_compiling():
+            raise NotImplementedError(
+                f"torch.compile cannot trace compression method {self.config.compression_method!r}: it hooks the "
+                "vision encoder during the call. Compile the model with use_deft=False, or compile its language "
+                "model only (torch.compile(model.model.language_model)), which runs every decoding step"
+            )
         before_projector = {}
         hooks = []
         if method is not None and method.needs_vision_layer:
@@ -794,6 +802,12 @@ class DeftLlavaForConditionalGeneration(
     from stock, and why: outputs carry extra fields (kept indices, compression scores, the loss components),
     appended after stock's in `to_tuple()`; `get_video_features` exists (5-D, LLaVA-NeXT-Video's convention, see
     `DeftLlavaModel.get_video_features`); `_keep_in_fp32_modules` is collected from the DeFT module when one exists.
+
+    `torch.compile(model.forward, fullgraph=True)` traces the model with compression off, and with methods that
+    encode images themselves (`tome`). Methods that hook the vision encoder during the call (DeFT, `random`,
+    `uniform`, ...) refuse a full graph with a `NotImplementedError` naming the method; without `fullgraph`
+    they compile with graph breaks and compute what the eager model computes. While compiling, the config is not
+    re-validated and the placeholder counts are not checked (`_apply_config`, `TokenLayout.place`): eager calls do.
 
     After a prefill the method may ask for a second one (`reconsider`: DeFT's `adaptive` mode checks each
     sample's next-token distribution with the RTD rule, normalised entropy > `deft_rtd_entropy_threshold` or

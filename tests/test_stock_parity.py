@@ -98,3 +98,36 @@ def test_generation_mixin_is_a_direct_base():
     """transformers checks that a generative class lists `GenerationMixin` among its own bases."""
     assert GenerationMixin in DeftLlavaForConditionalGeneration.__bases__
     assert DeftLlavaForConditionalGeneration.can_generate()
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compiled_and_eager_logits(model, processor, fullgraph):
+    inputs = processor(images=tiny.images(2), text=[tiny.prompt()] * 2, return_tensors="pt")
+    with torch.no_grad():
+        eager = model(**inputs).logits
+        compiled = torch.compile(model.forward, fullgraph=fullgraph, backend="eager")(**inputs).logits
+    return eager, compiled
+
+
+@pytest.mark.parametrize("settings", [dict(use_deft=False), dict(use_deft=True, compression_method="tome")])
+def test_torch_compile_traces_a_full_graph(settings, fresh_dynamo):
+    """Before: dynamo could not trace the `DeftSettings` dataclass read inside `forward`, then the placeholder
+    checks (data-dependent)."""
+    model, processor = tiny.model(**settings).eval(), tiny.processor(**settings)
+    eager, compiled = _compiled_and_eager_logits(model, processor, fullgraph=True)
+    assert torch.equal(compiled, eager)
+
+
+def test_torch_compile_of_a_hooking_method_refuses_a_full_graph_and_runs_without(fresh_dynamo):
+    model, processor = tiny.model(use_deft=True).eval(), tiny.processor(use_deft=True)
+    with pytest.raises(Exception, match="torch.compile cannot trace compression method 'deft'"):
+        _compiled_and_eager_logits(model, processor, fullgraph=True)
+    torch._dynamo.reset()
+    eager, compiled = _compiled_and_eager_logits(model, processor, fullgraph=False)
+    assert torch.equal(compiled, eager)
