@@ -53,7 +53,7 @@ def _difference(name: str, before, after) -> str:
 
 @pytest.fixture(autouse=True)
 def _no_test_leaves_global_state_changed():
-    """Every test starts from the same random number generators and must leave the process as it found it.
+    """Every test must leave the process as it found it; the random number generators are restored after it.
 
     Before: benchmark entry points called in-process changed torch's thread count, and a later bit-exact
     comparison with a child process failed only in some orders. A change is restored (so one offender does not
