@@ -22,6 +22,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from modeling_deft_llava.commands.process_state import restores_process_state
+
 try:
     from benchmarks.speed_memory import build_inputs, build_model, reconfigure
 except ImportError:  # run as a script: benchmarks/ is on sys.path
@@ -45,6 +47,7 @@ def split_shared(tables: dict[str, dict]) -> tuple[set, dict[str, dict]]:
     return shared, own
 
 
+@restores_process_state
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="siglip_qwen2_0.5b")

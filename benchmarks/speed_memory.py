@@ -52,6 +52,7 @@ except ImportError:  # run as a script: benchmarks/ is on sys.path
 from modeling_deft_llava.configuration.deft_settings import DEFT_RECIPE
 
 from modeling_deft_llava import DeftLlavaConfig, DeftLlavaForConditionalGeneration
+from modeling_deft_llava.commands.process_state import restores_process_state
 from modeling_deft_llava.compressors.compression_registry import BASELINE_METHODS, build_method
 
 MODEL_METHODS = tuple(BASELINE_METHODS)  # every baseline, in the registry's order
@@ -353,6 +354,7 @@ def markdown_tables(results: dict) -> str:
     return "\n".join(lines)
 
 
+@restores_process_state
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="siglip_qwen2_0.5b")

@@ -49,6 +49,7 @@ from modeling_deft_llava.processing.word_tokenizer import build_word_tokenizer
 from sklearn.datasets import load_digits
 
 from modeling_deft_llava import DeftLlavaConfig, DeftLlavaForConditionalGeneration
+from modeling_deft_llava.commands.process_state import restores_process_state
 from modeling_deft_llava.compressors.compression_method import TextSelection
 from modeling_deft_llava.deft.topk_selector import kept_counts
 from modeling_deft_llava.text_context import TextContext
@@ -322,6 +323,7 @@ def evaluate(model, tokenizer, data, ratio, batch: int, record=None, time_sample
     }
 
 
+@restores_process_state
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--facts", type=int, default=6)

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from benchmarks.digits.common import TEST_SEED
 from benchmarks.digits.data import chat_messages, make_split
+from modeling_deft_llava.commands.process_state import restores_process_state
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "checkpoints" / "digits-deft-llava"
@@ -231,6 +232,7 @@ def build_shape_folder(shape: str, folder: Path) -> Path:
     return folder
 
 
+@restores_process_state
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default=str(CHECKPOINT))

@@ -67,18 +67,20 @@ ALLOWED: dict[str, frozenset[str]] = {name: frozenset(names) for name, names in 
     "torch": {
         # classes, dtypes, grad modes and pure-math namespaces (tensor operations: `torch_tensor_operations`)
         "Generator", "LongTensor", "Tensor", "autograd", "bfloat16", "bool", "device", "dtype", "enable_grad",
-        "finfo", "float16", "float32", "float64", "iinfo", "inference_mode", "int32", "int64", "is_grad_enabled",
-        "linalg", "long", "nn", "no_grad", "uint8",
+        "compiler", "finfo", "float16", "float32", "float64", "iinfo", "inference_mode", "int32", "int64",
+        "is_grad_enabled", "linalg", "long", "nn", "no_grad", "uint8",
         # factories (not overridable, so not in the tensor-operation group)
         "arange", "as_tensor", "empty", "eye", "full", "full_like", "linspace", "ones", "ones_like", "rand",
         "randn", "randperm", "tensor", "zeros", "zeros_like",
     },
     "torch.autograd": {"grad"},
+    "torch.compiler": {"is_compiling"},  # skips host-side checks while torch.compile traces
     "torch.linalg": {ANY},
     "torch.nn": {ANY},
     "torch.nn.functional": {ANY},
     "transformers": {
-        "AutoModel", "LlavaConfig", "LlavaForConditionalGeneration", "LlavaModel", "LlavaProcessor",
+        "AutoModel", "GenerationMixin", "LlavaConfig", "LlavaForConditionalGeneration", "LlavaModel",
+        "LlavaProcessor",
         "__version__", "cache_utils", "image_utils", "initialization", "modeling_outputs", "models", "utils",
     },
     # loading a model by name would fetch other code: only building one from a config

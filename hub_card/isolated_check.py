@@ -56,6 +56,7 @@ def run_isolated_check(
     forbidden_roots=None,
     timeout: float = 600,
     python: str | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Run the isolated load of `folder` in a child `python -I`; returns its JSON summary.
 
@@ -66,10 +67,16 @@ def run_isolated_check(
         prompt: prompt with `{image}` where the image placeholder goes; None: `DEFAULT_PROMPT`.
         forbidden_roots: folders nothing may be imported from (default: this project's root).
         timeout: seconds before the child is killed.
+        threads: torch's intra-op thread count in the child (None: torch's default). A bit-exact comparison
+            with outputs computed here needs the same count on both sides: another count sums in another
+            order.
 
     Raises:
+        ValueError: `threads` is not a positive int.
         IsolatedCheckError: the child failed (the message holds its stderr tail).
     """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     env = _child_env()
     with tempfile.TemporaryDirectory(prefix="deft-isolated-") as home:
         env["HF_HOME"] = home  # fresh module cache: the remote code is copied and imported from scratch
@@ -84,6 +91,8 @@ def run_isolated_check(
             str(Path(out).resolve()),
         ]
         cmd += ["--max-new-tokens", str(max_new_tokens)]
+        if threads is not None:
+            cmd += ["--threads", str(threads)]
         for root in forbidden_roots if forbidden_roots is not None else project_roots():
             cmd += ["--forbid-root", str(root)]
         if image is not None:
@@ -259,6 +268,7 @@ def _child(argv=None) -> None:
     parser.add_argument("--prompt")
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--forbid-root", action="append", default=[])
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     _strip_project(args.forbid_root)
     _assert_project_unimportable()
@@ -267,6 +277,9 @@ def _child(argv=None) -> None:
 
     import numpy as np
     import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     from PIL import Image
     from transformers import (
         AutoConfig,
@@ -278,7 +291,7 @@ def _child(argv=None) -> None:
     )
 
     folder = args.folder
-    summary = {}
+    summary = {"threads": torch.get_num_threads()}
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     for what, obj in (("config", config), ("processor", processor)):

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import LlavaForConditionalGeneration, LlavaModel
+from transformers import GenerationMixin, LlavaForConditionalGeneration, LlavaModel
 from transformers import initialization as hf_init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -102,9 +102,8 @@ class DeftLlavaPreTrainedModel(LlavaPreTrainedModel):
     config: DeftLlavaConfig
     config_class = DeftLlavaConfig
     input_modalities = ("image", "video", "text")
-    # the mixture logits stay float32 when loading in float16: a large logit would overflow and make the
-    # mixture NaN (bf16 has the float32 range); the mixer also computes its softmax in float32
-    _keep_in_fp32_modules = ["score_mixer"]
+    # `_keep_in_fp32_modules` is not set here: `DeFTModule` declares its `score_mixer`, and transformers collects
+    # it from the model's children, so a model without DeFT (compression off, another method) names nothing
     # the saliency MLP's output bias of earlier checkpoints (see `SaliencyScorer`): it never changed an output
     _keys_to_ignore_on_load_unexpected = [r"deft\.saliency_scorer\.mlp\.4\.bias$"]
 
@@ -209,6 +208,8 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             ValueError: a structural setting changed (names it, the built and the new value), or a new value
                 is invalid.
         """
+        if torch.compiler.is_compiling():
+            return  # host-side bookkeeping dynamo cannot trace: done by the eager calls (see the class docstring)
         config = self.config
         for key, built in self._built_with.items():
             now = getattr(config, key)
@@ -276,6 +277,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         # hidden_states[0] is the embedding output, hidden_states[i] the output of encoder layer i - 1
         return encoder.layers[layer] if layer < 0 else encoder.layers[layer - 1]
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
@@ -289,10 +291,12 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
 
         `pixel_values`: `(num_images, channels, height, width)`; all images share one size.
 
+        As stock LLaVA's: with `return_dict=False` (or `config.return_dict=False`) the output's `to_tuple()`
+        (its fields that are not None, in order: stock's first, then the compression fields).
+
         Raises:
             ValueError: `pixel_values` is not 4-D; `image_sizes` with compression on.
         """
-        kwargs.pop("return_dict", None)  # always a DeftVisualFeaturesOutput
         self._apply_config()
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
             raise ValueError(
@@ -323,6 +327,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             )
         return self._compress(outputs, visual, before_projector.get("result"))
 
+    @can_return_tuple
     def get_video_features(
         self,
         pixel_values_videos: torch.Tensor,
@@ -336,12 +341,18 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         A video's tokens are its frames' patch tokens in frame order `(frames * patches, hidden_size)`. A method
         that compresses videos (DeFT) sees them all at once; an image method that `compresses_frames` runs the
         image path on every frame (its per-frame budget K, `F * K` rows per video, sources `frame * N + patch`).
+        With `return_dict=False` (or `config.return_dict=False`) the output's `to_tuple()`, as for images.
+
+        The calling convention is LLaVA-NeXT-Video's (`LlavaNextVideoModel.get_video_features`), the layout the
+        processor writes: 5-D, one row per video. Stock `LlavaModel` has no video path. transformers' generic
+        model tests (`_video_features_prepare_config_and_inputs`) rename the image tester's 4-D `pixel_values` to
+        `pixel_values_videos`; a 4-D tensor is refused here rather than guessed at (one frame per video, or the
+        frames of one video?), as the 5-D LLaVA-NeXT-Video and Video-LLaVA override that helper in their tests.
 
         Raises:
             ValueError: `pixel_values_videos` is not 5-D or has no frames; the method compresses neither videos
                 nor frames (it needs the prompt or the decoder).
         """
-        kwargs.pop("return_dict", None)
         self._apply_config()
         if not isinstance(pixel_values_videos, torch.Tensor) or pixel_values_videos.dim() != 5:
             raise ValueError(
@@ -378,7 +389,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         source token `f * N + p` (kept tokens keep their original positions in the video)."""
         videos, frames = pixel_values_videos.shape[:2]
         per_frame = self.get_image_features(
-            pixel_values_videos.flatten(0, 1), vision_feature_layer, strategy, **kwargs
+            pixel_values_videos.flatten(0, 1), vision_feature_layer, strategy, return_dict=True, **kwargs
         )
         rows, sources = per_frame.pooler_output, per_frame.source_indices
         n = per_frame.num_source_tokens[0]
@@ -426,6 +437,12 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         """While the stock encoder runs: keep the feature layer's input when the method needs it (its attention
         slice is recomputed from it, SDPA-safe) and let the method compress the features that enter the
         projector (the projector then sees the K kept rows). Yields a dict that receives that result."""
+        if method is not None and torch.compiler.is_compiling():
+            raise NotImplementedError(
+                f"torch.compile cannot trace compression method {self.config.compression_method!r}: it hooks the "
+                "vision encoder during the call. Compile the model with use_deft=False, or compile its language "
+                "model only (torch.compile(model.model.language_model)), which runs every decoding step"
+            )
         before_projector = {}
         hooks = []
         if method is not None and method.needs_vision_layer:
@@ -523,6 +540,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 vision_feature_select_strategy,
                 image_sizes=image_sizes,
                 token_gradients=gradients["image"],
+                return_dict=True,
             )
         if pixel_values_videos is not None:
             if self.config.video_token_index is None:
@@ -532,6 +550,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 vision_feature_layer,
                 vision_feature_select_strategy,
                 token_gradients=gradients["video"],
+                return_dict=True,
             )
         # images first, then videos: the order of `kept_indices`
         return {m: encoded[m] for m in ("image", "video") if encoded.get(m) is not None}
@@ -823,10 +842,21 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         )
 
 
-class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForConditionalGeneration):
+class DeftLlavaForConditionalGeneration(
+    DeftLlavaPreTrainedModel, LlavaForConditionalGeneration, GenerationMixin
+):
     """LLaVA with DeFT compression in its forward pass, for `generate`, `pipeline` and `Trainer`.
 
-    With `use_deft=False` it computes exactly what `LlavaForConditionalGeneration` computes.
+    With `use_deft=False` it computes exactly what `LlavaForConditionalGeneration` computes. What stays different
+    from stock, and why: outputs carry extra fields (kept indices, compression scores, the loss components),
+    appended after stock's in `to_tuple()`; `get_video_features` exists (5-D, LLaVA-NeXT-Video's convention, see
+    `DeftLlavaModel.get_video_features`); `_keep_in_fp32_modules` is collected from the DeFT module when one exists.
+
+    `torch.compile(model.forward, fullgraph=True)` traces the model with compression off, and with methods that
+    encode images themselves (`tome`). Methods that hook the vision encoder during the call (DeFT, `random`,
+    `uniform`, ...) refuse a full graph with a `NotImplementedError` naming the method; without `fullgraph`
+    they compile with graph breaks and compute what the eager model computes. While compiling, the config is not
+    re-validated and the placeholder counts are not checked (`_apply_config`, `TokenLayout.place`): eager calls do.
 
     After a prefill the method may ask for a second one (`reconsider`: DeFT's `adaptive` mode checks each
     sample's next-token distribution with the RTD rule, normalised entropy > `deft_rtd_entropy_threshold` or
@@ -936,6 +966,7 @@ class DeftLlavaForConditionalGeneration(DeftLlavaPreTrainedModel, LlavaForCondit
             deft_layer_gather_index=deft_layer_gather_index,
             # labels mark the answer: methods that read the question never read it
             deft_answer_mask=(labels != -100) if labels is not None and mm_encoder_outputs else None,
+            return_dict=True,  # the fields below; `config.return_dict=False` applies to this method's output only
         )
         cached_before = past_key_values.get_seq_length() if past_key_values is not None else 0
         state_before = read_cache_state(past_key_values)

@@ -202,7 +202,9 @@ class TokenLayout:
         """
         rows = features.pooler_output
         counts = [r.shape[0] for r in rows]
-        n_placeholders = int(mask.sum())
+        # the checks read the mask's values (a graph break): skipped while torch.compile traces, eager calls check
+        checked = not torch.compiler.is_compiling()
+        n_placeholders = int(mask.sum()) if checked else sum(counts)
         if n_placeholders != sum(counts):
             # stock's wording first ("Image features and image tokens do not match, tokens: ..."): tools match on it
             raise ValueError(
@@ -213,7 +215,8 @@ class TokenLayout:
                 f"(use_deft={config.use_deft}, retention={config.deft_retention_ratio}, "
                 f"mode={config.deft_inference_mode})"
             )
-        check_rows_per_sample(modality, mask.sum(dim=1).tolist(), counts)
+        if checked:
+            check_rows_per_sample(modality, mask.sum(dim=1).tolist(), counts)
         device = inputs_embeds.device
         flat = torch.cat(list(rows), dim=0).to(device, inputs_embeds.dtype)  # (total_rows, D)
         inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1), flat)
@@ -245,7 +248,10 @@ class TokenLayout:
             )
             self.used = used if self.used is None else self.used & used
             rows_seen = used[mask]
-        self.kept_indices += [src[k] for src, k in zip(source.split(counts), rows_seen.split(counts))]
+        if features.rows_used is None:  # every row seen (no boolean indexing: traceable by torch.compile)
+            self.kept_indices += list(source.split(counts))
+        else:
+            self.kept_indices += [src[k] for src, k in zip(source.split(counts), rows_seen.split(counts))]
         return inputs_embeds
 
     def mark_context(self, markers: torch.Tensor, keep: torch.Tensor, kept_indices: list) -> None:

@@ -53,7 +53,7 @@ Stable across the supported range (relied on, re-checked on every supported vers
    `_get_num_multimodal_tokens`, `validate_inputs`; `ProcessorMixin.to_dict` saves only named `__init__`
    arguments.
 12. Trainer (`training/trainer.py`): overrides the private `_save_checkpoint`, `_get_output_dir`,
-    `_init_training_state` and `_finalize_training` (same signatures in 5.18-5.24), and the public
+    `_init_training_state` and `_finalize_training` (same signatures in 5.18-5.25), and the public
     `get_batch_samples` / `compute_loss`; relies on `model_accepts_loss_kwargs` being detected from `forward`'s
     `**kwargs` (then `num_items_in_batch` reaches the loss); reads `activation_checkpointing*` (5.23+) or
     `gradient_checkpointing*` (5.18) arguments; uses `trainer_utils.PREFIX_CHECKPOINT_DIR`.

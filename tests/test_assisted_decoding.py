@@ -73,7 +73,9 @@ SETTINGS["deft_recipe"] = dict(
 def test_every_method_equals_plain_greedy(name, how):
     settings = SETTINGS[name]
     model, processor = tiny.model(**settings), tiny.processor(**settings)
-    if name == "deft_recipe":  # give the zero-started question input weight, so the question changes the choice
+    if (
+        name == "deft_recipe"
+    ):  # give the zero-started question input weight, so the question changes the choice
         with torch.no_grad():
             film = model.model.deft.question_encoder.film
             film.weight.copy_(torch.randn(film.weight.shape, generator=torch.Generator().manual_seed(3)))

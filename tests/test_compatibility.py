@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -39,17 +40,66 @@ def test_the_installed_transformers_is_supported():
     sv.check_transformers_version()  # the suite itself runs inside the range
 
 
-@pytest.mark.parametrize("version", ["5.16.1", "5.17.0", "5.25.0", "5.25.0.dev0", "6.0.0", "4.57.6"])
-def test_versions_outside_the_range_raise_a_clear_import_error(version):
+@pytest.mark.parametrize("version", ["5.16.1", "5.17.0", "5.17.9", "4.57.6"])
+def test_versions_below_the_minimum_raise_a_clear_import_error(version):
     with pytest.raises(ImportError) as error:
         sv.check_transformers_version(version)
     assert f"transformers {version} is installed" in str(error.value)
     assert sv.supported_transformers_range() in str(error.value)
 
 
-@pytest.mark.parametrize("version", [sv.TRANSFORMERS_MIN, "5.24.0", "5.24.3", "5.24.0.dev0"])
-def test_versions_inside_the_range_pass(version):
+@pytest.mark.parametrize("version", ["5.21.0", "5.21.0.dev0"])
+def test_a_known_broken_release_raises_a_clear_import_error(version, monkeypatch):
+    monkeypatch.setattr(sv, "KNOWN_BROKEN", {"5.21.0": "loses the adapter weights"})
+    with pytest.raises(ImportError) as error:
+        sv.check_transformers_version(version)
+    message = str(error.value)
+    assert f"transformers {version} is installed" in message and "known to break" in message
+    assert "loses the adapter weights" in message and sv.supported_transformers_range() in message
+    sv.check_transformers_version("5.21.1")  # only the listed release
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture
+def version_warnings():
+    """The records of the guard's logger; `warning_once`'s memory of earlier messages is cleared first."""
+    logging.Logger.warning_once.cache_clear()
+    handler = _Records()
+    sv.logger.addHandler(handler)
+    yield handler.records
+    sv.logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize(
+    "version", [sv.TRANSFORMERS_MIN, "5.24.0", "5.24.3", "5.25.0", "5.25.2", "5.24.0.dev0"]
+)
+def test_versions_inside_the_range_pass_silently(version, version_warnings):
     sv.check_transformers_version(version)
+    assert version_warnings == []
+
+
+@pytest.mark.parametrize("version", [sv.TRANSFORMERS_BELOW + ".0", "5.26.0.dev0", "5.99.0", "6.0.0"])
+def test_newer_untested_releases_warn_once_and_run(version, version_warnings):
+    """A newer release is not refused (an exported folder would refuse it forever): one warning per process."""
+    sv.check_transformers_version(version)
+    sv.check_transformers_version(version)  # the next entry module's import: no second warning
+    assert [r.levelno for r in version_warnings] == [logging.WARNING]
+    message = version_warnings[0].getMessage()
+    assert f"transformers {version} is newer and untested" in message
+    assert sv.supported_transformers_range() in message
+
+
+def test_the_tested_range_includes_transformers_5_25():
+    sv.check_transformers_version("5.25.0")
+    assert sv.supported_transformers_range() == ">=5.18.0,<5.26"
 
 
 def test_cache_name_follows_the_installed_release():

@@ -38,6 +38,19 @@ PROMPT = tiny.prompt()
 # special tokens (<pad> <unk> <s> </s> <image> <video>) suppressed, so the greedy text is real words: this
 # also proves that generation_config.json travels with the export
 SUPPRESS = [0, 1, 2, 3, 4, 5]
+# the in-repo reference and the isolated child compute with the same thread count: another count sums in another
+# order, and the comparison is bit-exact (before: a test that changed this process's count failed it)
+THREADS = 1
+
+
+@contextlib.contextmanager
+def _threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +71,7 @@ def exported(tmp_path_factory):
     folder = export_for_hub(model, processor, root / "tiny-deft-llava")
 
     inputs = processor(images=[image], text=[PROMPT], return_tensors="pt")
-    with torch.no_grad():
+    with torch.no_grad(), _threads(THREADS):
         reference = {
             "input_ids": inputs["input_ids"],
             "logits": model(**inputs).logits,
@@ -66,12 +79,13 @@ def exported(tmp_path_factory):
             "base_last_hidden_state": model.model(**inputs).last_hidden_state,
         }
     pipe = pipeline("image-text-to-text", model=model, processor=processor)
-    out = pipe(
-        images=image,
-        text=PROMPT,
-        generate_kwargs=dict(max_new_tokens=MAX_NEW_TOKENS, do_sample=False),
-        return_full_text=False,
-    )
+    with _threads(THREADS):
+        out = pipe(
+            images=image,
+            text=PROMPT,
+            generate_kwargs=dict(max_new_tokens=MAX_NEW_TOKENS, do_sample=False),
+            return_full_text=False,
+        )
     reference["pipeline_text"] = out[0]["generated_text"]
     return dict(
         folder=folder,
@@ -94,6 +108,7 @@ def isolated(exported):
         image=exported["image_path"],
         prompt=PROMPT.replace("<image>", "{image}"),
         max_new_tokens=MAX_NEW_TOKENS,
+        threads=THREADS,
     )
     return summary, torch.load(out, weights_only=True)
 
@@ -342,6 +357,12 @@ def _find_spec_in_child(strip: bool) -> str:
     return proc.stdout.strip()
 
 
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_isolated_check_refuses_a_bad_thread_count(threads, tmp_path):
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        isolated_check.run_isolated_check(tmp_path, tmp_path / "out.pt", threads=threads)
+
+
 def test_plain_python_I_still_sees_the_editable_install_but_the_stripped_child_does_not():
     """`-I` alone is not isolation here (the editable finder lives in site-packages); the strip is."""
     assert _find_spec_in_child(strip=False) == "True"
@@ -365,7 +386,8 @@ def test_isolated_load_uses_remote_code_for_every_auto_class(isolated):
 
 
 def test_isolated_outputs_equal_the_in_repo_model(exported, isolated):
-    _, remote = isolated
+    summary, remote = isolated
+    assert summary["threads"] == THREADS  # both sides sum in the same order
     reference = exported["reference"]
     assert torch.equal(remote["input_ids"], reference["input_ids"])  # the remote processor: same placeholders
     # K = 8 of 16 patches: the compressed prompt is shorter than the uncompressed one
@@ -627,38 +649,61 @@ def test_dry_run_command_validates_and_carries_given_results(saved_source, tmp_p
     assert main([str(saved_source), "a/b", "--dry-run", str(out)]) == 1  # never overwrites OUT
 
 
-@pytest.mark.parametrize("fake_version", ["5.17.0", "5.99.0", "6.0.0"])
-def test_exported_code_refuses_an_unsupported_transformers_at_import(exported, tmp_path, fake_version):
-    """The Hub folder's own code checks the installed transformers before anything runs."""
-    from modeling_deft_llava.configuration.supported_versions import supported_transformers_range
+_FAKE_VERSION_CHILD = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import isolated_check as c
+    sys.path.pop(0)
+    c._strip_project(sys.argv[4:], block=False)
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    import transformers  # after the Auto imports, which can replace the module object in sys.modules
+    transformers.__version__ = sys.argv[3]
+    try:
+        AutoConfig.from_pretrained(sys.argv[2], trust_remote_code=True)
+        AutoProcessor.from_pretrained(sys.argv[2], trust_remote_code=True)
+        AutoModelForImageTextToText.from_pretrained(sys.argv[2], trust_remote_code=True)
+        print("LOADED")
+    except ImportError as error:
+        print("IMPORT-ERROR:", error)
+    """
+)
 
-    code = textwrap.dedent(
-        """
-        import sys
-        sys.path.insert(0, sys.argv[1])
-        import isolated_check as c
-        sys.path.pop(0)
-        c._strip_project(sys.argv[4:], block=False)
-        import transformers
-        transformers.__version__ = sys.argv[3]
-        from transformers import AutoConfig
-        try:
-            AutoConfig.from_pretrained(sys.argv[2], trust_remote_code=True)
-        except ImportError as error:
-            print("IMPORT-ERROR:", error)
-        """
-    )
+
+def _load_with_fake_version(exported, tmp_path, fake_version) -> subprocess.CompletedProcess:
     script_dir = str(Path(isolated_check.__file__).parent)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    proc = subprocess.run(
-        [sys.executable, "-I", "-c", code, script_dir, str(exported["folder"]), fake_version]
+    return subprocess.run(
+        [sys.executable, "-I", "-c", _FAKE_VERSION_CHILD, script_dir, str(exported["folder"]), fake_version]
         + isolated_check.project_roots(),
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
     )
+
+
+@pytest.mark.parametrize("fake_version", ["5.16.1", "5.17.0"])
+def test_exported_code_refuses_a_too_old_transformers_at_import(exported, tmp_path, fake_version):
+    """The Hub folder's own code checks the installed transformers before anything runs."""
+    from modeling_deft_llava.configuration.supported_versions import supported_transformers_range
+
+    proc = _load_with_fake_version(exported, tmp_path, fake_version)
     assert (
         f"IMPORT-ERROR: DeFT-LLaVA supports transformers {supported_transformers_range()}" in proc.stdout
     ), proc.stdout + proc.stderr[-2000:]
     assert f"transformers {fake_version} is installed" in proc.stdout
+
+
+@pytest.mark.parametrize("fake_version", ["5.99.0", "6.0.0"])
+def test_exported_code_warns_once_and_loads_under_a_newer_transformers(exported, tmp_path, fake_version):
+    """A folder exported today must not refuse every later transformers release: config, processor and model
+    load, with one warning that names the tested range."""
+    from modeling_deft_llava.configuration.supported_versions import supported_transformers_range
+
+    proc = _load_with_fake_version(exported, tmp_path, fake_version)
+    assert "LOADED" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    warned = [line for line in proc.stderr.splitlines() if "is newer and untested" in line]
+    assert len(warned) == 1, proc.stderr[-3000:]
+    assert f"transformers {fake_version} is newer and untested" in warned[0]
+    assert supported_transformers_range() in warned[0]

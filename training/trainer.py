@@ -447,7 +447,7 @@ def feedback_gradients(
                 continue
             with torch.no_grad():
                 features = (inner.get_image_features if modality == "image" else inner.get_video_features)(
-                    pixels
+                    pixels, return_dict=True
                 )
             items = [r.detach().requires_grad_(True) for r in features.pooler_output]  # each (N, D)
             rows += items

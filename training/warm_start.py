@@ -42,6 +42,7 @@ from modeling_deft_llava.configuration.vision_towers import tower_has_cls
 from modeling_deft_llava.hub_card.atomic_write import place, staged
 from tqdm.auto import tqdm
 
+from modeling_deft_llava.commands.process_state import restores_process_state
 from modeling_deft_llava.compressors.method_divprune import divprune_indices
 from modeling_deft_llava.compressors.vision_attention import cls_attention
 
@@ -217,7 +218,7 @@ def encode(model, pixel_values: torch.Tensor, teacher: str) -> tuple[torch.Tenso
         hook = layer.register_forward_pre_hook(keep_input, with_kwargs=True)
     try:
         with inner.compression_disabled():
-            out = inner.get_image_features(pixel_values=pixel_values)
+            out = inner.get_image_features(pixel_values=pixel_values, return_dict=True)
     finally:
         if hook is not None:
             hook.remove()
@@ -302,6 +303,7 @@ def load_for_warm_start(args: WarmStartArguments):
     return model, processor
 
 
+@restores_process_state  # `threads` and the seed apply to this call only
 def warm_start(args: WarmStartArguments, progress: bool = True, command: str | None = None) -> dict:
     """Run a warm start and write the output folder; returns the log (also saved as `warm_start_log.json`).
 

@@ -34,6 +34,7 @@ from modeling_deft_llava.configuration.deft_settings import num_kept_tokens
 from modeling_deft_llava.training.trainer import feedback_gradients
 
 from modeling_deft_llava import DeftLlavaProcessor
+from modeling_deft_llava.commands.process_state import restores_process_state
 from modeling_deft_llava.deft.score_mixer import COMPONENTS
 
 from .calibrate_rtd import CALIBRATION_SEED
@@ -150,6 +151,7 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+@restores_process_state
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=sorted(TASKS), default="dense")

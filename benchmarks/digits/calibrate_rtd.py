@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from modeling_deft_llava.configuration.deft_settings import DEFAULTS, num_kept_tokens
 
+from modeling_deft_llava.commands.process_state import restores_process_state
 from modeling_deft_llava.deft.deft_module import pruned_token_mask
 from modeling_deft_llava.deft.token_dictionary import calibrate_thresholds, uncertainty
 
@@ -206,6 +207,7 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+@restores_process_state
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=sorted(TASKS), default="dense")

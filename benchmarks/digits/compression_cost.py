@@ -20,6 +20,7 @@ import time
 import torch
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
+from modeling_deft_llava.commands.process_state import restores_process_state
 
 from .common import TEST_SEED
 from .data import chat_messages, make_split
@@ -38,6 +39,7 @@ def cpu_seconds(fn, calls: int) -> list[float]:
     return times
 
 
+@restores_process_state
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=os.path.normpath(DEFAULT_CHECKPOINT))

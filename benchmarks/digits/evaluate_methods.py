@@ -25,6 +25,7 @@ import torch
 from modeling_deft_llava.configuration.deft_settings import num_kept_tokens
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
+from modeling_deft_llava.commands.process_state import restores_process_state
 from modeling_deft_llava.compressors.compression_registry import BASELINE_METHODS
 
 from .common import (
@@ -247,6 +248,7 @@ def _seen_share(row: dict) -> float:
     return seen / NUM_VISUAL_TOKENS
 
 
+@restores_process_state
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=sorted(TASKS), default="easy")

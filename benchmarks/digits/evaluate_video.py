@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from modeling_deft_llava.configuration.deft_settings import num_kept_tokens
 
+from modeling_deft_llava.commands.process_state import restores_process_state
 from modeling_deft_llava.compressors.method_uniform import uniform_indices
 
 from .common import TEST_SEED, DigitsCollator, atomic_write_json
@@ -244,6 +245,7 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+@restores_process_state
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default=None, help="all-token video model (default: the task's)")

@@ -21,6 +21,7 @@ import time
 import torch
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
+from modeling_deft_llava.commands.process_state import restores_process_state
 from modeling_deft_llava.commands.visualize import paired_prefill_seconds, processed_image, save_overlays
 from modeling_deft_llava.compressors.compression_method import PromptBatch
 
@@ -69,6 +70,7 @@ def compression_seconds(model, inputs, repeats: int) -> float:
     return statistics.median(times[1:]) if repeats else times[0]
 
 
+@restores_process_state
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=os.path.normpath(DEFAULT_CHECKPOINT))

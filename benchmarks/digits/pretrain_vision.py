@@ -29,6 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration
 
+from modeling_deft_llava.commands.process_state import restores_process_state
+
 from .common import (
     SELECT_STRATEGY,
     VISION_FEATURE_LAYER,
@@ -45,6 +47,7 @@ def patch_features(vision_tower, pixels: torch.Tensor) -> torch.Tensor:
     return feats[:, 1:] if SELECT_STRATEGY == "default" else feats
 
 
+@restores_process_state
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3000)

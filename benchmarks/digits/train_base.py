@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration, LlavaProcessor, Trainer, TrainingArguments
 
+from modeling_deft_llava.commands.process_state import restores_process_state
+
 from .common import (
     ROPE_THETA,
     TEST_SEED,
@@ -42,6 +44,7 @@ def dir_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files if f)
 
 
+@restores_process_state
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3000)

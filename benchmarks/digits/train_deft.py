@@ -28,6 +28,7 @@ import time
 from modeling_deft_llava.configuration.deft_settings import DEFT_RECIPE, RANKING_LOSSES
 
 from modeling_deft_llava.commands.convert import convert
+from modeling_deft_llava.commands.process_state import restores_process_state
 
 from .common import atomic_write_json
 from .data import user_text
@@ -83,6 +84,7 @@ def learned_mixture(model) -> dict:
     }
 
 
+@restores_process_state
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=sorted(TASKS), default="easy")

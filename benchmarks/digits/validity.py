@@ -37,6 +37,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from modeling_deft_llava.commands.process_state import restores_process_state
+
 from .common import (
     TEST_SEED,
     DigitsCollator,
@@ -151,6 +153,7 @@ def selections(sample, index: int, seed: int) -> dict[str, tuple[np.ndarray, boo
     return out
 
 
+@restores_process_state
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=sorted(TASKS), default="easy")

@@ -38,6 +38,7 @@ from modeling_deft_llava.training.warm_start import (
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
 from modeling_deft_llava.commands.convert import convert
+from modeling_deft_llava.commands.process_state import restores_process_state
 
 from .common import NUM_VISUAL_TOKENS, TEST_SEED, atomic_write_json, evaluate_generate
 from .evaluate_methods import load, method_settings, score
@@ -71,6 +72,7 @@ def results_path(task) -> str:
     return task.results.replace("_accuracy.json", "_warm_start.json")
 
 
+@restores_process_state
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=sorted(TASKS), default="easy")

@@ -117,6 +117,12 @@ class DeFTModule(nn.Module):
       are detached on that path and learn from the feedback loss, which fits the mixed score to `s_fb`.
     """
 
+    # read by transformers from every child of a model (`PreTrainedModel.post_init`), so a DeFT-LLaVA model names
+    # `score_mixer` only when it holds this module: the mixture logits stay float32 when loading in float16 (a
+    # large logit would overflow and make the mixture NaN; bf16 has the float32 range); the mixer also computes its
+    # softmax in float32
+    _keep_in_fp32_modules = ["score_mixer"]
+
     def __init__(
         self,
         token_dim: int,
