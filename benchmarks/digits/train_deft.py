@@ -61,10 +61,12 @@ def write_training_data(folder: str, num_samples: int, make_split) -> str:
 
 def scorer_settings(args) -> dict:
     """The scorer's config fields from the command line (defaults: `DEFT_RECIPE`)."""
+    components = [c for c in args.score_components.split(",") if c]
     return {
         "deft_question_aware": args.question_aware,
         "deft_position_aware": args.position_aware,
         "deft_ranking_loss": args.ranking_loss,
+        "deft_score_components": components or None,
     }
 
 
@@ -121,6 +123,11 @@ def main(argv=None) -> None:
         choices=RANKING_LOSSES,
         default=DEFT_RECIPE["deft_ranking_loss"],
         help="deft_ranking_loss (the recipe: listnet; mse is the seed's)",
+    )
+    parser.add_argument(
+        "--score-components",
+        default=",".join(DEFT_RECIPE.get("deft_score_components") or ()),
+        help="deft_score_components, comma-separated (empty: every component present, the seed's mixture)",
     )
     parser.add_argument("--out", default=None, help="default: the task's DeFT checkpoint (tasks.py)")
     parser.add_argument("--overwrite", action="store_true")
