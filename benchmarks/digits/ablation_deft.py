@@ -106,6 +106,15 @@ def teacher_forced(model, processor, full_processor, samples, task, batch_size: 
     return out
 
 
+def train_command(folder: str) -> str | None:
+    """The command that trained `folder` (its `train_deft_log.json`), or None."""
+    path = os.path.join(folder, "train_deft_log.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("command")
+
+
 def report(results: dict) -> str:
     """The README tables: the learned mixture of each checkpoint, then accuracy per variant and budget."""
     lines = [
@@ -210,7 +219,12 @@ def main(argv=None) -> None:
     }
     for label, folder in checkpoints.items():
         model, _ = load(folder, method_settings("deft", 0.25))
-        results["checkpoints"][label] = {"folder": folder, "mixture_weights": mixture_weights(model)}
+        results["checkpoints"][label] = {
+            "folder": folder,
+            "mixture_weights": mixture_weights(model),
+            # how it was trained (a git-ignored ablation folder is rebuilt by this command)
+            "train_command": train_command(folder),
+        }
         print(label, results["checkpoints"][label], flush=True)
         for ratio in ratios:
             k = num_kept_tokens(NUM_VISUAL_TOKENS, ratio)
