@@ -17,6 +17,7 @@ from transformers import (
 )
 
 from modeling_deft_llava import DeftLlavaNextConfig, DeftLlavaNextForConditionalGeneration
+from modeling_deft_llava.commands.convert import convert
 from modeling_deft_llava.deft.group_scorer import group_scores
 
 GEN = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[4])  # never emit <image>
@@ -210,3 +211,65 @@ def test_save_and_load_keep_the_settings(tmp_path):
     assert torch.equal(batch["input_ids"], T.inputs(processor, [T.SIZES[3]])["input_ids"])
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- convert
+def _stock_folders(tmp_path):
+    """A tiny stock LLaVA-NeXT (stock `save_pretrained`) and the same weights in the transformers 5 key layout."""
+    from safetensors.torch import save_file
+
+    stock = T.stock_model(seed=1)
+    legacy = tmp_path / "legacy"
+    stock.save_pretrained(legacy)
+    T.processor(stock=True).save_pretrained(legacy)
+    v5 = tmp_path / "v5"
+    v5.mkdir()
+    (v5 / "config.json").write_text((legacy / "config.json").read_text())
+    state = {k: v.contiguous() for k, v in stock.state_dict().items()}  # model.language_model.* names
+    save_file(state, v5 / "model.safetensors", metadata={"format": "pt"})
+    T.processor(stock=True).save_pretrained(v5)
+    return stock, legacy, v5
+
+
+def test_convert_a_stock_llava_next_folder_and_generate_with_every_method(tmp_path):
+    stock, legacy, v5 = _stock_folders(tmp_path)
+    stock_processor = T.processor(stock=True)
+    sizes = [T.SIZES[0], T.SIZES[2], T.SIZES[3]]
+    for source in (legacy, v5):
+        out = tmp_path / f"deft-{source.name}"
+        new = convert(str(source), str(out), use_deft=True, deft_retention_ratio=0.25)
+        assert new and all(k.startswith("model.deft.") for k in new)
+        model = AutoModelForImageTextToText.from_pretrained(out).eval()
+        processor = AutoProcessor.from_pretrained(out)
+        assert type(model) is DeftLlavaNextForConditionalGeneration
+        assert type(processor).__name__ == "DeftLlavaNextProcessor" and processor.deft_retention_ratio == 0.25
+        assert not model.config.deft_question_aware  # AnyRes DeFT is question-blind (refused otherwise)
+        assert torch.equal(model.model.image_newline, stock.model.image_newline)
+        # compression off: the stock model's logits and generate
+        off = AutoModelForImageTextToText.from_pretrained(out, use_deft=False).eval()
+        theirs = T.inputs(stock_processor, sizes)
+        with torch.no_grad():
+            torch.testing.assert_close(off(**theirs).logits, stock(**theirs).logits, rtol=0, atol=0)
+        assert torch.equal(off.generate(**theirs, **GEN), stock.generate(**theirs, **GEN))
+    for method in FEATURE_METHODS:
+        model = AutoModelForImageTextToText.from_pretrained(out, compression_method=method).eval()
+        processor = AutoProcessor.from_pretrained(out, compression_method=method)
+        batch = T.inputs(processor, sizes)
+        k = (batch["input_ids"] == model.config.image_token_index).sum(1)
+        assert (k < (theirs["input_ids"] == model.config.image_token_index).sum(1)).all()
+        generated = model.generate(**batch, **GEN)
+        assert torch.equal(generated, model.generate(**batch, **GEN, use_cache=False)), method
+        for i, size in enumerate(sizes):
+            single = T.inputs(processor, [size], seed=i)
+            assert torch.equal(model.generate(**single, **GEN)[0, -4:], generated[i, -4:]), (method, size)
+
+
+def test_convert_command_line_writes_the_anyres_settings(tmp_path):
+    _, legacy, _ = _stock_folders(tmp_path)
+    from modeling_deft_llava.commands.convert import main
+
+    main(
+        [str(legacy), str(tmp_path / "out"), "--anyres-budget", "view", "--anyres-image-newline", "compress"]
+    )
+    config = DeftLlavaNextConfig.from_pretrained(tmp_path / "out")
+    assert (config.anyres_budget, config.anyres_image_newline, config.use_deft) == ("view", "compress", True)
