@@ -273,3 +273,13 @@ def test_convert_command_line_writes_the_anyres_settings(tmp_path):
     )
     config = DeftLlavaNextConfig.from_pretrained(tmp_path / "out")
     assert (config.anyres_budget, config.anyres_image_newline, config.use_deft) == ("view", "compress", True)
+
+
+def test_beam_search_with_compression_equals_each_image_alone():
+    model, processor = on("deft")
+    beams = dict(GEN, num_beams=2, num_return_sequences=2)
+    batch = T.inputs(processor, [T.SIZES[0], T.SIZES[3]])
+    out = model.generate(**batch, **beams)
+    for i, size in enumerate([T.SIZES[0], T.SIZES[3]]):
+        alone = model.generate(**T.inputs(processor, [size], seed=i), **beams)
+        assert torch.equal(alone[:, -4:], out[2 * i : 2 * i + 2, -4:])
