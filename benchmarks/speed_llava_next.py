@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cpu_memory  # noqa: E402
@@ -48,10 +49,11 @@ SHAPE = Path(__file__).parent / "shapes" / "llava_next_7b.json"
 IMAGE_SIZE = (672, 672)  # (height, width): the 672x672 pinpoint, 2x2 tiles, nothing unpadded
 
 
-def build_model(text_layers: int | None, dtype, first_ratio: float):
-    """The random-weight model with a DeFT module as `convert` writes it for AnyRes (question-blind), RTD off."""
+def build_model(text_layers: int | None, dtype, first_ratio: float, shape: Path = SHAPE):
+    """The random-weight model of `shape` (a JSON of `DeftLlavaNextConfig` fields) with a DeFT module as
+    `convert` writes it for AnyRes (question-blind), RTD off."""
     torch.manual_seed(0)
-    values = json.loads(SHAPE.read_text())
+    values = json.loads(Path(shape).read_text())
     values.pop("_comment", None)
     config = DeftLlavaNextConfig(**values)
     if text_layers is not None:
@@ -77,11 +79,13 @@ def build_inputs(model, dtype) -> dict:
     config = model.config
     k = placeholders(model)
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 30000, (1, TEXT_TOKENS + k), generator=generator)
-    ids[ids == config.image_token_index] = 100
+    high = min(config.text_config.vocab_size, 30000)
+    low = min(100, high // 2)
+    ids = torch.randint(low, high, (1, TEXT_TOKENS + k), generator=generator)
+    ids[ids == config.image_token_index] = low
     ids[:, 5 : 5 + k] = config.image_token_index
     size = config.vision_config.image_size
-    views = 5
+    views = num_views(config)
     pixels = torch.randn(1, views, 3, size, size, generator=generator).to(dtype)
     return {
         "input_ids": ids,
@@ -91,9 +95,16 @@ def build_inputs(model, dtype) -> dict:
     }
 
 
-def memory_probe(configs, text_layers, dtype) -> list[dict]:
+def num_views(config) -> int:
+    """Vision passes of the benchmark image: the base view and its tiles (the stock count)."""
+    return image_size_to_num_patches(
+        list(IMAGE_SIZE), config.image_grid_pinpoints, config.vision_config.image_size
+    )
+
+
+def memory_probe(configs, text_layers, dtype, shape: Path = SHAPE) -> list[dict]:
     """CPU peak memory of one prefill per configuration (in a process started by `cpu_memory.run_in_subprocess`)."""
-    model, _ = build_model(text_layers, dtype, configs[0][1])
+    model, _ = build_model(text_layers, dtype, configs[0][1], shape)
     phases = {}
 
     def language_model_starts(module, args, kwargs):
@@ -133,6 +144,7 @@ def memory_probe(configs, text_layers, dtype) -> list[dict]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default=str(SHAPE), help="JSON of DeftLlavaNextConfig fields")
     parser.add_argument("--methods", default="deft,random")
     parser.add_argument("--ratios", default="0.5,0.25,0.125")
     parser.add_argument("--repeats", type=int, default=2)
@@ -151,7 +163,7 @@ def main(argv=None) -> None:
             (None if m == "none" else m, float(r))
             for m, r in (item.rsplit(":", 1) for item in args.memory_probe.split(","))
         ]
-        print(json.dumps(memory_probe(configs, args.text_layers, dtype)))
+        print(json.dumps(memory_probe(configs, args.text_layers, dtype, args.shape)))
         return
     ratios = [float(r) for r in args.ratios.split(",")]
     configs = [(None, 1.0)] + [(m, r) for m in args.methods.split(",") for r in ratios]
@@ -164,12 +176,12 @@ def main(argv=None) -> None:
             "--threads",
             str(torch.get_num_threads()),
         ]
-        probe += ["--memory-probe", ",".join(f"{m or 'none'}:{r}" for m, r in configs)]
+        probe += ["--shape", args.shape, "--memory-probe", ",".join(f"{m or 'none'}:{r}" for m, r in configs)]
         if args.text_layers is not None:
             probe += ["--text-layers", str(args.text_layers)]
         for row in cpu_memory.run_in_subprocess(probe):
             peaks[(None if row["method"] == "none" else row["method"], row["retention_ratio"])] = row
-    model, config = build_model(args.text_layers, dtype, ratios[0])
+    model, config = build_model(args.text_layers, dtype, ratios[0], args.shape)
     timer = Timer(torch.device("cpu"))
     samples = {c: [] for c in configs}
     compress = {c: [] for c in configs if c[0] is not None}
@@ -205,7 +217,7 @@ def main(argv=None) -> None:
                     compress[(method, ratio)].append(
                         timer(lambda: model.model._compress_image(model.model.active_method, feature, layout))
                     )
-    views = 5
+    views = num_views(config)
     vision_tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
     vision = views * vision_flops(config.vision_config, config.text_config.hidden_size, vision_tokens)
     base = (None, 1.0)
@@ -236,7 +248,7 @@ def main(argv=None) -> None:
             row["peak_memory_ratio"] = peaks[c]["peak_memory_bytes"] / peaks[base]["peak_memory_bytes"]
         runs.append(row)
     results = {
-        "shape": "llava_next_7b",
+        "shape": Path(args.shape).stem,
         "image_size": list(IMAGE_SIZE),
         "text_layers": config.text_config.num_hidden_layers,
         "dtype": args.dtype,

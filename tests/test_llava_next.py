@@ -283,3 +283,27 @@ def test_beam_search_with_compression_equals_each_image_alone():
     for i, size in enumerate([T.SIZES[0], T.SIZES[3]]):
         alone = model.generate(**T.inputs(processor, [size], seed=i), **beams)
         assert torch.equal(alone[:, -4:], out[2 * i : 2 * i + 2, -4:])
+
+
+def test_speed_benchmark_runs_on_a_tiny_anyres_shape(tmp_path, capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import speed_llava_next
+
+    shape = tmp_path / "tiny_next.json"
+    shape.write_text(json.dumps(T.stock_fields()))
+    out = tmp_path / "speed.json"
+    speed_llava_next.main(
+        ["--shape", str(shape), "--ratios", "0.25", "--repeats", "1", "--no-cpu-memory", "--dtype", "float32"]
+        + ["--out", str(out)]
+    )
+    runs = {r["method"]: r for r in json.loads(out.read_text())["runs"]}
+    # 672x672 -> the 32x32 pinpoint: 2x2 tiles, an 8x8 grid + 8 row markers after the 4x4 base view
+    assert runs["none"]["visual_tokens"] == 16 + 8 * 9
+    assert runs["deft"]["visual_tokens"] == num_kept_tokens(16 + 64, 0.25) + 8
+    tokens = speed_llava_next.TEXT_TOKENS
+    assert runs["deft"]["kv_ratio"] == (tokens + runs["deft"]["visual_tokens"]) / (tokens + 88)
+    assert runs["deft"]["ideal_speedup"] > 1 and "| deft |" in capsys.readouterr().out
