@@ -87,8 +87,9 @@ class DeftLlavaConfig(LlavaConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         # a stock llava config.json loaded into this class must be saved back as deft_llava, never as llava
-        # (a "llava" folder would silently load as the stock class and drop the DeFT weights)
-        self.model_type = "deft_llava"
+        # (a "llava" folder would silently load as the stock class and drop the DeFT weights); subclasses
+        # (`DeftLlavaNextConfig`) keep their own
+        self.model_type = type(self).model_type
         self.validate_deft()
 
     @classmethod

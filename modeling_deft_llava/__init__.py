@@ -12,7 +12,8 @@ visualize, demo). The design card's other folders are installed as sub-packages:
 `modeling_deft_llava.configuration`, `processing/` -> `modeling_deft_llava.processing`, `training/` ->
 `modeling_deft_llava.training`, `hub_card/` -> `modeling_deft_llava.hub_card`.
 
-Importing this package registers the classes with the transformers Auto classes (`model_type="deft_llava"`).
+Importing this package registers the classes with the transformers Auto classes (`model_type="deft_llava"`, and
+`"deft_llava_next"` for LLaVA-NeXT: `modeling_deft_llava_next.py`).
 """
 
 from transformers import (
@@ -24,19 +25,30 @@ from transformers import (
 )
 
 from .configuration.configuration_deft_llava import DeftLlavaConfig
+from .configuration.configuration_deft_llava_next import DeftLlavaNextConfig
 from .deft.deft_module import DeFTModule, DeFTOutput
 from .modeling_deft_llava import (
     DeftLlavaCausalLMOutputWithPast,
     DeftLlavaForConditionalGeneration,
     DeftLlavaModel,
 )
+from .modeling_deft_llava_next import DeftLlavaNextForConditionalGeneration, DeftLlavaNextModel
 from .processing.processing_deft_llava import DeftLlavaProcessor
+from .processing.processing_deft_llava_next import DeftLlavaNextProcessor
 
 AutoConfig.register("deft_llava", DeftLlavaConfig, exist_ok=True)
 AutoModel.register(DeftLlavaConfig, DeftLlavaModel, exist_ok=True)
 AutoModelForCausalLM.register(DeftLlavaConfig, DeftLlavaForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(DeftLlavaConfig, DeftLlavaForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(DeftLlavaConfig, DeftLlavaProcessor, exist_ok=True)
+# LLaVA-NeXT (AnyRes): `model_type="deft_llava_next"`
+AutoConfig.register("deft_llava_next", DeftLlavaNextConfig, exist_ok=True)
+AutoModel.register(DeftLlavaNextConfig, DeftLlavaNextModel, exist_ok=True)
+AutoModelForCausalLM.register(DeftLlavaNextConfig, DeftLlavaNextForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(
+    DeftLlavaNextConfig, DeftLlavaNextForConditionalGeneration, exist_ok=True
+)
+AutoProcessor.register(DeftLlavaNextConfig, DeftLlavaNextProcessor, exist_ok=True)
 
 __all__ = [
     "DeFTModule",
@@ -45,5 +57,9 @@ __all__ = [
     "DeftLlavaCausalLMOutputWithPast",
     "DeftLlavaForConditionalGeneration",
     "DeftLlavaModel",
+    "DeftLlavaNextConfig",
+    "DeftLlavaNextForConditionalGeneration",
+    "DeftLlavaNextModel",
+    "DeftLlavaNextProcessor",
     "DeftLlavaProcessor",
 ]

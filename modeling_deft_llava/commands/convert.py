@@ -1,5 +1,7 @@
 """Convert a stock llava-hf checkpoint folder into a complete DeFT-LLaVA folder (model, config, processor).
 
+A `llava` folder becomes a DeFT-LLaVA folder, a `llava_next` folder a DeFT-LLaVA-NeXT one.
+
     python -m modeling_deft_llava.commands.convert STOCK_FOLDER OUT_FOLDER [--deft-retention-ratio 0.25] [--use-deft] ...
 
 Reads both key layouts (transformers 5 `model.language_model.*` and the older `language_model.model.*` that
@@ -18,10 +20,16 @@ import json
 import logging
 import os
 
+from ..configuration.anyres_settings import AnyResSettings
 from ..configuration.deft_settings import DEFT_RECIPE, DeftSettings
 from ..hub_card.atomic_write import place, staged
 from ..modeling_deft_llava import DeftLlavaForConditionalGeneration
+from ..modeling_deft_llava_next import DeftLlavaNextForConditionalGeneration
 from ..processing.processing_deft_llava import PROCESSOR_DEFT_KEYS, DeftLlavaProcessor
+from ..processing.processing_deft_llava_next import PROCESSOR_KEYS, DeftLlavaNextProcessor
+
+# LLaVA-NeXT (AnyRes) folders become DeFT-LLaVA-NeXT folders; every other folder a DeFT-LLaVA one
+ANYRES_MODEL_TYPES = ("llava_next", "deft_llava_next")
 
 logger = logging.getLogger(__name__)
 
@@ -31,25 +39,32 @@ def convert(stock_folder: str, out_folder: str, overwrite: bool = False, **deft_
 
     DeFT's scorer follows `DEFT_RECIPE` (question- and position-aware, ListNet) for every recipe setting that
     neither `deft_settings` nor the folder's config.json gives; pass e.g. `deft_question_aware=False` for the
-    seed's scorer."""
+    seed's scorer. A LLaVA-NeXT folder (`model_type` "llava_next") becomes a DeFT-LLaVA-NeXT folder (the AnyRes
+    settings `anyres_budget`, `anyres_image_newline` are accepted too); its DeFT is question-blind unless told
+    otherwise (question-aware DeFT is refused on AnyRes images: `DeftLlavaDeFTCompressor.anyres_refusal`)."""
     config_path = os.path.join(stock_folder, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{stock_folder!r} is not a checkpoint folder: it has no config.json")
     with open(config_path) as f:
         present = json.load(f)
+    anyres = present.get("model_type") in ANYRES_MODEL_TYPES
+    recipe = {**DEFT_RECIPE, "deft_question_aware": False} if anyres else DEFT_RECIPE
     deft_settings = {
-        **{k: v for k, v in DEFT_RECIPE.items() if k not in present and k not in deft_settings},
+        **{k: v for k, v in recipe.items() if k not in present and k not in deft_settings},
         **deft_settings,
     }
-    unknown = sorted(set(deft_settings) - set(DeftSettings.field_names()) - {"compression_method"})
+    valid = set(DeftSettings.field_names()) | {"compression_method"}
+    valid |= set(AnyResSettings.field_names()) if anyres else set()
+    unknown = sorted(set(deft_settings) - valid)
     if unknown:
-        raise ValueError(f"unknown DeFT settings {unknown}; valid: {sorted(DeftSettings.field_names())}")
+        raise ValueError(f"unknown DeFT settings {unknown}; valid: {sorted(valid)}")
+    model_class = DeftLlavaNextForConditionalGeneration if anyres else DeftLlavaForConditionalGeneration
+    processor_class = DeftLlavaNextProcessor if anyres else DeftLlavaProcessor
+    processor_keys = PROCESSOR_KEYS if anyres else PROCESSOR_DEFT_KEYS
     not_empty = f"{out_folder!r} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
     if os.path.isdir(out_folder) and os.listdir(out_folder) and not overwrite:
         raise ValueError(not_empty)
-    model, info = DeftLlavaForConditionalGeneration.from_pretrained(
-        stock_folder, output_loading_info=True, **deft_settings
-    )
+    model, info = model_class.from_pretrained(stock_folder, output_loading_info=True, **deft_settings)
     unexpected = sorted(info["unexpected_keys"])
     if unexpected:
         raise ValueError(
@@ -59,8 +74,8 @@ def convert(stock_folder: str, out_folder: str, overwrite: bool = False, **deft_
     not_deft = [k for k in new if not k.startswith("model.deft.") and k != "lm_head.weight"]
     if not_deft:
         raise ValueError(f"{stock_folder!r} lacks backbone weights, e.g. {not_deft[:3]}: refusing to convert")
-    processor = DeftLlavaProcessor.from_pretrained(
-        stock_folder, **{k: v for k, v in deft_settings.items() if k in PROCESSOR_DEFT_KEYS}
+    processor = processor_class.from_pretrained(
+        stock_folder, **{k: v for k, v in deft_settings.items() if k in processor_keys}
     )
     with staged(os.path.abspath(out_folder)) as staging:
         model.save_pretrained(staging)
@@ -84,6 +99,10 @@ def main(argv=None) -> None:
     parser.add_argument("--deft-inference-mode", choices=["fast", "hybrid", "adaptive"])
     parser.add_argument("--deft-semantic-dim", type=int)
     parser.add_argument("--compression-method")
+    parser.add_argument("--anyres-budget", choices=["image", "view"], help="LLaVA-NeXT folders only")
+    parser.add_argument(
+        "--anyres-image-newline", choices=["keep", "compress"], help="LLaVA-NeXT folders only"
+    )
     parser.add_argument(
         "--seed-scorer",
         action="store_true",

@@ -42,7 +42,8 @@ class VisualBatch:
 
     Args:
         modality: `"image"` or `"video"`.
-        spatial_shape: `(rows, cols)` patch grid of one image or frame.
+        spatial_shape: `(rows, cols)` patch grid of one image or frame; for a method that takes "views"
+            (`token_layouts`), a tuple of `(rows, cols)` grids whose tokens follow one another in the item.
         frames: frames per item (1 for images); an item has `rows * cols * frames` tokens.
         num_kept: K, the tokens each item keeps (`config.deft_retention_ratio`, the project's one rounding rule).
         vision_layer: the vision encoder layer whose output is the feature layer, or None.
@@ -176,6 +177,11 @@ class CompressionMethod:
     needs_input_layout: ClassVar[bool] = False
     # trains from task-loss gradients (`VisualBatch.token_gradients`): the trainer runs its full-token pass
     learns_from_feedback: ClassVar[bool] = False
+    # how an item's tokens may be laid out (`VisualBatch.spatial_shape`): "grid" (one `(rows, cols)` patch grid),
+    # "sequence" (any token set in order, given as a `(1, N)` grid: the method never reads 2-D neighbours) and
+    # "views" (several grids, `spatial_shape` a tuple of `(rows, cols)` pairs whose tokens follow one another:
+    # an AnyRes image's base view and tile grid). Every method takes "grid".
+    token_layouts: ClassVar[tuple[str, ...]] = ("grid",)
 
     # ------------------------------------------------------------------ config time
     @classmethod
@@ -200,6 +206,46 @@ class CompressionMethod:
         if any(getattr(cls, hook) is not getattr(CompressionMethod, hook) for hook in own):
             return False
         return not cls.writes_all_placeholders(config)
+
+    @classmethod
+    def anyres_refusal(cls, config, settings) -> str | None:
+        """Why this method cannot compress AnyRes images (LLaVA-NeXT: a base view plus a tile grid per image,
+        a different N per image), or None when it can. `config` is a `DeftLlavaNextConfig`, `settings` an
+        instance of `settings_class`. The default reads the declarations; a method may refuse more."""
+        if cls._overrides("encode_images"):
+            return (
+                "it runs inside the vision encoder on one image's patch sequence, and LLaVA-NeXT encodes every "
+                "view on its own and packs the views only after the projector"
+            )
+        if cls.needs_cls_token or cls.needs_cls_attention or cls.needs_vision_keys:
+            return (
+                "it reads the CLS token (or the attention and keys) of one vision pass, and an AnyRes image is "
+                "several passes (the base view and every tile), each with its own CLS"
+            )
+        if getattr(settings, "feature_space", "projected") == "vision":
+            return (
+                "with feature_space='vision' it compresses the vision features before the projector, and "
+                "LLaVA-NeXT unpads and packs the views after it; use compression_settings={'feature_space': "
+                "'projected'}"
+            )
+        own = [h for h in ("compress_with_prompt", "run_language_model", "reconsider") if cls._overrides(h)]
+        if own or cls.writes_all_placeholders(config):
+            return (
+                "it decides inside the forward pass how many rows each image keeps, or decides with the prompt "
+                f"or the decoder ({', '.join(own) or 'every placeholder written'}), which the AnyRes path does "
+                "not wire: it assumes one row count for every image"
+            )
+        if config.anyres_budget == "image" and not {"views", "sequence"} & set(cls.token_layouts):
+            return (
+                "it reads one (rows, cols) patch grid, and with anyres_budget='image' an image's tokens fill "
+                "two (the base view and the tile grid); use anyres_budget='view' (each view its own grid and "
+                "budget)"
+            )
+        return None
+
+    @classmethod
+    def _overrides(cls, hook: str) -> bool:
+        return getattr(cls, hook) is not getattr(CompressionMethod, hook)
 
     @classmethod
     def parse_settings(cls, settings: dict | None):

@@ -65,6 +65,7 @@ class DeftLlavaDivPruneCompressor(TokenCompressor):
     """
 
     name = "divprune"
+    token_layouts = ("grid", "sequence")  # never reads 2-D neighbours
     settings_class = NoSettings
 
     def compress(self, image_features: torch.Tensor, context: CompressionContext) -> CompressionResult:

@@ -25,6 +25,7 @@ class DeftLlavaRandomCompressor(TokenCompressor):
     """
 
     name = "random"
+    token_layouts = ("grid", "sequence")  # never reads 2-D neighbours
     settings_class = NoSettings
 
     def compress(self, image_features: torch.Tensor, context: CompressionContext) -> CompressionResult:

@@ -24,6 +24,7 @@ class DeftLlavaUniformCompressor(TokenCompressor):
     """
 
     name = "uniform"
+    token_layouts = ("grid", "sequence")  # never reads 2-D neighbours
     settings_class = NoSettings
 
     def compress(self, image_features: torch.Tensor, context: CompressionContext) -> CompressionResult:

@@ -27,7 +27,7 @@ from .deft_inputs import (
     check_tokens,
 )
 from .feedback_scorer import feedback_scores, feedback_scores_from_gradients
-from .group_scorer import group_scores
+from .group_scorer import grid_views, group_scores
 from .question_conditioning import GridPositionEncoding, QuestionEncoder
 from .ranking_loss import ranking_loss
 from .saliency_scorer import SaliencyScorer
@@ -221,7 +221,14 @@ class DeFTModule(nn.Module):
         validate_inference_mode(inference_mode, name="inference_mode")
         if retention_ratio is not None:
             validate_retention_ratio(retention_ratio, name="retention_ratio")
-        if modality in ("image", "video"):
+        views = grid_views(spatial_shape) if modality == "image" else None
+        if views is not None:  # an image of several views (AnyRes)
+            if not all(r > 0 and c > 0 for r, c in views) or sum(r * c for r, c in views) != n:
+                raise ValueError(
+                    f"spatial_shape {views} (views of (rows, cols) patches) must hold the {n} tokens, got "
+                    f"{sum(r * c for r, c in views)}"
+                )
+        elif modality in ("image", "video"):
             if (
                 spatial_shape is None
                 or len(tuple(spatial_shape)) != 2

@@ -6,7 +6,9 @@ A token scores high when its neighbours are salient and semantically close to it
     s_group_i = mean_{j in N(i)} w_ij * s_sem_j,   w_ij = (1 + cos(z_i, z_j)) / 2  in [0, 1]
 
 Neighbourhoods `N(i)` (seed README):
-- image: the 8-connected (or 4-connected) grid neighbours, `spatial_shape = (rows, cols)`;
+- image: the 8-connected (or 4-connected) grid neighbours, `spatial_shape = (rows, cols)`; an image of
+  several views (`spatial_shape` a tuple of `(rows, cols)` grids, tokens view after view: an AnyRes image's
+  base view and tile grid) takes its neighbours inside each view, never across views;
 - video: the same patch in frames t-window .. t+window (t excluded), frames of `spatial_shape` patches;
 - text: the top-k semantic neighbours by cosine similarity (self and padding excluded).
 """
@@ -17,6 +19,13 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+
+
+def grid_views(spatial_shape) -> tuple[tuple[int, int], ...] | None:
+    """The views of an image of several grids (`spatial_shape` a tuple of `(rows, cols)` pairs), else None."""
+    if spatial_shape is not None and len(spatial_shape) and isinstance(spatial_shape[0], (tuple, list)):
+        return tuple((int(r), int(c)) for r, c in spatial_shape)
+    return None
 
 
 @lru_cache(maxsize=64)
@@ -138,6 +147,25 @@ def group_scores(
     `saliency` should already be normalised per sample (non-negative), so that the neighbour mean is a
     share of salient neighbourhood. Tokens without any valid neighbour score 0.
     """
+    views = grid_views(spatial_shape) if modality == "image" else None
+    if views is not None:  # each view alone: no neighbour across views
+        parts, start = [], 0
+        for rows, cols in views:
+            part = slice(start, start + rows * cols)
+            parts.append(
+                group_scores(
+                    semantic_tokens[:, part],
+                    saliency[:, part],
+                    modality,
+                    (rows, cols),
+                    None if token_mask is None else token_mask[:, part],
+                    image_neighbors=image_neighbors,
+                    video_window=video_window,
+                    text_neighbors=text_neighbors,
+                )
+            )
+            start += rows * cols
+        return torch.cat(parts, dim=1)
     batch, n, dim = semantic_tokens.shape
     unit = F.normalize(semantic_tokens.float(), dim=-1)  # (batch, N, D)
     if modality in ("image", "video") and token_mask is None:

@@ -28,6 +28,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from .group_scorer import grid_views
+
 NUM_FREQUENCIES = (
     4  # sin and cos of pi * 2^f * coordinate, f = 0..3, for frames, rows and columns: 24 features
 )
@@ -58,6 +60,9 @@ def grid_position_features(
     Raises:
         ValueError: `num_tokens` is not a multiple of `rows * cols`.
     """
+    views = grid_views(spatial_shape)
+    if views is not None:  # an image of several views: each view's cells normalised in that view
+        return torch.cat([grid_position_features(v, v[0] * v[1], device, num_frequencies) for v in views])
     rows, cols = spatial_shape
     if num_tokens % (rows * cols) != 0:
         raise ValueError(
