@@ -14,6 +14,13 @@ settings.load_profile(os.environ.get("DEFT_HYPOTHESIS_PROFILE", "deft"))
 
 
 # ------------------------------------------------------------------------------------------ process-wide state
+# libraries whose import sets environment variables once (scikit-learn sets KMP_DUPLICATE_LIB_OK): imported here,
+# so that the first test to import them is not reported as having changed the environment
+try:
+    import sklearn  # noqa: F401
+except ImportError:  # not installed: no test imports it either
+    pass
+
 def _global_state() -> dict:
     """What one test could leave changed for the next ones (and for the children they start)."""
     import torch

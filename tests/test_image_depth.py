@@ -81,3 +81,32 @@ def test_eight_bit_and_colour_images_are_left_as_they_are():
     assert to_eight_bit(grey) is grey
     array = np.asarray(rgb)
     assert to_eight_bit(array) is array
+
+
+def test_a_mode_i_image_of_8_bit_values_is_read_as_8_bits():
+    """Mode `I` says 32-bit integers, not the range: 0..255 values are an 8-bit picture (it became nearly black)."""
+    values = (np.arange(SIZE * SIZE) % 256).astype(np.uint8).reshape(SIZE, SIZE)
+    processor = tiny.processor(use_deft=True)
+    got = processor(
+        images=[Image.fromarray(values.astype(np.int32))], text=[tiny.prompt()], return_tensors="pt"
+    )
+    want = processor(
+        images=[Image.fromarray(values).convert("RGB")], text=[tiny.prompt()], return_tensors="pt"
+    )
+    torch.testing.assert_close(got["pixel_values"], want["pixel_values"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["array", "tensor"])
+def test_a_float_image_in_0_1_reads_as_its_8_bit_twin(kind):
+    eight = np.asarray(tiny.images(1)[0])  # (H, W, 3) uint8
+    unit = eight.astype(np.float32) / 255
+    image = unit if kind == "array" else torch.from_numpy(unit).permute(2, 0, 1)
+    processor = tiny.processor(use_deft=True)
+    got = processor(images=[image], text=[tiny.prompt()], return_tensors="pt")["pixel_values"]
+    want = processor(images=[eight], text=[tiny.prompt()], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    # a float image in 0..255 is left as it is
+    scaled = eight.astype(np.float32)
+    from modeling_deft_llava.processing.image_depth import to_eight_bit
+
+    assert to_eight_bit(scaled) is scaled
