@@ -54,7 +54,8 @@ class DeFTOutput:
             reconstructed tokens (None when `reconstructed_tokens` is None).
         scores: `(batch_size, num_tokens)` the mixed score used for selection (padding gets -inf).
         scoring_info: `mixture_weights` (component -> weight of the present components), the normalised
-            components `s_sem`, `s_fb` (None without feedback), `s_group`, and `num_kept` per sample.
+            components `s_sem`, `s_fb` (None without feedback), `s_group` (None when `score_components` leaves it
+            out: it is not computed), and `num_kept` per sample.
         rtd_loss: reconstruction loss of the pruned tokens (None without RTD, and at inference: in eval mode
             with gradients off nothing can use it, so the pruned tokens are not encoded for it).
         feedback_loss: the ranking loss (`deft_ranking_loss`: the seed's MSE, or ListNet) pulling the scores (the
@@ -294,19 +295,21 @@ class DeFTModule(nn.Module):
             )
         elif task_loss is not None:
             s_fb = normalize_per_sample(feedback_scores(task_loss, tokens, self.alpha_var), token_mask)
-        s_group = normalize_per_sample(
-            group_scores(
-                semantic,
-                s_sem,
-                modality,
-                tuple(spatial_shape) if spatial_shape is not None else None,
+        s_group = None  # computed only when the mixture may use it (`score_components`)
+        if self.score_components is None or "group" in self.score_components:
+            s_group = normalize_per_sample(
+                group_scores(
+                    semantic,
+                    s_sem,
+                    modality,
+                    tuple(spatial_shape) if spatial_shape is not None else None,
+                    token_mask,
+                    image_neighbors=self.image_neighbors,
+                    video_window=self.video_window,
+                    text_neighbors=self.text_neighbors,
+                ),
                 token_mask,
-                image_neighbors=self.image_neighbors,
-                video_window=self.video_window,
-                text_neighbors=self.text_neighbors,
-            ),
-            token_mask,
-        )
+            )
         components = self._allowed({"semantic": s_sem, "feedback": s_fb, "group": s_group})
         mixed, beta = self.score_mixer(components)
         if not bool(torch.isfinite(mixed if token_mask is None else mixed[token_mask]).all()):
