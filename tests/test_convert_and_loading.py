@@ -94,6 +94,16 @@ def test_convert_command(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "config.json").read_text())["deft_retention_ratio"] == 0.5
+    assert "new DeFT weights were initialised" in result.stdout
+    # converting the DeFT folder again initialises nothing, and says so (it printed "0 new DeFT weights ...")
+    again = subprocess.run(
+        [sys.executable, "-m", "modeling_deft_llava.commands.convert", str(out), str(tmp_path / "again")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "none initialised" in again.stdout and "0 new" not in again.stdout
 
 
 def test_big_model_loading_options(tmp_path):

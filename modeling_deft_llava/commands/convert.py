@@ -121,6 +121,11 @@ def main(argv=None) -> None:
         new = convert(args.stock_folder, args.out_folder, overwrite=args.overwrite, **settings)
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")
+    if not new:  # a DeFT folder converted again: every DeFT weight came from it
+        print(
+            f"wrote {args.out_folder}; every DeFT weight was already in {args.stock_folder} (none initialised)"
+        )
+        return
     print(
         f"wrote {args.out_folder}; {len(new)} new DeFT weights were initialised: train them before use, or "
         f"warm-start them on unlabelled images (python -m modeling_deft_llava.commands.warm_start "
