@@ -21,6 +21,7 @@ try:
 except ImportError:  # not installed: no test imports it either
     pass
 
+
 def _global_state() -> dict:
     """What one test could leave changed for the next ones (and for the children they start)."""
     import torch
