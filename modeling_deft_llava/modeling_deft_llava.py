@@ -46,6 +46,7 @@ from .configuration.configuration_deft_llava import DeftLlavaConfig
 from .configuration.deft_settings import PlaceholderPolicyInputs, num_kept_tokens
 from .deft.question_conditioning import QuestionEncoder
 from .deft.score_mixer import ScoreMixer
+from .input_checks import check_labels, check_pixel_values, check_token_inputs
 from .modeling_outputs_deft_llava import (
     DeftLlavaCausalLMOutputWithPast,
     DeftLlavaModelOutputWithPast,
@@ -162,6 +163,9 @@ def video_capable_methods(config) -> list[str]:
 
 class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
     """`LlavaModel` whose visual features are compressed and whose position ids keep the original layout."""
+
+    # the layout `pixel_values` must have (named by the error for a wrong one)
+    pixel_values_layout = "(num_images, channels, height, width)"
 
     def __init__(self, config: DeftLlavaConfig):
         config.validate_deft()  # overrides given to from_pretrained bypass the config's own __post_init__
@@ -522,6 +526,14 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 "You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time"
             )
         # token gradients: one entry per item, images first, then videos (the order of `kept_indices`)
+        channels = getattr(self.config.vision_config, "num_channels", 3)
+        check_pixel_values("pixel_values", pixel_values, channels, self.pixel_values_layout)
+        check_pixel_values(
+            "pixel_values_videos",
+            pixel_values_videos,
+            channels,
+            "(num_videos, frames, channels, height, width)",
+        )
         num_images = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else 0
         gradients = {"image": None, "video": None}
         if token_gradients is not None:
@@ -612,6 +624,15 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         self._apply_config()
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        markers = (self.config.context_start_token_index, self.config.context_end_token_index)
+        check_token_inputs(
+            input_ids,
+            inputs_embeds,
+            attention_mask,
+            past_key_values.get_seq_length() if past_key_values is not None else 0,
+            getattr(self.get_input_embeddings(), "num_embeddings", None),
+            tuple(m for m in markers if m is not None),
+        )
         visual = self.encode_visual_inputs(
             pixel_values,
             pixel_values_videos,
@@ -943,6 +964,7 @@ class DeftLlavaForConditionalGeneration(
         over this call's images, are weighted by this call's share of them, so the micro-batches' losses add up
         to the whole batch's loss. `DeftLlavaTrainer` passes both."""
         past_key_values = resolve_cache_argument(cache, past_key_values)
+        check_labels(labels, input_ids, inputs_embeds, self.config.text_config.vocab_size)
         # encode once: a method may ask for a second prefill (`reconsider`) on the same features
         mm_encoder_outputs = self.model.encode_visual_inputs(
             pixel_values,

@@ -57,6 +57,8 @@ class DeftLlavaNextModel(DeftLlavaNextPreTrainedModel, DeftLlavaModel, LlavaNext
     """`LlavaNextModel` whose AnyRes visual features are compressed and whose position ids keep the original
     layout (see the module docstring)."""
 
+    pixel_values_layout = "(num_images, num_patches, channels, height, width)"
+
     def post_init(self):
         # `DeftLlavaModel.__init__` builds the tower, projector (the same layers as LLaVA-NeXT's), language model
         # and method; LLaVA-NeXT adds the row marker, which must exist before the weights are initialised

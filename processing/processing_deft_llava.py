@@ -39,6 +39,31 @@ def placeholder_id(tokenizer, token: str | None) -> int | None:
     return tokenizer.get_vocab().get(token)
 
 
+def check_image_arrays(images, name: str = "images") -> None:
+    """Arrays and tensors among `images` (an image, or a nested list of them) must be pictures: 3-D (height,
+    width, channels) or (channels, height, width), or 4-D (a batch of them).
+
+    Raises:
+        ValueError: an array of another rank (a 2-D grey array names its shape and the fix).
+    """
+    if isinstance(images, (list, tuple)):
+        for i, item in enumerate(images):
+            check_image_arrays(item, f"{name}[{i}]")
+        return
+    if not isinstance(images, (np.ndarray, torch.Tensor)) or images.ndim in (3, 4):
+        return
+    hint = (
+        ": a grey picture needs a channel axis (array[..., None], shape (height, width, 1)) or a PIL image "
+        "(PIL.Image.fromarray(array))"
+        if images.ndim == 2
+        else ""
+    )
+    raise ValueError(
+        f"{name} is an array of shape {tuple(images.shape)}; an image array must have 3 dimensions, (height, "
+        f"width, channels) or (channels, height, width) with 1, 3 or 4 channels, or 4 for a batch of images{hint}"
+    )
+
+
 class DeftLlavaProcessor(LlavaProcessor):
     r"""LLaVA processor for DeFT-LLaVA.
 
@@ -218,6 +243,14 @@ class DeftLlavaProcessor(LlavaProcessor):
         """As `LlavaProcessor.__call__`, plus `videos`: a list of videos, each a list of frames (PIL images or
         arrays); returns `pixel_values_videos` `(num_videos, frames, channels, height, width)`. 16-bit images and
         frames are scaled to 8 bits first (`image_depth.py`), not clipped by the RGB conversion."""
+        if images is not None and text is None:
+            raise ValueError(
+                f"images were given with text=None: the model needs a prompt with one {self.image_token!r} "
+                f"placeholder per image (processor(images=..., text='USER: {self.image_token}\\n...')); for the "
+                "pixel values alone use processor.image_processor(images, return_tensors='pt')"
+            )
+        check_image_arrays(images)
+        check_image_arrays(videos, "videos")
         images = images_to_eight_bit(images) if images is not None else None
         videos = images_to_eight_bit(videos) if videos is not None else None
         texts = None if text is None else [text] if isinstance(text, str) else list(text)

@@ -69,7 +69,7 @@ def test_convert_refuses_to_overwrite_and_bad_folders(tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         convert(str(legacy), str(out), use_deft=True)
     assert (out / "keep.txt").read_text() == "user data"
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match="does not exist"):
         convert(str(tmp_path / "missing"), str(tmp_path / "o2"))
     with pytest.raises(ValueError, match="unknown DeFT settings"):
         convert(str(legacy), str(tmp_path / "o3"), deft_retention=0.2)

@@ -461,3 +461,53 @@ def test_kill_and_resume_ends_with_the_same_weights(workspace, tmp_path):
     assert got.keys() == want.keys()
     for key in want:
         assert torch.equal(got[key], want[key]), key
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    # progress bars (loading weights) may come first; the error is one line, the last, with no traceback
+    lines = [line for line in err.splitlines() if line.strip() and "it/s]" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_user_errors_are_one_error_line(workspace, tmp_path, capsys):
+    from modeling_deft_llava.training.train import main
+
+    cases = [
+        (["--data_path", str(tmp_path / "missing.json")], "does not exist"),
+        (["--model_name_or_path", str(tmp_path / "no_model")], "does not exist"),
+        (["--model_name_or_path", str(tmp_path)], "no config.json"),
+    ]
+    for extra, words in cases:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as caught:
+            main(run_args(workspace, tmp_path / "out", *extra))
+        assert caught.value.code == 2
+        assert words in _one_error_line(capsys)
+
+
+def test_ctrl_c_names_the_checkpoint_and_the_resume_command(workspace, tmp_path, capsys, monkeypatch):
+    from modeling_deft_llava.training import train as train_module
+    from transformers import TrainerCallback
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise KeyboardInterrupt
+
+    original = train_module.train
+    monkeypatch.setattr(train_module, "train", lambda a, t: original(a, t, callbacks=[CtrlC()]))
+    out = tmp_path / "interrupted"
+    argv = run_args(workspace, out, "--overwrite_output_dir", "true")
+    with pytest.raises(SystemExit) as caught:
+        train_module.main(argv)
+    assert caught.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert f"the last complete checkpoint is {out / 'checkpoint-4'}" in err
+    command = err.strip().splitlines()[-1].strip()
+    assert command.startswith("python -m modeling_deft_llava.training.train ") and command.endswith(
+        "--resume true"
+    )
+    assert "--overwrite_output_dir" not in command and str(out) in command

@@ -50,3 +50,58 @@ def test_command_on_a_deft_folder(tmp_path, capsys):
 def test_command_errors(tmp_path):
     with pytest.raises(SystemExit):
         main([str(tmp_path), "x.png", "--question", "q"])
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_user_errors_are_one_error_line(tmp_path, capsys):
+    tiny.model(use_deft=True, deft_retention_ratio=0.25).save_pretrained(tmp_path / "m")
+    tiny.processor(use_deft=True, deft_retention_ratio=0.25).save_pretrained(tmp_path / "m")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    capsys.readouterr()
+    cases = [
+        ([str(tmp_path / "nowhere"), "x.png"], "does not exist"),
+        ([str(tmp_path), "x.png"], "no config.json"),
+        ([str(tmp_path / "m"), str(tmp_path / "x.png")], "not found"),
+        ([str(tmp_path / "m"), str(tmp_path / "broken.png")], "not a readable image"),
+    ]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as caught:
+            main([*argv, "--question", "q", "--out", str(tmp_path / "o.png")])
+        assert caught.value.code == 2
+        assert words in _one_error_line(capsys)
+
+
+def test_an_unreadable_folder_is_not_reported_as_missing_config(tmp_path, capsys, monkeypatch):
+    """The tests may run as root, for whom every folder is readable: the permission answer is simulated."""
+    import os
+
+    from modeling_deft_llava.training import folders
+
+    tiny.model(use_deft=True, deft_retention_ratio=0.25).save_pretrained(tmp_path / "m")
+    capsys.readouterr()
+    monkeypatch.setattr(
+        folders.os, "access", lambda path, mode: not str(path).startswith(str(tmp_path / "m"))
+    )
+    with pytest.raises(ValueError, match="cannot be read by this user") as caught:
+        folders.check_readable_folder(tmp_path / "m")
+    assert "no config.json" not in str(caught.value)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "m"), "x.png", "--question", "q"])
+    assert "cannot be read by this user" in _one_error_line(capsys)
+    from modeling_deft_llava.training.warm_start import check_model_folder
+
+    from modeling_deft_llava.commands.convert import convert
+
+    for fn in (
+        lambda: convert(str(tmp_path / "m"), str(tmp_path / "out")),
+        lambda: check_model_folder(str(tmp_path / "m")),
+    ):
+        with pytest.raises(ValueError, match="cannot be read by this user"):
+            fn()
+    assert os.path.isdir(tmp_path / "m")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from contextlib import nullcontext
 
@@ -27,6 +28,7 @@ from modeling_deft_llava.compressors.compression_registry import method_class
 from .arguments import DeftLlavaFinetuneArguments
 from .collator import DeftLlavaDataCollator
 from .data import ConversationDataset
+from .folders import check_readable_folder
 from .lora import prepare_model_for_finetuning
 from .saving import merge_and_export
 from .trainer import (
@@ -66,6 +68,11 @@ def _setup_logging(training_args: TrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(level)
 
 
+def _looks_like_a_hub_id(name: str) -> bool:
+    """`owner/name` (or `name`): not a path that starts at a folder (`/`, `./`, `~`) or goes deeper."""
+    return not name.startswith(("/", ".", "~")) and name.count("/") <= 1 and os.sep == "/"
+
+
 def build_trainer(
     args: DeftLlavaFinetuneArguments, training_args: TrainingArguments, callbacks=None
 ) -> DeftLlavaTrainer:
@@ -75,6 +82,12 @@ def build_trainer(
     # needs it); DeftLlavaTrainer refuses reentrant checkpointing with feedback on
     set_seed(training_args.seed)  # LoRA initialisation is part of the run: same seed, same weights
 
+    if os.path.exists(args.model_name_or_path) or not _looks_like_a_hub_id(args.model_name_or_path):
+        check_readable_folder(args.model_name_or_path, "--model_name_or_path")
+        if not os.path.isfile(os.path.join(args.model_name_or_path, "config.json")):
+            raise ValueError(
+                f"--model_name_or_path {args.model_name_or_path!r} is not a model folder: no config.json"
+            )
     processor = DeftLlavaProcessor.from_pretrained(args.model_name_or_path)
     model = DeftLlavaForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=torch.float32)
     feedback = feedback_enabled(model, args)
@@ -227,9 +240,47 @@ def _train(args, training_args, callbacks) -> DeftLlavaTrainer:
     return trainer
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues the run of `argv`: the same flags with `--resume true`, without the
+    flags that would start over (`--overwrite_output_dir`) or pin another checkpoint (`--resume_from_checkpoint`)."""
+    dropped = ("--overwrite_output_dir", "--resume_from_checkpoint", "--resume")
+    kept, i = [], 0
+    while i < len(argv):
+        flag = argv[i].split("=", 1)[0]
+        if flag in dropped:
+            takes_value = "=" not in argv[i] and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            i += 2 if takes_value else 1
+            continue
+        kept.append(argv[i])
+        i += 1
+    return shlex.join(["python", "-m", "modeling_deft_llava.training.train", *kept, "--resume", "true"])
+
+
+def interruption_message(output_dir: str, argv: list[str]) -> str:
+    """What a Ctrl-C tells the user: the checkpoint the run can continue from, and the command that does."""
+    checkpoint = last_complete_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    where = (
+        f"the last complete checkpoint is {checkpoint}"
+        if checkpoint
+        else "no checkpoint was saved yet (one every --save_steps steps): resuming starts from step 0"
+    )
+    return f"interrupted: {where}; to continue, run\n  {resume_command(argv)}"
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The command: a user's mistake (a wrong path, a bad data row, a non-empty output_dir) is one `error:`
+    line and exit status 2; Ctrl-C names the checkpoint to continue from and the command (exit status 130)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     finetune_args, training_args = parse_args(argv)
-    train(finetune_args, training_args)
+    try:
+        train(finetune_args, training_args)
+    except KeyboardInterrupt:
+        if training_args.process_index == 0:
+            print(interruption_message(training_args.output_dir, argv), file=sys.stderr)
+        raise SystemExit(130) from None
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ from modeling_deft_llava.commands.process_state import restores_process_state
 from modeling_deft_llava.compressors.method_divprune import divprune_indices
 from modeling_deft_llava.compressors.vision_attention import cls_attention
 
+from .folders import check_readable_folder
+
 TEACHERS = ("cls_attention", "divprune")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 LOG_FILE = "warm_start_log.json"
@@ -154,8 +156,7 @@ def load_images(paths: list[str]) -> list:
 
 def check_model_folder(folder: str) -> dict:
     """The folder's config.json as a dict, if it is a DeftLlava folder with DeFT modules; ValueError otherwise."""
-    if not os.path.isdir(folder):
-        raise ValueError(f"model folder {folder!r} does not exist or is not a folder")
+    check_readable_folder(folder)
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"{folder!r} is not a model folder: it has no config.json")

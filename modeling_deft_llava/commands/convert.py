@@ -27,6 +27,7 @@ from ..modeling_deft_llava import DeftLlavaForConditionalGeneration
 from ..modeling_deft_llava_next import DeftLlavaNextForConditionalGeneration
 from ..processing.processing_deft_llava import PROCESSOR_DEFT_KEYS, DeftLlavaProcessor
 from ..processing.processing_deft_llava_next import PROCESSOR_KEYS, DeftLlavaNextProcessor
+from ..training.folders import check_readable_folder
 
 # LLaVA-NeXT (AnyRes) folders become DeFT-LLaVA-NeXT folders; every other folder a DeFT-LLaVA one
 ANYRES_MODEL_TYPES = ("llava_next", "deft_llava_next")
@@ -42,6 +43,7 @@ def convert(stock_folder: str, out_folder: str, overwrite: bool = False, **deft_
     seed's scorer. A LLaVA-NeXT folder (`model_type` "llava_next") becomes a DeFT-LLaVA-NeXT folder (the AnyRes
     settings `anyres_budget`, `anyres_image_newline` are accepted too); its DeFT is question-blind unless told
     otherwise (question-aware DeFT is refused on AnyRes images: `DeftLlavaDeFTCompressor.anyres_refusal`)."""
+    check_readable_folder(stock_folder, "checkpoint folder")
     config_path = os.path.join(stock_folder, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{stock_folder!r} is not a checkpoint folder: it has no config.json")

@@ -18,11 +18,12 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from ..modeling_deft_llava import DeftLlavaForConditionalGeneration
 from ..processing.image_depth import to_rgb
 from ..processing.processing_deft_llava import DeftLlavaProcessor
+from ..training.folders import check_readable_folder
 
 
 def overlay_kept_tokens(
@@ -138,6 +139,14 @@ def save_overlays(results: list[dict], path: str, titles: list[str] | None = Non
     sheet.save(path)
 
 
+def _open_image(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return to_rgb(image)
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{path!r} is not a readable image ({error})") from error
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="a DeFT-LLaVA folder (model + processor)")
@@ -147,13 +156,20 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.folder, "config.json")):
-        parser.error(f"{args.folder!r} is not a model folder (no config.json)")
-    missing = [p for p in args.images if not os.path.isfile(p)]
-    if missing:
-        parser.error(f"image file(s) not found: {missing}")
-    images = [to_rgb(Image.open(p)) for p in args.images]
-    results = answer_images(args.folder, images, args.question, args.max_new_tokens, args.repeats)
+    try:
+        check_readable_folder(args.folder)
+        if not os.path.isfile(os.path.join(args.folder, "config.json")):
+            raise ValueError(f"{args.folder!r} is not a model folder (no config.json)")
+        missing = [p for p in args.images if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f"image file(s) not found: {missing}")
+        images = [_open_image(p) for p in args.images]
+        results = answer_images(args.folder, images, args.question, args.max_new_tokens, args.repeats)
+    except (
+        ValueError,
+        OSError,
+    ) as err:  # a user's mistake (a path, an image, a folder): one line, no traceback
+        parser.exit(2, f"error: {err}\n")
     for path, r in zip(args.images, results):
         saved = 1 - r["prefill_on_s"] / r["prefill_off_s"]
         print(
