@@ -921,6 +921,22 @@ class DeftLlavaForConditionalGeneration(
     def get_video_features(self, pixel_values_videos: torch.Tensor, **kwargs):
         return self.model.get_video_features(pixel_values_videos=pixel_values_videos, **kwargs)
 
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, with the `<context>` markers (`config.context_start_token_index`,
+        `context_end_token_index`) kept out of the generated text: they are added to `suppress_tokens` unless the
+        call sets `suppress_tokens` itself. A marker the model emitted would open a context in a call that continues
+        the cache, which is refused (`_find_context`); the markers are prompt structure, never an answer."""
+        markers = [
+            i
+            for i in (self.config.context_start_token_index, self.config.context_end_token_index)
+            if i is not None
+        ]
+        if markers and "suppress_tokens" not in kwargs:
+            config = kwargs.get("generation_config") or self.generation_config
+            listed = list(getattr(config, "suppress_tokens", None) or [])
+            kwargs["suppress_tokens"] = listed + [m for m in markers if m not in listed]
+        return super().generate(*args, **kwargs)
+
     def create_masks_for_generate(self, *args, attention_mask=None, **kwargs):
         """Keep the 2-D padding mask in `generate`.
 

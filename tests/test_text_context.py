@@ -305,3 +305,22 @@ def test_pipeline_takes_a_context_item(deft):
     )
     new = ours.generate(**inputs, **GEN)[0, inputs["input_ids"].shape[1] :]
     assert answer.strip() == TOKENIZER.decode(new, skip_special_tokens=True).strip()
+
+
+def test_generated_text_never_holds_a_context_marker(deft):
+    """A model whose head prefers a marker: `generate` keeps the markers out by default (it stopped with "input_ids
+    hold context markers ... continues a cache" at the second step); a call's own `suppress_tokens` is kept."""
+    model, proc = deft
+    inputs = inputs_for(proc)
+    with torch.no_grad():
+        original = model.lm_head.weight.clone()
+        model.lm_head.weight[START] += 100 * model.lm_head.weight.abs().max()  # the marker wins every argmax
+    try:
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1] :]
+        assert not ((new == START) | (new == END)).any()
+        with pytest.raises(ValueError, match="continues a cache"):  # the caller's own list is respected
+            model.generate(**inputs, max_new_tokens=3, do_sample=False, suppress_tokens=[4, 5])
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(original)
