@@ -479,6 +479,12 @@ def test_user_errors_are_one_error_line(workspace, tmp_path, capsys):
         (["--model_name_or_path", str(tmp_path / "no_model")], "does not exist"),
         (["--model_name_or_path", str(tmp_path)], "no config.json"),
     ]
+    # a stock llava folder trained with DeFT off and fresh DeFT weights, after one warning
+    stock = tmp_path / "stock"
+    tiny.stock_twin(tiny.model(use_deft=False)).save_pretrained(stock)
+    cases.append(
+        (["--model_name_or_path", str(stock)], "holds a 'llava' model, not a DeFT-LLaVA folder: convert it")
+    )
     for extra, words in cases:
         capsys.readouterr()
         with pytest.raises(SystemExit) as caught:

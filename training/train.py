@@ -10,6 +10,7 @@ command runs under `torchrun --nproc_per_node 2 -m modeling_deft_llava.training.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -87,6 +88,14 @@ def build_trainer(
         if not os.path.isfile(os.path.join(args.model_name_or_path, "config.json")):
             raise ValueError(
                 f"--model_name_or_path {args.model_name_or_path!r} is not a model folder: no config.json"
+            )
+        with open(os.path.join(args.model_name_or_path, "config.json")) as f:
+            model_type = json.load(f).get("model_type")
+        if model_type != "deft_llava":  # a stock llava folder would train with DeFT off and fresh DeFT weights
+            raise ValueError(
+                f"--model_name_or_path {args.model_name_or_path!r} holds a {model_type!r} model, not a DeFT-LLaVA "
+                "folder: convert it first (python -m modeling_deft_llava.commands.convert "
+                f"{args.model_name_or_path} CONVERTED_FOLDER), then train CONVERTED_FOLDER"
             )
     processor = DeftLlavaProcessor.from_pretrained(args.model_name_or_path)
     model = DeftLlavaForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=torch.float32)
