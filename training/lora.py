@@ -9,12 +9,24 @@ go in `modules_to_save`: trained in full and saved with the adapter. Everything 
 
 from __future__ import annotations
 
+import contextlib
 import re
+import warnings
 
 from peft import LoraConfig, get_peft_model
 
 # the linear layers of Llama/Mistral/Qwen2 decoder blocks
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@contextlib.contextmanager
+def peft_reads_deprecated_attribute():
+    """peft builds its model by reading `model.is_gradient_checkpointing`, which transformers 5 deprecates: a
+    FutureWarning on every run that the user cannot act on. Silenced around the two peft calls that raise it
+    (`get_peft_model`, `PeftModel.from_pretrained`), and nowhere else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def language_model_target_regex(names=DEFAULT_LORA_TARGETS) -> str:
@@ -79,7 +91,8 @@ def prepare_model_for_finetuning(
         modules_to_save=fulls or None,
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
+    with peft_reads_deprecated_attribute():
+        peft_model = get_peft_model(model, config)
     hit = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "language_model" not in n]
     if hit:  # cannot happen with the regex; a guard against a future rename of the inner modules
         raise ValueError(f"LoRA reached modules outside the language model: {hit[:5]}")
@@ -88,6 +101,7 @@ def prepare_model_for_finetuning(
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
+    "peft_reads_deprecated_attribute",
     "full_modules",
     "language_model_target_regex",
     "prepare_model_for_finetuning",

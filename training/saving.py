@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from modeling_deft_llava.hub_card.export import export_for_hub
+from modeling_deft_llava.training.lora import peft_reads_deprecated_attribute
 from peft import PeftModel
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
@@ -36,7 +37,8 @@ def load_finetuned(adapter_dir, base_model: str | None = None, **from_pretrained
     base = DeftLlavaForConditionalGeneration.from_pretrained(
         base_model or adapter_base_path(adapter_dir), **from_pretrained_kwargs
     )
-    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    with peft_reads_deprecated_attribute():
+        return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
 def merge_and_export(adapter_dir, folder, base_model: str | None = None, overwrite: bool = False) -> Path:

@@ -79,6 +79,9 @@ def build_trainer(
 ) -> DeftLlavaTrainer:
     """Model, processor(s), dataset, collator and `DeftLlavaTrainer` for one run (nothing trained yet)."""
     training_args.remove_unused_columns = False  # the collator needs the records as they are
+    if training_args.dataloader_pin_memory and not torch.cuda.is_available():
+        # pinned memory only helps copies to an accelerator; on CPU torch warns that it is unused, every run
+        training_args.dataloader_pin_memory = False
     # activation checkpointing: no kwargs means non-reentrant in every supported transformers (the feedback pass
     # needs it); DeftLlavaTrainer refuses reentrant checkpointing with feedback on
     set_seed(training_args.seed)  # LoRA initialisation is part of the run: same seed, same weights
@@ -91,7 +94,9 @@ def build_trainer(
             )
         with open(os.path.join(args.model_name_or_path, "config.json")) as f:
             model_type = json.load(f).get("model_type")
-        if model_type != "deft_llava":  # a stock llava folder would train with DeFT off and fresh DeFT weights
+        if (
+            model_type != "deft_llava"
+        ):  # a stock llava folder would train with DeFT off and fresh DeFT weights
             raise ValueError(
                 f"--model_name_or_path {args.model_name_or_path!r} holds a {model_type!r} model, not a DeFT-LLaVA "
                 "folder: convert it first (python -m modeling_deft_llava.commands.convert "
