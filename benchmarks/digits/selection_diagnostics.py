@@ -22,12 +22,14 @@ import os
 import numpy as np
 import torch
 
+from .ablation_deft import VARIANTS as ABLATION_VARIANTS
 from .calibrate_rtd import CALIBRATION_SEED
 from .common import DigitsCollator, atomic_write_json
 from .evaluate_methods import evaluate_config, load, method_settings
 from .tasks import TASKS
 
-VARIANTS = {"mixture": None, "semantic": ["semantic"], "group": ["group"]}
+# the inference-time score components of the ablation (`ablation_deft.VARIANTS`), as settings
+VARIANTS = {name: ABLATION_VARIANTS[name] for name in ("mixture", "semantic", "group")}
 
 
 @torch.no_grad()
@@ -77,8 +79,8 @@ def main(argv=None) -> None:
     rows = []
     for ratio in [float(r) for r in args.ratios.split(",")]:
         configs = {
-            name: (args.checkpoint, {**method_settings("deft", ratio), "deft_score_components": components})
-            for name, components in VARIANTS.items()
+            name: (args.checkpoint, {**method_settings("deft", ratio), **settings})
+            for name, settings in VARIANTS.items()
         }
         configs["random"] = (task.checkpoint, method_settings("random", ratio))
         for name, (folder, settings) in configs.items():

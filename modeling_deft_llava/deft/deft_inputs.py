@@ -147,3 +147,27 @@ def check_logits(logits, tokens: torch.Tensor) -> None:
             f"logits of shape {_shape(logits)} are all -inf in {int(empty.sum())} distribution(s), first at "
             f"{_first_positions(empty)}: a distribution needs at least one possible word"
         )
+
+
+def check_question(question_embeds, question_mask, tokens: torch.Tensor, token_dim: int) -> None:
+    """`question_embeds` `(batch, T, token_dim)` and a bool `question_mask` `(batch, T)` for `tokens`."""
+    if not isinstance(question_embeds, torch.Tensor) or question_embeds.dim() != 3:
+        raise ValueError(
+            "question_embeds must be a (batch_size, question_tokens, token_dim) tensor, got "
+            f"{getattr(question_embeds, 'shape', type(question_embeds).__name__)}"
+        )
+    if question_embeds.shape[0] != tokens.shape[0] or question_embeds.shape[2] != token_dim:
+        raise ValueError(
+            f"question_embeds {tuple(question_embeds.shape)} must be (batch_size={tokens.shape[0]}, T, "
+            f"token_dim={token_dim})"
+        )
+    if (
+        not isinstance(question_mask, torch.Tensor)
+        or question_mask.dtype != torch.bool
+        or tuple(question_mask.shape) != tuple(question_embeds.shape[:2])
+    ):
+        raise ValueError(
+            f"question_mask must be a bool tensor of shape {tuple(question_embeds.shape[:2])} (True on the "
+            f"question's tokens), got {getattr(question_mask, 'dtype', type(question_mask).__name__)} "
+            f"{tuple(getattr(question_mask, 'shape', ()))}"
+        )

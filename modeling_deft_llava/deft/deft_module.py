@@ -22,6 +22,7 @@ from ..configuration.deft_settings import (
 from .deft_inputs import (
     check_attention_mask,
     check_logits,
+    check_question,
     check_task_loss,
     check_token_gradients,
     check_tokens,
@@ -398,7 +399,7 @@ class DeFTModule(nn.Module):
         ratio = self.retention_ratio if retention_ratio is None else float(retention_ratio)
         token_mask = attention_mask.bool() if attention_mask is not None else None
         if question_embeds is not None:
-            self._check_question(question_embeds, question_mask, tokens)
+            check_question(question_embeds, question_mask, tokens, self.token_dim)
         scores, info = self.score(
             tokens,
             modality,
@@ -462,35 +463,13 @@ class DeFTModule(nn.Module):
             feedback_loss=feedback_loss,
         )
 
-    def _check_question(self, question_embeds, question_mask, tokens) -> None:
-        if not isinstance(question_embeds, torch.Tensor) or question_embeds.dim() != 3:
-            raise ValueError(
-                "question_embeds must be a (batch_size, question_tokens, token_dim) tensor, got "
-                f"{getattr(question_embeds, 'shape', type(question_embeds).__name__)}"
-            )
-        if question_embeds.shape[0] != tokens.shape[0] or question_embeds.shape[2] != self.token_dim:
-            raise ValueError(
-                f"question_embeds {tuple(question_embeds.shape)} must be (batch_size={tokens.shape[0]}, T, "
-                f"token_dim={self.token_dim})"
-            )
-        if (
-            not isinstance(question_mask, torch.Tensor)
-            or question_mask.dtype != torch.bool
-            or tuple(question_mask.shape) != tuple(question_embeds.shape[:2])
-        ):
-            raise ValueError(
-                f"question_mask must be a bool tensor of shape {tuple(question_embeds.shape[:2])} (True on the "
-                f"question's tokens), got {getattr(question_mask, 'dtype', type(question_mask).__name__)} "
-                f"{tuple(getattr(question_mask, 'shape', ()))}"
-            )
-
     def _feedback_loss(self, info, scores, token_mask) -> torch.Tensor:
         """Pull the scores towards the task feedback `s~_fb` (`ranking_loss`: the seed's MSE on per-sample
         normalised scores, or ListNet): the score used at inference (semantic + group mixture, where no feedback
         exists) and the training-time score (all three components). SAM, the saliency MLP (and its question and
         position inputs) and every mixture weight learn from it."""
         target = info["s_fb"]
-        terms = [normalize_per_sample(scores, token_mask)]
+        terms = [scores]  # `ranking_loss` normalises each term per sample
         inference = {"semantic": info["s_sem"], "group": info["s_group"]}
         if self.score_components is not None:
             inference = {name: c for name, c in inference.items() if name in self.score_components}
@@ -498,7 +477,7 @@ class DeFTModule(nn.Module):
             inference
         ):  # no inference-time component listed (`score_components=["feedback"]`): training mix only
             inference_mix, _ = self.score_mixer(inference)
-            terms.insert(0, normalize_per_sample(inference_mix, token_mask))
+            terms.insert(0, inference_mix)
         return sum(
             ranking_loss(term, target, token_mask, self.ranking_loss, self.ranking_temperature)
             for term in terms
