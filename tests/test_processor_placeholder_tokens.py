@@ -13,7 +13,7 @@ import torch
 from modeling_deft_llava.processing.word_tokenizer import SPECIAL_TOKENS
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -27,7 +27,7 @@ UNKNOWN_WORDS = "what is a zebra doing ?"  # "zebra" and "doing" are not in tiny
 
 
 def image_processor():
-    return CLIPImageProcessor(
+    return CLIPImageProcessorPil(
         size={"shortest_edge": tiny.IMAGE_SIZE},
         crop_size={"height": tiny.IMAGE_SIZE, "width": tiny.IMAGE_SIZE},
     )
@@ -48,7 +48,7 @@ def stock_folder(tmp_path_factory):
     )
     torch.manual_seed(0)
     LlavaForConditionalGeneration(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": tiny.IMAGE_SIZE},
         crop_size={"height": tiny.IMAGE_SIZE, "width": tiny.IMAGE_SIZE},
     )

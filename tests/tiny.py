@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from modeling_deft_llava.processing.word_tokenizer import build_word_tokenizer
 from PIL import Image
-from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
+from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration
 
 from modeling_deft_llava import DeftLlavaConfig, DeftLlavaForConditionalGeneration, DeftLlavaProcessor
 
@@ -98,7 +98,7 @@ def stock_twin(deft_model) -> LlavaForConditionalGeneration:
 def processor(**overrides) -> DeftLlavaProcessor:
     """The tiny processor; `overrides`: DeFT settings, or any other argument (e.g. `**SIGLIP_PROCESSOR`)."""
     tok = tokenizer()
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
     arguments = dict(

@@ -12,7 +12,7 @@ import torch
 from modeling_deft_llava.processing.word_tokenizer import build_word_tokenizer
 from tqdm.auto import tqdm
 from transformers import (
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -46,7 +46,9 @@ def is_video(sample) -> bool:
 def build_processor(words=WORDS) -> LlavaProcessor:
     """The processor of a digits task; `words` is its vocabulary (`tasks.DigitsTask.words`; easy by default)."""
     tokenizer = build_word_tokenizer(list(words))
-    image_processor = CLIPImageProcessor(
+    # the PIL backend by name: the shipped checkpoints were preprocessed by it, and naming `CLIPImageProcessor`
+    # without torchvision prints transformers' fallback notice on every run
+    image_processor = CLIPImageProcessorPil(
         do_resize=True,
         size={"shortest_edge": CANVAS},
         do_center_crop=True,
