@@ -28,6 +28,8 @@ class DeftVisualFeaturesOutput(BaseModelOutputWithPooling):
     spatial_shape: `(rows, cols)` patch grid of one image or frame (shared by every item), and
     token_gradients: list, per item, of `(N, hidden_size)` feedback gradients, kept for question-aware DeFT,
         which selects once the prompt is known.
+    projector_inputs: list, per item, of `(N, vision_width)` the features that entered the projector, kept for
+        a method that merges before the projector once the prompt is known (Recoverable's released order).
 
     Every field after `attentions` is per item (a list or a tensor whose first dimension is the item):
     `select_items` reorders them all (beam search), so a new per-item field needs no other code.
@@ -46,6 +48,7 @@ class DeftVisualFeaturesOutput(BaseModelOutputWithPooling):
     cls_attention: torch.Tensor | None = None
     spatial_shape: tuple | None = None  # shared by every item: a tuple, which `select_items` leaves alone
     token_gradients: list | None = None
+    projector_inputs: list | None = None
 
     # fields of the encoder itself, not per item
     ENCODER_FIELDS = ("last_hidden_state", "hidden_states", "attentions")

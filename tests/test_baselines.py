@@ -575,3 +575,36 @@ def test_recoverable_released_merge_centres_and_summary():
         # the summary covers every patch that is not an anchor of a kept or centre token
         anchors = {result.kept_indices[b, i].item() for i in range(9) if i != s}
         assert set(in_summary.nonzero().flatten().tolist()) == set(range(n)) - anchors
+
+
+def test_recoverable_released_order_merges_before_the_projector():
+    """`merge_space="vision"` (the released `encode_images`: tower, merge, projector): one-hot vision features
+    make the merged vision token's coordinates the merge weights; the projected output is the projector of that
+    sum, kept patches are the projector's own rows, and the ranking is the projected-space call's."""
+    n, width = 36, 36
+    torch.manual_seed(0)
+    projector = torch.nn.Sequential(torch.nn.Linear(width, DIM), torch.nn.GELU(), torch.nn.Linear(DIM, DIM))
+    vision = torch.eye(n).expand(2, -1, -1).clone()  # (2, N, width) one-hot patches
+    with torch.no_grad():
+        features = projector(vision)  # (2, N, DIM) what the model's projector gives
+    _, context = make_inputs(batch=2, rows=6, cols=6, num_kept=9, seed=7)
+    compressor = build_compressor("recoverable", DIM)
+    with torch.no_grad():
+        projected = compressor(features, context)  # the merge summed after the projector
+        released = compressor.compress_merging_vision(features, vision, projector, context)
+    assert torch.equal(released.kept_indices, projected.kept_indices)  # the ranking does not move
+    plan = compressor.plan(features, context)
+    merges = 0
+    for b in range(2):
+        order = plan.slots[b].sort().indices  # rank order -> output order
+        for rank in range(9):
+            out = released.tokens[b, order.argsort()[rank]]
+            if plan.merged[b, rank]:  # a sum of one-hot vision rows, then the projector
+                weights = compressor.merge(vision, plan)[b, rank]  # (width,) = its merge weights
+                torch.testing.assert_close(out, projector(weights))
+                if (weights > 0).sum() > 1:  # a real merge: summing after the non-linear projector differs
+                    merges += 1
+                    assert not torch.allclose(out, projected.tokens[b, order.argsort()[rank]], atol=1e-4)
+            else:  # a kept patch: the projector's own row, bit-exact
+                assert torch.equal(out, features[b, plan.slots[b, rank]])
+    assert merges >= 2

@@ -21,8 +21,11 @@ SETTINGS = dict(use_deft=True, deft_retention_ratio=0.25, compression_method="re
 IMAGE = 4  # <image> id in the tiny vocabulary
 
 
-def reference_last_logits(model, ids, pixel_values, merge, attention_layer="released"):
-    """Last-position logits and kept indices for ONE unpadded sample `ids` `(seq,)`."""
+def reference_last_logits(model, ids, pixel_values, merge, attention_layer="released", merge_space="vision"):
+    """Last-position logits and kept indices for ONE unpadded sample `ids` `(seq,)`.
+
+    `merge_space="vision"` (the released order): the compressor ranks the projected features and sums its
+    merged tokens from the projector's input (the feature layer's patch states), which the projector maps."""
     lm = model.model.language_model
     vision = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
     with torch.no_grad(), model.model.compression_disabled():
@@ -54,7 +57,13 @@ def reference_last_logits(model, ids, pixel_values, merge, attention_layer="rele
                 cls_attention=attention[item : item + 1],
                 text_embeds=embeds[after][None],
             )
-            out = compressor(feats.pooler_output[item][None], context)
+            if merge_space == "vision":
+                patches = feats.hidden_states[-1][item : item + 1, 1:]  # (1, N, width) the projector's input
+                out = compressor.compress_merging_vision(
+                    feats.pooler_output[item][None], patches, model.model.multi_modal_projector, context
+                )
+            else:
+                out = compressor(feats.pooler_output[item][None], context)
             pieces.append(out.tokens[0])
             positions += [pos + int(j) for j in out.kept_indices[0]]
             kept_all.append(out.kept_indices[0])
@@ -67,9 +76,10 @@ def reference_last_logits(model, ids, pixel_values, merge, attention_layer="rele
         return model.lm_head(hidden[0, -1]), kept_all
 
 
+@pytest.mark.parametrize("merge_space", ["vision", "projected"])
 @pytest.mark.parametrize("merge", ["released", "mean"])
-def test_recoverable_matches_hand_built_reference(merge):
-    settings = dict(SETTINGS, compression_settings={"cluster_merge": merge})
+def test_recoverable_matches_hand_built_reference(merge, merge_space):
+    settings = dict(SETTINGS, compression_settings={"cluster_merge": merge, "merge_space": merge_space})
     model, processor = tiny.model(**settings), tiny.processor(**settings)
     questions = ("what is in the picture ?", "a cat and a dog ?")
     inputs = batch_inputs(processor, n_images=(2, 1), questions=questions)
@@ -82,7 +92,7 @@ def test_recoverable_matches_hand_built_reference(merge):
         valid = inputs["attention_mask"][b].bool()
         ids = inputs["input_ids"][b][valid]
         pixels = inputs["pixel_values"][first_image : first_image + n_images]
-        logits, kept = reference_last_logits(model, ids, pixels, merge)
+        logits, kept = reference_last_logits(model, ids, pixels, merge, merge_space=merge_space)
         torch.testing.assert_close(out.logits[b, -1], logits, rtol=1e-4, atol=1e-5)
         for got, want in zip(out.kept_indices[first_image : first_image + n_images], kept):
             assert torch.equal(got, want)

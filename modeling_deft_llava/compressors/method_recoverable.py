@@ -19,12 +19,14 @@ from .token_compressor import (
     check_choice,
     check_range,
     gather_tokens,
+    sort_by_index,
 )
 from .vision_attention import cls_attention
 
 VISUAL_SCORES = ("cls_similarity", "cls_attention")
 CLUSTER_MERGES = ("released", "mean")
 CLS_ATTENTION_LAYERS = ("feature_layer", "released")
+MERGE_SPACES = ("vision", "projected")
 
 
 @dataclass(frozen=True)
@@ -50,18 +52,60 @@ class RecoverableSettings:
             (`released_cls_attention(encoder.layers[-1], hidden_states[-2])`), whatever the feature layer.
             `"feature_layer"`: the feature layer's (`vision_feature_layer`) attention, per head and averaged
             over heads (`vision_attention.cls_attention`).
+        merge_space: where, inside the model, the centre and summary tokens are summed. `"vision"` (default,
+            the released code's `encode_images`: tower, merge, projector): the vision features that enter the
+            projector are merged and the merged tokens are projected; kept patches are the projector's own
+            rows. `"projected"`: the projected features are merged. With a non-linear projector (LLaVA-1.5's
+            MLP) the two differ. A standalone call (`compressor(features, context)`) has no projector and
+            merges the features it is given.
     """
 
     visual_score: str = "cls_attention"
     iqr_multiplier: float = 1.5
     cluster_merge: str = "released"
     cls_attention_layer: str = "released"
+    merge_space: str = "vision"
 
     def __post_init__(self):
         check_choice("visual_score", self.visual_score, VISUAL_SCORES)
         check_range("iqr_multiplier", self.iqr_multiplier, 0.0, 10.0)
         check_choice("cluster_merge", self.cluster_merge, CLUSTER_MERGES)
         check_choice("cls_attention_layer", self.cls_attention_layer, CLS_ATTENTION_LAYERS)
+        check_choice("merge_space", self.merge_space, MERGE_SPACES)
+
+
+@dataclass
+class MergePlan:
+    """Recoverable's decisions for a batch, independent of the feature space the merge sums in.
+
+    Args:
+        slots: `(batch, K)` patch index of every output token, in rank order (kept, centres, summary slot).
+        members: `(batch, N - K)` the other patches.
+        assign: `(batch, N - K)` the slot (0..K-1) each member joins.
+        weights: `(batch, N - K)` each member's weight in its slot (0: joins nothing).
+        summary: `(batch, N)` float32 weights of the summary token (released merge), or None (mean merge).
+        merged: `(batch, K)` bool, slots whose token is a merge (centres and summary), not a kept patch.
+        scores: `(batch, N)` float32 visual scores.
+    """
+
+    slots: torch.Tensor
+    members: torch.Tensor
+    assign: torch.Tensor
+    weights: torch.Tensor
+    summary: torch.Tensor | None
+    merged: torch.Tensor
+    scores: torch.Tensor
+
+
+def projector_input(config, hidden_states) -> torch.Tensor:
+    """`(images, N, width)` what a LLaVA projector receives, rebuilt from the vision tower's `hidden_states`
+    as transformers' `LlavaModel.get_image_features` selects it (`vision_feature_layer`, one int or a list
+    whose layers are concatenated; `vision_feature_select_strategy="default"` drops the CLS token)."""
+    layers = config.vision_feature_layer
+    chosen = [hidden_states[layers]] if isinstance(layers, int) else [hidden_states[i] for i in layers]
+    if config.vision_feature_select_strategy == "default":
+        chosen = [states[:, 1:] for states in chosen]
+    return torch.cat(chosen, dim=-1)
 
 
 def released_cls_attention(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -168,6 +212,9 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
       included, ranked by key cosine plus 50 x the text score); here the clusters partition the remaining
       patches by nearest centre. The model passes no `vision_keys`, so inside the model clusters are formed on
       the projected features (the released code: the last layer's keys).
+    - merge order: none by default: as in the released `encode_images` (tower, merge, projector), the centre
+      and summary tokens are sums of the projector's input, then projected (`merge_space="vision"`); kept
+      patches are the projector's own rows. `merge_space="projected"` sums projected features instead.
     - none in the CLS attention by default (the last layer as one full-width head, as released); the
       feature layer's head-averaged attention is `cls_attention_layer="feature_layer"`, and the paper's
       wording (cosine of the projected CLS token and each patch) is `visual_score="cls_similarity"`.
@@ -194,7 +241,8 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
 
     def compress_features(self, model, features, visual: VisualBatch):
         """The model's first hook: nothing is dropped yet (the question is not known); keep what the second
-        needs: the projected CLS token of the feature layer and, when asked, its CLS attention `(images, N)`."""
+        needs: the projected CLS token of the feature layer, when asked its CLS attention `(images, N)`, and with
+        `merge_space="vision"` the projector's input of every image `(N, width)`."""
         attention = None
         if self.needs_cls_attention and self.settings.cls_attention_layer == "released":
             attention = released_cls_attention(visual.vision_layer, visual.layer_input)  # (images, N)
@@ -204,10 +252,14 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
             model.config.vision_feature_layer
         ]  # (images, 1 + N, width)
         cls_state = states[:, :1]  # (images, 1, width) the CLS token of the feature layer
+        projector_inputs = None
+        if self.settings.merge_space == "vision":  # the released order merges these, then projects
+            projector_inputs = list(projector_input(model.config, visual.encoder_outputs.hidden_states))
         return updated(
             features,
             cls_embeddings=model.multi_modal_projector(cls_state)[:, 0],  # (images, D)
             cls_attention=attention,
+            projector_inputs=projector_inputs,  # per image (N, width)
         )
 
     def compress_with_prompt(self, model, features, prompt: PromptBatch):
@@ -229,7 +281,11 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
             text_embeds=prompt.inputs_embeds[row].to(tokens.dtype),  # (images, seq, D)
             text_mask=question,  # (images, seq)
         )
-        out = self(tokens, context)  # K tokens per image, with their representative patch
+        if self.settings.merge_space == "vision":  # the released order: merge the projector's input, project
+            vision = torch.stack(list(features.projector_inputs))  # (images, N, width)
+            out = self.compress_merging_vision(tokens, vision, model.multi_modal_projector, context)
+        else:
+            out = self(tokens, context)  # K tokens per image, with their representative patch
         index = out.kept_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])  # (images, K, D)
         placed = tokens.scatter(1, index, out.tokens.to(tokens.dtype))  # (images, N, D)
         keep = torch.zeros(images, n, dtype=torch.bool, device=tokens.device).scatter_(
@@ -265,6 +321,53 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
         return F.cosine_similarity(image_features.float(), context.cls_embedding.float().unsqueeze(1), dim=-1)
 
     def compress(self, image_features: torch.Tensor, context: CompressionContext) -> CompressionResult:
+        plan = self.plan(image_features, context)
+        tokens = self.merge(image_features, plan)
+        return CompressionResult(
+            tokens=tokens.to(image_features.dtype), kept_indices=plan.slots, scores=plan.scores
+        )
+
+    def compress_merging_vision(
+        self,
+        image_features: torch.Tensor,
+        vision_features: torch.Tensor,
+        projector: nn.Module,
+        context: CompressionContext,
+    ) -> CompressionResult:
+        """The released order (`merge_space="vision"`): rank and cluster on the projected features, sum the
+        centre and summary tokens from the vision features, then project them.
+
+        Args:
+            image_features: `(batch, N, D)` the projector's output; it ranks the patches (the question's
+                embeddings live in this space) and gives the kept patches' tokens unchanged.
+            vision_features: `(batch, N, width)` the projector's input for the same patches.
+            projector: maps `(batch, K, width)` to `(batch, K, D)` (the model's `multi_modal_projector`).
+            context: as for `forward`.
+
+        Returns:
+            `CompressionResult` with K tokens per row in ascending patch order, like `forward`.
+
+        Raises:
+            ValueError: inputs that do not fit together (`check_inputs`), or `vision_features` whose batch and
+                patch counts differ from `image_features`'.
+        """
+        self.check_inputs(image_features, context)
+        if vision_features.shape[:2] != image_features.shape[:2]:
+            raise ValueError(
+                f"vision_features {tuple(vision_features.shape)} must have the batch and patch counts of "
+                f"image_features {tuple(image_features.shape)}"
+            )
+        if context.num_kept == image_features.shape[1]:
+            return self(image_features, context)
+        plan = self.plan(image_features, context)
+        weight = next(projector.parameters())
+        merged = projector(self.merge(vision_features, plan).to(weight.dtype))  # (batch, K, D)
+        kept = gather_tokens(image_features, plan.slots)  # (batch, K, D) the projector's own rows
+        tokens = torch.where(plan.merged.unsqueeze(-1), merged.to(kept.dtype), kept)
+        return sort_by_index(CompressionResult(tokens=tokens, kept_indices=plan.slots, scores=plan.scores))
+
+    def plan(self, image_features: torch.Tensor, context: CompressionContext) -> MergePlan:
+        """Which patches are kept, which are centres, and who joins whom (see the class doc)."""
         batch, num_patches, _ = image_features.shape
         k = context.num_kept
         multiplier = self.settings.iqr_multiplier
@@ -297,19 +400,34 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
         )  # (batch, N-K, K)
         similarity = similarity.masked_fill(~is_centre.unsqueeze(1), float("-inf"))
         assign = similarity.argmax(dim=2)  # (batch, N - K), slot of each member
+        summary = None
         if released:
             attention = context.cls_attention.float()  # (batch, N)
             has_centre = is_centre.any(dim=1, keepdim=True)  # (batch, 1) False when K - k_keep == 1
             weights = attention.gather(1, members) * has_centre  # (batch, N - K)
-        else:
-            weights = torch.ones(members.shape, device=members.device)  # (batch, N - K)
-        tokens = merge_clusters(image_features, slots, members, assign, weights, normalise=not released)
-        if released:
             # summary token: every patch neither kept nor a centre, i.e. all but the first K - 1 slots
             leftover = torch.ones(batch, num_patches, device=attention.device).scatter(
                 1, slots[:, : k - 1], 0.0
             )
-            tokens[:, k - 1] = ((attention * leftover).unsqueeze(1) @ image_features.float())[
-                :, 0
-            ]  # (batch, D)
-        return CompressionResult(tokens=tokens.to(image_features.dtype), kept_indices=slots, scores=visual)
+            summary = attention * leftover  # (batch, N)
+        else:
+            weights = torch.ones(members.shape, device=members.device)  # (batch, N - K)
+        return MergePlan(
+            slots=slots,
+            members=members,
+            assign=assign,
+            weights=weights,
+            summary=summary,
+            merged=rank >= k_keep.unsqueeze(1),
+            scores=visual,
+        )
+
+    def merge(self, features: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+        """`(batch, K, width)` float32: `plan` applied to `features` `(batch, N, width)` (any width)."""
+        released = plan.summary is not None
+        tokens = merge_clusters(
+            features, plan.slots, plan.members, plan.assign, plan.weights, normalise=not released
+        )
+        if released:
+            tokens[:, -1] = (plan.summary.unsqueeze(1) @ features.float())[:, 0]  # (batch, width)
+        return tokens
