@@ -53,6 +53,7 @@ class DeftLlavaConfig(LlavaConfig):
     """
 
     model_type = "deft_llava"
+    stock_model_type = "llava"  # the stock class whose folders this one loads (see `get_config_dict`)
     attribute_map = {"image_token_id": "image_token_index", "video_token_id": "video_token_index"}
 
     use_deft: bool = DEFAULTS.use_deft
@@ -91,6 +92,17 @@ class DeftLlavaConfig(LlavaConfig):
         # (`DeftLlavaNextConfig`) keep their own
         self.model_type = type(self).model_type
         self.validate_deft()
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """`PreTrainedConfig.get_config_dict`, reading a stock folder of the parent class (`stock_model_type`:
+        `llava`, or `llava_next` for `DeftLlavaNextConfig`) as this class's type: loading a stock llava-hf
+        folder with DeFT overrides is supported, so transformers' warning about a different model type (printed
+        on every such load) does not apply. Other model types still get it."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == cls.stock_model_type:
+            config_dict = dict(config_dict, model_type=cls.model_type)
+        return config_dict, kwargs
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):

@@ -36,6 +36,7 @@ class DeftLlavaNextConfig(DeftLlavaConfig, LlavaNextConfig):
     """
 
     model_type = "deft_llava_next"
+    stock_model_type = "llava_next"
     attribute_map = {"image_token_id": "image_token_index"}
 
     anyres_budget: str = ANYRES_DEFAULTS.anyres_budget

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import tiny
 import torch
 from safetensors.torch import save_file
 
-from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
+from modeling_deft_llava import DeftLlavaConfig, DeftLlavaForConditionalGeneration, DeftLlavaProcessor
 from modeling_deft_llava.commands.convert import convert
 
 
@@ -177,3 +178,28 @@ def test_a_truncated_weights_file_is_named_in_the_error(tmp_path):
         OSError, match=f"cannot read the safetensors weights of '{tmp_path / 'm'}'.*truncated"
     ):
         DeftLlavaForConditionalGeneration.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("next_model", [False, True])
+def test_a_stock_folder_loads_without_the_model_type_warning(tmp_path, next_model):
+    """Loading a stock llava-hf folder with DeFT overrides is a supported route: transformers' warning that
+    a `llava` (or `llava_next`) checkpoint instantiates another model type was printed on every such load."""
+    import tiny_next
+    from transformers.utils import logging as hf_logging
+
+    from modeling_deft_llava import DeftLlavaNextConfig
+
+    stock = tiny_next.stock_model() if next_model else tiny.stock_twin(tiny.model())
+    config_class = DeftLlavaNextConfig if next_model else DeftLlavaConfig
+    stock.save_pretrained(tmp_path)
+    logger = hf_logging.get_logger("transformers.configuration_utils")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        config = config_class.from_pretrained(tmp_path, use_deft=True)
+    finally:
+        logger.removeHandler(handler)
+    assert config.model_type == config_class.model_type and config.use_deft
+    assert not [m for m in seen if "model of type" in m], seen
