@@ -394,6 +394,40 @@ def video_table(name: str = "digits_video_accuracy") -> str:
     return table(["method"] + [f"{ratio_label(r)} ({math.floor(r * full + 0.5)})" for r in ratios], rows)
 
 
+def video_cost_table(name: str = "digits_video_accuracy") -> str:
+    """Per method and budget: KV cache per video, prefill FLOPs as a share of all tokens, prefill time of the batch."""
+    report = R[name]
+    full = report["full"]
+    rows = [
+        [
+            "all tokens",
+            "100%",
+            f"{full['kv_cache_bytes_per_sample'] / 1024:.0f} KiB",
+            "100%",
+            f"{full['prefill_s']:.2f} s",
+        ]
+    ]
+    for method in report["methods"]:
+        for ratio in ratios_of(name, None):
+            entry = row(name, method, ratio, None)
+            if entry.get("prefill_flops") is None:
+                continue
+            rows.append(
+                [
+                    method,
+                    ratio_label(ratio),
+                    f"{entry['kv_cache_bytes_per_sample'] / 1024:.0f} KiB",
+                    pct(entry["prefill_flops"] / full["prefill_flops"]),
+                    f"{entry['prefill_s']:.2f} s",
+                ]
+            )
+    batch = full["prefill_batch"]
+    return table(
+        ["method", "budget", "KV cache per video", "prefill FLOPs / all tokens", f"prefill ({batch} videos)"],
+        rows,
+    )
+
+
 def video_by_kind(entry: dict) -> str:
     return ", ".join(f"{kind} {pct(e['accuracy'])}" for kind, e in entry["by_kind"].items())
 
