@@ -126,6 +126,27 @@ def best_baseline(name: str, ratio: float, exclude: tuple[str, ...] = NOT_EQUAL_
     return max(rows, key=lambda r: r["accuracy"])
 
 
+def beats_every_baseline(name: str, method: str, ratios: tuple[float, ...]) -> str:
+    """Where `method`'s 95% interval lies above the best equal-K baseline's, in words (budgets grouped)."""
+    disjoint, leads, behind = [], [], []
+    for ratio in ratios:
+        best, own = best_baseline(name, ratio), row(name, method, ratio)
+        if own["wilson95"][0] > best["wilson95"][1]:
+            disjoint.append(ratio_label(ratio))
+        elif own["accuracy"] > best["accuracy"]:
+            leads.append(f"{ratio_label(ratio)} (inside {best['method']}'s interval)")
+        else:
+            behind.append(f"{ratio_label(ratio)} ({best['method']} ahead)")
+    parts = []
+    if disjoint:
+        parts.append(f"beats every equal-K baseline at {', '.join(disjoint)} with disjoint 95% intervals")
+    if leads:
+        parts.append(f"leads at {', '.join(leads)}")
+    if behind:
+        parts.append(f"does not lead at {', '.join(behind)}")
+    return "; ".join(parts)
+
+
 def ablation(name: str, checkpoint: str, variant: str, ratio: float) -> dict:
     for entry in R[name]["rows"]:
         if entry["checkpoint"] == checkpoint and entry["variant"] == variant:
