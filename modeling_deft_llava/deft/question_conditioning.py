@@ -17,7 +17,7 @@ trained, and a checkpoint saved without them loads unchanged (`DeftLlavaPreTrain
 the zeros: `_deft_zero_init`).
 
 Differences from the seed README: the seed's saliency `s_sem_i = MLP(z_i)` reads the token alone; these inputs
-are this project's additions (issue 23), measured in the README ("DeFT's scorer").
+are this project's additions, measured in docs/results.md ("DeFT ablation").
 """
 
 from __future__ import annotations
