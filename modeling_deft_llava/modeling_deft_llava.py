@@ -739,7 +739,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             for modality, features in visual.items():
                 if features.pooler_output:
                     prompt = PromptBatch(inputs_embeds, masks[modality], text, prompt_length, modality)
-                    visual[modality] = method.compress_with_prompt(self, features, prompt)
+                    visual[modality] = self._compress_with_prompt(method, features, prompt)
         for modality, features in visual.items():
             inputs_embeds = layout.place(
                 modality, features, masks[modality], inputs_embeds, self.config, reconsidered
@@ -774,6 +774,11 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         outputs.deft_num_reconstructed = layout.num_reconstructed
         outputs.deft_text_kept_indices = layout.text_kept_indices
         return outputs
+
+    def _compress_with_prompt(self, method, features, prompt: PromptBatch):
+        """The method's `compress_with_prompt` on one modality's items (`DeftLlavaNextModel` calls it on each
+        token set of each AnyRes image)."""
+        return method.compress_with_prompt(self, features, prompt)
 
     def _compress_context(self, method, context: TextContext, inputs_embeds, layout: TokenLayout):
         """The method keeps `deft_text_retention_ratio` of each sample's context tokens (`compress_text`), or

@@ -31,8 +31,9 @@ PROCESSOR_KEYS = (
 
 class DeftLlavaNextProcessor(LlavaNextProcessor):
     r"""LLaVA-NeXT processor for DeFT-LLaVA-NeXT: each image gets its own count of `<image>` placeholders,
-    `AnyResLayout.count` of its base view and unpadded tile grid (the model's count), or the stock count
-    without compression.
+    `AnyResLayout.placeholders` of its base view and unpadded tile grid (the model's count): K per token set
+    plus the kept row markers, or the stock count N without compression and for a method that writes every
+    placeholder (DeFT `hybrid`/`adaptive`, CDPruner).
 
     Args (beyond `LlavaNextProcessor`): use_deft, deft_retention_ratio, deft_inference_mode, compression_method,
         compression_settings, anyres_budget, anyres_image_newline: as in `DeftLlavaNextConfig`.
@@ -122,10 +123,7 @@ class DeftLlavaNextProcessor(LlavaNextProcessor):
         """Placeholders of one image (the stock count, plus `num_additional_image_tokens`, which the stock
         processor takes off again for the "default" strategy)."""
         layout = self.anyres_layout(orig_height, orig_width, height, width)
-        count = layout.num_tokens
-        if self.use_deft:  # every method that runs on AnyRes images writes K placeholders
-            count = layout.count(self.deft_retention_ratio, self.anyres_budget, self.anyres_image_newline)
-        return count + self.num_additional_image_tokens
+        return layout.placeholders(self) + self.num_additional_image_tokens
 
 
 __all__ = ["DeftLlavaNextProcessor"]
