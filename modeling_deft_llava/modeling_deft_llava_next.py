@@ -166,6 +166,13 @@ class DeftLlavaNextModel(DeftLlavaNextPreTrainedModel, DeftLlavaModel, LlavaNext
         """The method selects once the prompt is known (question-aware DeFT, CDPruner): AnyRes images wait."""
         return method.acts_in("compress_with_prompt") and bool(getattr(method, "decides_on_prompt", False))
 
+    def placeholders_per_item(self, features) -> list[int]:
+        """Placeholders each image fills: its layout's count while its N rows wait for the prompt."""
+        layouts = getattr(features, "anyres_layouts", None)
+        if layouts is None:
+            return [len(rows) for rows in features.pooler_output]
+        return [layout.placeholders(self.config) for layout in layouts]
+
     def _compress_with_prompt(self, method, features, prompt: PromptBatch):
         """Each token set of each image through the method's `compress_features`, then its
         `compress_with_prompt` with a prompt whose placeholders are that image's alone (the method reads the
@@ -177,7 +184,7 @@ class DeftLlavaNextModel(DeftLlavaNextPreTrainedModel, DeftLlavaModel, LlavaNext
         layouts = getattr(features, "anyres_layouts", None)
         if layouts is None:
             return features
-        counts = [layout.placeholders(self.config) for layout in layouts]
+        counts = self.placeholders_per_item(features)
         where = prompt.placeholder_mask.nonzero()  # (placeholders, 2), row-major
         if where.shape[0] != sum(counts):
             raise ValueError(

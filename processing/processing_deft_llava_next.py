@@ -14,6 +14,8 @@ from ..configuration.deft_settings import (
     validate_deft_settings,
 )
 from ..configuration.supported_versions import check_transformers_version
+from .image_depth import images_to_eight_bit
+from .processing_deft_llava import check_image_arrays
 
 check_transformers_version()
 
@@ -118,6 +120,28 @@ class DeftLlavaNextProcessor(LlavaNextProcessor):
             orig_height, orig_width, rows, cols, best_height // height, best_width // width
         )
         return AnyResLayout((rows, cols), (newlines, unpadded // newlines))
+
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """As `LlavaNextProcessor.__call__`, with `DeftLlavaProcessor`'s input handling: 16-bit images are
+        scaled to 8 bits (`image_depth.py`), not clipped by the RGB conversion.
+
+        Raises:
+            ValueError: videos (LLaVA-NeXT takes images only), images without text, an image array of a
+                rank other than 3 or 4.
+        """
+        if videos is not None:
+            raise ValueError(
+                "videos were given: LLaVA-NeXT takes images only (videos are LLaVA-NeXT-Video / OneVision)"
+            )
+        if images is not None and text is None:
+            raise ValueError(
+                f"images were given with text=None: the model needs a prompt with one {self.image_token!r} "
+                f"placeholder per image (processor(images=..., text='[INST] {self.image_token}\\n... [/INST]')); "
+                "for the pixel values alone use processor.image_processor(images, return_tensors='pt')"
+            )
+        check_image_arrays(images)
+        images = images_to_eight_bit(images) if images is not None else None
+        return super().__call__(images=images, text=text, audio=audio, **kwargs)
 
     def _get_number_of_features(self, orig_height: int, orig_width: int, height: int, width: int) -> int:
         """Placeholders of one image (the stock count, plus `num_additional_image_tokens`, which the stock

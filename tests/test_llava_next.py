@@ -290,13 +290,14 @@ def test_convert_command_line_writes_the_anyres_settings(tmp_path):
     assert (config.anyres_budget, config.anyres_image_newline, config.use_deft) == ("view", "compress", True)
 
 
-def test_beam_search_with_compression_equals_each_image_alone():
-    model, processor = on("deft")
+@pytest.mark.parametrize("question_aware", [False, True])
+def test_beam_search_with_compression_equals_each_image_alone(question_aware):
+    model, processor = recipe() if question_aware else on("deft")
     beams = dict(GEN, num_beams=2, num_return_sequences=2)
-    batch = T.inputs(processor, [T.SIZES[0], T.SIZES[3]])
+    batch = T.inputs(processor, [T.SIZES[0], T.SIZES[3]], prompts=QUESTIONS)
     out = model.generate(**batch, **beams)
     for i, size in enumerate([T.SIZES[0], T.SIZES[3]]):
-        alone = model.generate(**T.inputs(processor, [size], seed=i), **beams)
+        alone = model.generate(**T.inputs(processor, [size], prompts=[QUESTIONS[i]], seed=i), **beams)
         assert torch.equal(alone[:, -4:], out[2 * i : 2 * i + 2, -4:])
 
 
