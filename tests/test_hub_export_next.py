@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 
 import numpy as np
 import pytest
@@ -97,8 +98,14 @@ def test_export_refuses_a_model_of_another_type():
         export_family(T.stock_model())
 
 
-def test_isolated_load_of_the_next_folder_equals_the_in_repo_model(exported):
-    out = exported["root"] / "isolated.pt"
+# other interpreters (each with its own transformers, e.g. the lowest and the newest supported release) to load
+# the export in, separated by os.pathsep; the default suite uses this interpreter only
+OTHER_PYTHONS = [p for p in os.environ.get("DEFT_ISOLATED_PYTHONS", "").split(os.pathsep) if p]
+
+
+@pytest.mark.parametrize("python", [None, *OTHER_PYTHONS], ids=lambda p: p or "this-python")
+def test_isolated_load_of_the_next_folder_equals_the_in_repo_model(exported, python, tmp_path):
+    out = tmp_path / "isolated.pt"
     summary = isolated_check.run_isolated_check(
         exported["folder"],
         out,
@@ -106,9 +113,11 @@ def test_isolated_load_of_the_next_folder_equals_the_in_repo_model(exported):
         prompt=PROMPT.replace("<image>", "{image}"),
         max_new_tokens=MAX_NEW_TOKENS,
         threads=THREADS,
+        python=python,
     )
     remote = torch.load(out, weights_only=True)
     assert summary["project_importable"] is False and summary["threads"] == THREADS
+    print("isolated load under transformers", summary["transformers_version"])
     expected = {
         "config_class": "configuration_deft_llava_next.DeftLlavaNextConfig",
         "processor_class": "processing_deft_llava_next.DeftLlavaNextProcessor",
