@@ -16,6 +16,13 @@ encoding step (`get_image_features`):
    as its source, so kept tokens keep their original positions and the text after an image continues at
    `start + N`, whatever was dropped.
 
+A method that selects once the prompt is known (question-aware DeFT, CDPruner: `decides_on_prompt` and a
+`compress_with_prompt` hook) gets each image's N rows and `AnyResLayout` from step 1 instead; once the prompt is
+built, `_compress_with_prompt` runs steps 2 and 3 with, for each image, a prompt whose placeholders are that
+image's alone (the method reads the question of that image's row). A method that marks the rows it keeps out of
+all N (`rows_used`: DeFT `hybrid`/`adaptive`, CDPruner; the processor then writes N placeholders) gets its marks
+merged per image, the kept row markers marked used; the model drops the other rows and re-packs the batch.
+
 One method call per token set: a row of a batch is compressed exactly as it is alone, and images of different
 sizes (a different N and K per image) share a batch. With compression off this model computes what
 `LlavaNextForConditionalGeneration` computes.
