@@ -423,3 +423,27 @@ def test_hybrid_keeps_k_and_the_markers_when_nothing_is_uncertain_and_all_when_e
         assert torch.equal(out.kept_indices[0], out.kept_indices[0].sort().values)
     layout = model.model.anyres_layout(list(size))
     assert counts["certain"] == layout.count(0.25, "image", "keep") < counts["uncertain"]
+
+
+def test_question_aware_deft_takes_two_images_of_different_sizes_in_one_row():
+    model, processor = recipe()
+    sizes = [T.SIZES[0], T.SIZES[2]]
+    images = [T.image(size, i) for i, size in enumerate(sizes)]
+    batch = processor(
+        images=images, text=["USER: <image><image>\nwhich is larger ? ASSISTANT:"], return_tensors="pt"
+    )
+    with torch.no_grad():
+        out = model(**batch)
+    for kept, size in zip(out.kept_indices, sizes):
+        layout = model.model.anyres_layout(list(size))
+        assert len(kept) == layout.count(0.25, "image", "keep")
+        assert torch.isin(torch.tensor(layout.newline_indices()), kept).all()
+    generated = model.generate(**batch, **GEN)
+    assert torch.equal(generated, model.generate(**batch, **GEN, use_cache=False))
+
+
+def test_question_aware_deft_names_placeholders_that_do_not_fit_the_layouts():
+    model, _ = recipe()
+    stock_inputs = T.inputs(T.processor(stock=True), [T.SIZES[0]])  # N placeholders, the model expects K
+    with pytest.raises(ValueError, match=r"image tokens do not match, tokens: 52, features: 16"):
+        model(**stock_inputs)
