@@ -51,7 +51,8 @@ IMAGE_SIZE = (672, 672)  # (height, width): the 672x672 pinpoint, 2x2 tiles, not
 
 def build_model(text_layers: int | None, dtype, first_ratio: float, shape: Path = SHAPE):
     """The random-weight model of `shape` (a JSON of `DeftLlavaNextConfig` fields) with a DeFT module as
-    `convert` writes it for AnyRes (question-blind), RTD off."""
+    `convert` writes it but question-blind (the measured table's setting; the benchmark's random prompt has no
+    question), RTD off."""
     torch.manual_seed(0)
     values = json.loads(Path(shape).read_text())
     values.pop("_comment", None)

@@ -22,14 +22,14 @@ class DeftLlavaNextConfig(DeftLlavaConfig, LlavaNextConfig):
     anyres_image_newline (`str`, defaults to `"keep"`): `"keep"`: the `image_newline` row markers are all kept,
         outside the budget; `"compress"`: they are ranked and counted like any token.
 
-    Compression methods: those whose `anyres_refusal` is None (DeFT in `fast` mode, question-blind; random,
-    uniform, divprune); the others are refused when the config is built, with the reason.
+    Compression methods: those whose `anyres_refusal` is None (DeFT in every mode, question-aware or not;
+    random, uniform, divprune, cdpruner); the others are refused when the config is built, with the reason.
 
     Example:
 
     ```python
     >>> from modeling_deft_llava import DeftLlavaNextConfig
-    >>> config = DeftLlavaNextConfig(use_deft=True, deft_retention_ratio=0.25, deft_question_aware=False)
+    >>> config = DeftLlavaNextConfig(use_deft=True, deft_retention_ratio=0.25, deft_question_aware=True)
     >>> config.model_type, config.anyres_budget, config.anyres_image_newline
     ('deft_llava_next', 'image', 'keep')
     ```

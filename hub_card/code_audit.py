@@ -81,16 +81,25 @@ ALLOWED: dict[str, frozenset[str]] = {name: frozenset(names) for name, names in 
     "transformers": {
         "AutoModel", "GenerationMixin", "LlavaConfig", "LlavaForConditionalGeneration", "LlavaModel",
         "LlavaProcessor",
-        "__version__", "cache_utils", "image_utils", "initialization", "modeling_outputs", "models", "utils",
+        # DeFT-LLaVA-NeXT (AnyRes): the stock classes it subclasses
+        "LlavaNextConfig", "LlavaNextForConditionalGeneration", "LlavaNextModel", "LlavaNextProcessor",
+        "__version__", "cache_utils", "image_processing_utils", "image_utils", "initialization",
+        "modeling_outputs", "models", "utils",
     },
     # loading a model by name would fetch other code: only building one from a config
     "transformers.AutoModel": {"from_config"},
     "transformers.cache_utils": {"Cache", "DynamicCache"},
+    "transformers.image_processing_utils": {"select_best_resolution"},  # pure arithmetic on sizes
     "transformers.image_utils": {"get_image_size", "to_numpy_array"},
     "transformers.initialization": {ANY},
     "transformers.modeling_outputs": {ANY},
-    "transformers.models": {"llava"},
+    "transformers.models": {"llava", "llava_next"},
     "transformers.models.llava": {"modeling_llava"},
+    "transformers.models.llava_next": {"modeling_llava_next"},
+    # the AnyRes grid arithmetic (pure functions on sizes and tensors) and the base class
+    "transformers.models.llava_next.modeling_llava_next": {
+        "LlavaNextPreTrainedModel", "get_anyres_image_grid_shape", "image_size_to_num_patches", "unpad_image",
+    },
     "transformers.models.llava.modeling_llava": {
         "LlavaCausalLMOutputWithPast", "LlavaModelOutputWithPast", "LlavaMultiModalProjector",
         "LlavaPreTrainedModel",

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic_write import place, staged
@@ -39,6 +40,57 @@ MODEL_AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_deft_llava.DeftLlavaForConditionalGeneration",
 }
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_deft_llava.DeftLlavaProcessor"}
+
+# DeFT-LLaVA-NeXT (AnyRes): its own three entry files (they import the DeFT-LLaVA ones)
+NEXT_ENTRY_MODULES = (
+    "modeling_deft_llava.modeling_deft_llava_next",
+    "modeling_deft_llava.configuration.configuration_deft_llava_next",
+    "modeling_deft_llava.processing.processing_deft_llava_next",
+)
+NEXT_MODEL_AUTO_MAP = {
+    "AutoConfig": "configuration_deft_llava_next.DeftLlavaNextConfig",
+    "AutoModel": "modeling_deft_llava_next.DeftLlavaNextModel",
+    "AutoModelForCausalLM": "modeling_deft_llava_next.DeftLlavaNextForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_deft_llava_next.DeftLlavaNextForConditionalGeneration",
+}
+NEXT_PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_deft_llava_next.DeftLlavaNextProcessor"}
+
+
+@dataclass(frozen=True)
+class ExportFamily:
+    """What the export writes for one model family: the entry modules and the two `auto_map`s."""
+
+    entry_modules: tuple[str, ...]
+    model_auto_map: dict
+    processor_auto_map: dict
+
+    @property
+    def processor_class(self) -> str:
+        return self.processor_auto_map["AutoProcessor"].rpartition(".")[2]
+
+
+# config.model_type -> family
+FAMILIES = {
+    "deft_llava": ExportFamily(ENTRY_MODULES, MODEL_AUTO_MAP, PROCESSOR_AUTO_MAP),
+    "deft_llava_next": ExportFamily(NEXT_ENTRY_MODULES, NEXT_MODEL_AUTO_MAP, NEXT_PROCESSOR_AUTO_MAP),
+}
+
+
+def export_family(model) -> ExportFamily:
+    """The family of `model` (by `config.model_type`).
+
+    Raises:
+        ValueError: a model of another type (names it and the exportable ones).
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"export_for_hub exports DeFT-LLaVA models (model_type in {sorted(FAMILIES)}), got a "
+            f"{type(model).__name__} of model_type {model_type!r}"
+        )
+    return FAMILIES[model_type]
+
+
 # the Inference Endpoints entry point, copied as it is to `handler.py` at the folder root (`serving/handler.py`)
 HANDLER_MODULE = "modeling_deft_llava.serving.handler"
 HANDLER_FILE = "handler.py"
@@ -165,8 +217,9 @@ def export_for_hub(model, processor, folder: str | os.PathLike, overwrite: bool 
     """Write a flat `trust_remote_code` folder: safetensors weights, config, generation config, processor, code.
 
     Args:
-        model: a `DeftLlavaForConditionalGeneration`.
-        processor: its `DeftLlavaProcessor`.
+        model: a `DeftLlavaForConditionalGeneration` or a `DeftLlavaNextForConditionalGeneration` (the folder
+            then carries the NeXT classes and their `auto_map`, `FAMILIES`).
+        processor: its `DeftLlavaProcessor` / `DeftLlavaNextProcessor`.
         folder: the target; must not exist or be empty unless `overwrite=True`.
         overwrite: replace an existing non-empty folder (only once the new one is complete).
 
@@ -177,16 +230,17 @@ def export_for_hub(model, processor, folder: str | os.PathLike, overwrite: bool 
         ValueError: the code cannot be flattened, the published code fails the audit (`code_audit.py`), or
             the save wrote a pickle-based weight file.
     """
+    family = export_family(model)
     target = Path(folder).absolute()
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a folder")
     if not overwrite and not _folder_is_empty(target):
         raise FileExistsError(f"{target} is not empty; pass overwrite=True to replace it")
     with staged(target) as staging:
-        _save_model(model, staging)
+        _save_model(model, staging, family.model_auto_map)
         processor.save_pretrained(staging)
-        _set_processor_auto_map(staging)
-        written = write_flat_code(staging)
+        _set_processor_auto_map(staging, family)
+        written = write_flat_code(staging, family.entry_modules)
         if HANDLER_FILE in written:
             raise ValueError(f"a model code file is named {HANDLER_FILE}, which the endpoint handler needs")
         # stand-alone: it imports no project module, only the Auto classes (which read auto_map)
@@ -201,12 +255,12 @@ def export_for_hub(model, processor, folder: str | os.PathLike, overwrite: bool 
     return target
 
 
-def _save_model(model, folder: Path) -> None:
+def _save_model(model, folder: Path, auto_map: dict = MODEL_AUTO_MAP) -> None:
     """`save_pretrained` with the Hub `auto_map`; the config's own `auto_map` is restored afterwards."""
     config = model.config
     had_auto_map = "auto_map" in config.__dict__
     previous = config.__dict__.get("auto_map")
-    config.auto_map = dict(MODEL_AUTO_MAP)
+    config.auto_map = dict(auto_map)
     try:
         # transformers 5 always writes safetensors (`safe_serialization` is gone); checked by the caller
         model.save_pretrained(folder)
@@ -219,16 +273,22 @@ def _save_model(model, folder: Path) -> None:
             config.__dict__.pop("auto_map", None)
 
 
-def _set_processor_auto_map(folder: Path) -> None:
+def _set_processor_auto_map(folder: Path, family: ExportFamily = FAMILIES["deft_llava"]) -> None:
     path = folder / "processor_config.json"
     data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    data["auto_map"] = dict(PROCESSOR_AUTO_MAP)
-    data.setdefault("processor_class", "DeftLlavaProcessor")
+    data["auto_map"] = dict(family.processor_auto_map)
+    data.setdefault("processor_class", family.processor_class)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 __all__ = [
     "ENTRY_MODULES",
+    "FAMILIES",
+    "NEXT_ENTRY_MODULES",
+    "NEXT_MODEL_AUTO_MAP",
+    "NEXT_PROCESSOR_AUTO_MAP",
+    "ExportFamily",
+    "export_family",
     "HANDLER_FILE",
     "MODEL_AUTO_MAP",
     "PROCESSOR_AUTO_MAP",

@@ -280,6 +280,7 @@ def _child(argv=None) -> None:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    import transformers
     from PIL import Image
     from transformers import (
         AutoConfig,
@@ -291,7 +292,7 @@ def _child(argv=None) -> None:
     )
 
     folder = args.folder
-    summary = {"threads": torch.get_num_threads()}
+    summary = {"threads": torch.get_num_threads(), "transformers_version": transformers.__version__}
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     for what, obj in (("config", config), ("processor", processor)):

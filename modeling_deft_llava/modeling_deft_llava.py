@@ -43,7 +43,7 @@ from .compressors.compression_method import (
 )
 from .compressors.compression_registry import METHODS, build_method
 from .configuration.configuration_deft_llava import DeftLlavaConfig
-from .configuration.deft_settings import PlaceholderPolicyInputs, num_kept_tokens
+from .configuration.deft_settings import PlaceholderPolicyInputs, num_kept_tokens, placeholder_count
 from .deft.question_conditioning import QuestionEncoder
 from .deft.score_mixer import ScoreMixer
 from .input_checks import check_labels, check_pixel_values, check_token_inputs
@@ -739,7 +739,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             for modality, features in visual.items():
                 if features.pooler_output:
                     prompt = PromptBatch(inputs_embeds, masks[modality], text, prompt_length, modality)
-                    visual[modality] = method.compress_with_prompt(self, features, prompt)
+                    visual[modality] = self._compress_with_prompt(method, features, prompt)
         for modality, features in visual.items():
             inputs_embeds = layout.place(
                 modality, features, masks[modality], inputs_embeds, self.config, reconsidered
@@ -774,6 +774,31 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         outputs.deft_num_reconstructed = layout.num_reconstructed
         outputs.deft_text_kept_indices = layout.text_kept_indices
         return outputs
+
+    def placeholders_per_item(self, features) -> list[int]:
+        """Placeholders each item of `features` (what `get_image_features` / `get_video_features` return) fills:
+        its rows, or, while a method that selects with the prompt still holds its N rows, the count the
+        processor wrote for it (`placeholder_count` of its N source tokens)."""
+        method = self.active_method
+        if method is None or not (method.decides_on_prompt and method.acts_in("compress_with_prompt")):
+            return [len(rows) for rows in features.pooler_output]
+        c = self.config
+        return [
+            placeholder_count(
+                n,
+                c.use_deft,
+                c.deft_retention_ratio,
+                c.deft_inference_mode,
+                c.compression_method,
+                c.compression_settings,
+            )
+            for n in features.num_source_tokens
+        ]
+
+    def _compress_with_prompt(self, method, features, prompt: PromptBatch):
+        """The method's `compress_with_prompt` on one modality's items (`DeftLlavaNextModel` calls it on each
+        token set of each AnyRes image)."""
+        return method.compress_with_prompt(self, features, prompt)
 
     def _compress_context(self, method, context: TextContext, inputs_embeds, layout: TokenLayout):
         """The method keeps `deft_text_retention_ratio` of each sample's context tokens (`compress_text`), or
@@ -1177,7 +1202,9 @@ class DeftLlavaForConditionalGeneration(
         for modality, out in mm_encoder_output.items():
             if isinstance(out, DeftVisualFeaturesOutput):
                 originals[modality] = out
-                tags = [torch.full((len(r), 1), i, dtype=torch.long) for i, r in enumerate(out.pooler_output)]
+                # as many rows as placeholders: the parent groups the items by the samples' placeholder counts
+                counts = self.model.placeholders_per_item(out)
+                tags = [torch.full((c, 1), i, dtype=torch.long) for i, c in enumerate(counts)]
                 mm_encoder_output[modality] = BaseModelOutputWithPooling(pooler_output=tags)
         expanded = super()._expand_multimodal_outputs(
             input_ids, mm_encoder_output, expand_size, inputs_embeds

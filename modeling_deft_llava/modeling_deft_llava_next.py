@@ -16,6 +16,13 @@ encoding step (`get_image_features`):
    as its source, so kept tokens keep their original positions and the text after an image continues at
    `start + N`, whatever was dropped.
 
+A method that selects once the prompt is known (question-aware DeFT, CDPruner: `decides_on_prompt` and a
+`compress_with_prompt` hook) gets each image's N rows and `AnyResLayout` from step 1 instead; once the prompt is
+built, `_compress_with_prompt` runs steps 2 and 3 with, for each image, a prompt whose placeholders are that
+image's alone (the method reads the question of that image's row). A method that marks the rows it keeps out of
+all N (`rows_used`: DeFT `hybrid`/`adaptive`, CDPruner; the processor then writes N placeholders) gets its marks
+merged per image, the kept row markers marked used; the model drops the other rows and re-packs the batch.
+
 One method call per token set: a row of a batch is compressed exactly as it is alone, and images of different
 sizes (a different N and K per image) share a batch. With compression off this model computes what
 `LlavaNextForConditionalGeneration` computes.
@@ -24,6 +31,7 @@ sizes (a different N and K per image) share a batch. With compression off this m
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -35,7 +43,7 @@ from transformers.models.llava_next.modeling_llava_next import (
     unpad_image,
 )
 
-from .compressors.compression_method import VisualBatch
+from .compressors.compression_method import PromptBatch, VisualBatch
 from .configuration.anyres_settings import AnyResLayout
 from .configuration.configuration_deft_llava_next import DeftLlavaNextConfig
 from .configuration.deft_settings import num_kept_tokens
@@ -45,6 +53,15 @@ from .modeling_deft_llava import (
     DeftLlavaPreTrainedModel,
 )
 from .modeling_outputs_deft_llava import DeftVisualFeaturesOutput
+
+
+@dataclass
+class DeftAnyResFeaturesOutput(DeftVisualFeaturesOutput):
+    """`DeftVisualFeaturesOutput` of AnyRes images whose N rows wait for the prompt (a method that selects with
+    it): `anyres_layouts` is the list, per image, of its `AnyResLayout` (a per-item field: beam search reorders
+    it with the rows)."""
+
+    anyres_layouts: list | None = None
 
 
 class DeftLlavaNextPreTrainedModel(DeftLlavaPreTrainedModel, LlavaNextPreTrainedModel):
@@ -133,7 +150,7 @@ class DeftLlavaNextModel(DeftLlavaNextPreTrainedModel, DeftLlavaModel, LlavaNext
             raise ValueError(
                 "deft_token_gradients (DeFT's feedback training) are not supported for LLaVA-NeXT images yet"
             )
-        rows, sources = [], []
+        layouts = []
         for feature, size in zip(features, image_sizes):
             layout = self.anyres_layout(size.tolist() if isinstance(size, torch.Tensor) else list(size))
             if layout.num_tokens != feature.shape[0]:
@@ -142,19 +159,79 @@ class DeftLlavaNextModel(DeftLlavaNextPreTrainedModel, DeftLlavaModel, LlavaNext
                     f"(base view {layout.base_shape}, tile grid {layout.grid_shape}) holds {layout.num_tokens}: "
                     "use vision_feature_select_strategy='default' with a tower that has a CLS token"
                 )
-            kept_rows, kept_sources = self._compress_image(method, feature, layout)
-            rows.append(kept_rows)
-            sources.append(kept_sources)
-        result.pooler_output = rows
-        result.source_indices = sources
-        return result
+            layouts.append(layout)
+        if self._selects_with_prompt(method):
+            # the N rows wait for the prompt (`_compress_with_prompt`), each image with its layout
+            return DeftAnyResFeaturesOutput(
+                **{f.name: getattr(result, f.name) for f in fields(result)}, anyres_layouts=layouts
+            )
+        merged = [self._compress_image(method, feature, layout) for feature, layout in zip(features, layouts)]
+        return self._images_output(result, merged)
 
-    def _compress_image(self, method, feature: torch.Tensor, layout: AnyResLayout):
-        """`(K, D)` rows and `(K,)` packed indices of one image: each token set through the method, plus the
-        tokens kept without ranking, in the stock order."""
+    @staticmethod
+    def _selects_with_prompt(method) -> bool:
+        """The method selects once the prompt is known (question-aware DeFT, CDPruner): AnyRes images wait."""
+        return method.acts_in("compress_with_prompt") and bool(getattr(method, "decides_on_prompt", False))
+
+    def placeholders_per_item(self, features) -> list[int]:
+        """Placeholders each image fills: its layout's count while its N rows wait for the prompt."""
+        layouts = getattr(features, "anyres_layouts", None)
+        if layouts is None:
+            return [len(rows) for rows in features.pooler_output]
+        return [layout.placeholders(self.config) for layout in layouts]
+
+    def _compress_with_prompt(self, method, features, prompt: PromptBatch):
+        """Each token set of each image through the method's `compress_features`, then its
+        `compress_with_prompt` with a prompt whose placeholders are that image's alone (the method reads the
+        question of that image's row). Features already compressed (`anyres_layouts` None) pass unchanged.
+
+        Raises:
+            ValueError: the prompt's placeholders are not as many as the images' layouts need.
+        """
+        layouts = getattr(features, "anyres_layouts", None)
+        if layouts is None:
+            return features
+        counts = self.placeholders_per_item(features)
+        where = prompt.placeholder_mask.nonzero()  # (placeholders, 2), row-major
+        if where.shape[0] != sum(counts):
+            raise ValueError(
+                f"Image features and image tokens do not match, tokens: {where.shape[0]}, features: {sum(counts)}; "
+                f"the text has {where.shape[0]} <image> placeholders but the {len(counts)} image(s) need {counts} "
+                "(their AnyRes layouts); build inputs with DeftLlavaNextProcessor for this model's config"
+            )
+        merged, start = [], 0
+        for feature, layout, count in zip(features.pooler_output, layouts, counts):
+            own = torch.zeros_like(prompt.placeholder_mask)
+            own[where[start : start + count, 0], where[start : start + count, 1]] = True
+            start += count
+            image_prompt = replace(prompt, placeholder_mask=own)
+
+            def compress(item, visual, image_prompt=image_prompt):
+                item = method.compress_features(self, item, visual)
+                return method.compress_with_prompt(self, item, image_prompt)
+
+            merged.append(self._compress_image(method, feature, layout, compress))
+        return self._images_output(features, merged)
+
+    def _compress_image(self, method, feature: torch.Tensor, layout: AnyResLayout, compress=None) -> dict:
+        """One image: each token set of `layout.token_sets` through `compress(item, visual)` (one item, its own
+        budget K and layout; default: the method's `compress_features`), merged with the tokens kept without ranking in the stock packed order.
+
+        Returns a dict of the image's `rows` `(rows, D)`, `sources` `(rows,)` packed indices, `rows_used` and
+        `rows_selected` `(rows,)` bool or None (a method that marks the rows it keeps out of all N: then `rows`
+        holds all N, the kept newlines used), `scores` `(N,)` float (the method's scores; +inf on the tokens
+        kept without ranking, NaN where the method gave none), and the method's `mixture_weights`,
+        `num_reconstructed`, `rtd_loss`."""
+        if compress is None:
+
+            def compress(item, visual):
+                return method.compress_features(self, item, visual)
+
         sets, always = layout.token_sets(self.config.anyres_budget, self.config.anyres_image_newline)
-        device = feature.device
-        pieces = [(feature[always], torch.tensor(always, dtype=torch.long, device=device))] if always else []
+        device, n_all = feature.device, feature.shape[0]
+        scores = torch.full((n_all,), float("nan"), device=device)
+        scores[always] = float("inf")
+        outputs = []
         for indices, views in sets:
             index = torch.tensor(indices, dtype=torch.long, device=device)
             n = len(indices)
@@ -175,11 +252,74 @@ class DeftLlavaNextModel(DeftLlavaNextPreTrainedModel, DeftLlavaModel, LlavaNext
                 source_indices=[torch.arange(n, device=device)],
                 num_source_tokens=[n],
             )
-            out = method.compress_features(self, item, visual)
-            pieces.append((out.pooler_output[0], index[out.source_indices[0].to(device)]))
-        kept = torch.cat([s for _, s in pieces])
-        order = kept.argsort()
-        return torch.cat([r for r, _ in pieces])[order], kept[order]
+            out = compress(item, visual)
+            if out.compression_scores is not None:
+                scores[index] = out.compression_scores[0].to(device, torch.float32)
+            outputs.append((index, out))
+        image = {"scores": scores, "rows_used": None, "rows_selected": None}
+        first = outputs[0][1]
+        image["mixture_weights"] = first.mixture_weights
+        rebuilt = [o.num_reconstructed.sum() for _, o in outputs if o.num_reconstructed is not None]
+        image["num_reconstructed"] = torch.stack(rebuilt).sum() if rebuilt else None
+        losses = [o.rtd_loss for _, o in outputs if o.rtd_loss is not None]
+        image["rtd_loss"] = torch.stack(losses).mean() if losses else None
+        if all(o.rows_used is None for _, o in outputs):
+            pieces = (
+                [(feature[always], torch.tensor(always, dtype=torch.long, device=device))] if always else []
+            )
+            pieces += [(o.pooler_output[0], index[o.source_indices[0].to(device)]) for index, o in outputs]
+            kept = torch.cat([s for _, s in pieces])
+            order = kept.argsort()
+            image["rows"] = torch.cat([r for r, _ in pieces])[order]
+            image["sources"] = kept[order]
+            return image
+        # the method marked the rows it keeps out of all N (content-dependent counts): N rows in the stock order
+        rows = feature.clone()
+        used = torch.ones(n_all, dtype=torch.bool, device=device)
+        selected = used.clone()
+        for index, o in outputs:
+            if o.rows_used is None or len(o.pooler_output[0]) != len(index):
+                raise ValueError(
+                    f"compression_method={self.config.compression_method!r} returned rows of a set of {len(index)} "
+                    "tokens that neither keep K rows nor mark all N (rows_used): it cannot compress AnyRes images"
+                )
+            rows[index] = o.pooler_output[0].to(rows.dtype)
+            used[index] = o.rows_used[0].to(device)
+            chosen = o.rows_selected if o.rows_selected is not None else o.rows_used
+            selected[index] = chosen[0].to(device)
+        image.update(
+            rows=rows, sources=torch.arange(n_all, device=device), rows_used=used, rows_selected=selected
+        )
+        return image
+
+    @staticmethod
+    def _images_output(result, merged: list[dict]) -> DeftVisualFeaturesOutput:
+        """`result` (the stock features) with each image's merged rows (`_compress_image`); `compression_scores`
+        `(images, max N)`, padded with NaN past an image's N."""
+        width = max(m["scores"].shape[0] for m in merged)
+        scores = torch.stack(
+            [
+                torch.nn.functional.pad(m["scores"], (0, width - m["scores"].shape[0]), value=float("nan"))
+                for m in merged
+            ]
+        )
+        marks = any(m["rows_used"] is not None for m in merged)
+        rebuilt = [m["num_reconstructed"] for m in merged]
+        losses = [m["rtd_loss"] for m in merged if m["rtd_loss"] is not None]
+        return DeftVisualFeaturesOutput(
+            last_hidden_state=result.last_hidden_state,
+            hidden_states=result.hidden_states,
+            attentions=result.attentions,
+            pooler_output=[m["rows"] for m in merged],
+            source_indices=[m["sources"] for m in merged],
+            num_source_tokens=list(result.num_source_tokens),
+            rows_used=[m["rows_used"] for m in merged] if marks else None,
+            rows_selected=[m["rows_selected"] for m in merged] if marks else None,
+            compression_scores=scores,
+            mixture_weights=merged[0]["mixture_weights"],
+            num_reconstructed=None if None in rebuilt else torch.stack(rebuilt),
+            rtd_loss=torch.stack(losses).mean() if losses else None,
+        )
 
     def get_video_features(self, pixel_values_videos, *args, **kwargs):
         raise ValueError(

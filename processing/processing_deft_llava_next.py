@@ -14,6 +14,8 @@ from ..configuration.deft_settings import (
     validate_deft_settings,
 )
 from ..configuration.supported_versions import check_transformers_version
+from .image_depth import images_to_eight_bit
+from .processing_deft_llava import check_image_arrays
 
 check_transformers_version()
 
@@ -31,8 +33,9 @@ PROCESSOR_KEYS = (
 
 class DeftLlavaNextProcessor(LlavaNextProcessor):
     r"""LLaVA-NeXT processor for DeFT-LLaVA-NeXT: each image gets its own count of `<image>` placeholders,
-    `AnyResLayout.count` of its base view and unpadded tile grid (the model's count), or the stock count
-    without compression.
+    `AnyResLayout.placeholders` of its base view and unpadded tile grid (the model's count): K per token set
+    plus the kept row markers, or the stock count N without compression and for a method that writes every
+    placeholder (DeFT `hybrid`/`adaptive`, CDPruner).
 
     Args (beyond `LlavaNextProcessor`): use_deft, deft_retention_ratio, deft_inference_mode, compression_method,
         compression_settings, anyres_budget, anyres_image_newline: as in `DeftLlavaNextConfig`.
@@ -118,14 +121,33 @@ class DeftLlavaNextProcessor(LlavaNextProcessor):
         )
         return AnyResLayout((rows, cols), (newlines, unpadded // newlines))
 
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """As `LlavaNextProcessor.__call__`, with `DeftLlavaProcessor`'s input handling: 16-bit images are
+        scaled to 8 bits (`image_depth.py`), not clipped by the RGB conversion.
+
+        Raises:
+            ValueError: videos (LLaVA-NeXT takes images only), images without text, an image array of a
+                rank other than 3 or 4.
+        """
+        if videos is not None:
+            raise ValueError(
+                "videos were given: LLaVA-NeXT takes images only (videos are LLaVA-NeXT-Video / OneVision)"
+            )
+        if images is not None and text is None:
+            raise ValueError(
+                f"images were given with text=None: the model needs a prompt with one {self.image_token!r} "
+                f"placeholder per image (processor(images=..., text='[INST] {self.image_token}\\n... [/INST]')); "
+                "for the pixel values alone use processor.image_processor(images, return_tensors='pt')"
+            )
+        check_image_arrays(images)
+        images = images_to_eight_bit(images) if images is not None else None
+        return super().__call__(images=images, text=text, audio=audio, **kwargs)
+
     def _get_number_of_features(self, orig_height: int, orig_width: int, height: int, width: int) -> int:
         """Placeholders of one image (the stock count, plus `num_additional_image_tokens`, which the stock
         processor takes off again for the "default" strategy)."""
         layout = self.anyres_layout(orig_height, orig_width, height, width)
-        count = layout.num_tokens
-        if self.use_deft:  # every method that runs on AnyRes images writes K placeholders
-            count = layout.count(self.deft_retention_ratio, self.anyres_budget, self.anyres_image_newline)
-        return count + self.num_additional_image_tokens
+        return layout.placeholders(self) + self.num_additional_image_tokens
 
 
 __all__ = ["DeftLlavaNextProcessor"]

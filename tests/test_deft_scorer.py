@@ -257,6 +257,24 @@ def test_question_aware_generate_equals_full_recompute():
     assert torch.equal(out, greedy_full_recompute(model, inputs, 4))
 
 
+def test_question_aware_beam_search_equals_each_sample_alone():
+    """Beam search expands the N rows that wait for the question by the K placeholders each image fills (the
+    expansion grouped them by their N rows before, and no image reached the prefill)."""
+    model = recipe_model()
+    processor = tiny.processor(use_deft=True, deft_retention_ratio=0.25)
+    prompts = [tiny.prompt(1, "what is in the picture ?"), tiny.prompt(1, "a dog")]
+    images = tiny.images(2)
+    beams = dict(
+        max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2, suppress_tokens=[4, 5]
+    )
+    out = model.generate(**processor(images=images, text=prompts, return_tensors="pt", padding=True), **beams)
+    for i in range(2):
+        alone = model.generate(
+            **processor(images=[images[i]], text=[prompts[i]], return_tensors="pt"), **beams
+        )
+        assert torch.equal(alone[:, -3:], out[2 * i : 2 * i + 2, -3:])
+
+
 def test_vllm_refuses_question_aware_with_the_way_out():
     pytest.importorskip("vllm")
     from modeling_deft_llava.serving.vllm_model import serving_refusal

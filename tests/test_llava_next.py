@@ -8,7 +8,7 @@ import pytest
 import tiny_next as T
 import torch
 from modeling_deft_llava.configuration.anyres_settings import AnyResLayout
-from modeling_deft_llava.configuration.deft_settings import num_kept_tokens
+from modeling_deft_llava.configuration.deft_settings import DEFT_RECIPE, num_kept_tokens
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
@@ -21,7 +21,7 @@ from modeling_deft_llava.commands.convert import convert
 from modeling_deft_llava.deft.group_scorer import group_scores
 
 GEN = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[4])  # never emit <image>
-FEATURE_METHODS = ["deft", "random", "uniform", "divprune"]
+FEATURE_METHODS = ["deft", "random", "uniform", "divprune", "cdpruner"]
 QUARTER = dict(use_deft=True, deft_retention_ratio=0.25)
 
 
@@ -183,10 +183,23 @@ def test_generate_batch_rows_equal_single_runs_and_cached_equals_uncached(method
     [
         (dict(compression_method="visionzip"), "CLS token"),
         (dict(compression_method="tome"), "inside the vision encoder"),
-        (dict(compression_method="fastv", compression_settings={"fastv_layer": 1}), "run_language_model"),
-        (dict(compression_method="cdpruner"), "compress_with_prompt"),
-        (dict(compression_method="deft", deft_question_aware=True), "deft_question_aware=False"),
-        (dict(compression_method="deft", deft_inference_mode="hybrid"), "deft_inference_mode='fast'"),
+        (
+            dict(compression_method="fastv", compression_settings={"fastv_layer": 1}),
+            "inside the decoder layers",
+        ),
+        (dict(compression_method="deco"), "feature_space='vision'"),
+        (
+            dict(
+                compression_method="deco",
+                compression_settings={"feature_space": "projected"},
+                anyres_budget="view",
+            ),
+            "no square",
+        ),
+        (
+            dict(compression_method="ficoco_l", compression_settings={"ficoco_l_layer": 1}),
+            "inside the decoder layers",
+        ),
         (dict(anyres_budget="tile"), "anyres_budget must be one of"),
         (dict(anyres_image_newline="drop"), "anyres_image_newline must be one of"),
     ],
@@ -243,7 +256,7 @@ def test_convert_a_stock_llava_next_folder_and_generate_with_every_method(tmp_pa
         processor = AutoProcessor.from_pretrained(out)
         assert type(model) is DeftLlavaNextForConditionalGeneration
         assert type(processor).__name__ == "DeftLlavaNextProcessor" and processor.deft_retention_ratio == 0.25
-        assert not model.config.deft_question_aware  # AnyRes DeFT is question-blind (refused otherwise)
+        assert model.config.deft_question_aware and model.config.deft_position_aware  # the recipe
         assert torch.equal(model.model.image_newline, stock.model.image_newline)
         # compression off: the stock model's logits and generate
         off = AutoModelForImageTextToText.from_pretrained(out, use_deft=False).eval()
@@ -255,8 +268,10 @@ def test_convert_a_stock_llava_next_folder_and_generate_with_every_method(tmp_pa
         model = AutoModelForImageTextToText.from_pretrained(out, compression_method=method).eval()
         processor = AutoProcessor.from_pretrained(out, compression_method=method)
         batch = T.inputs(processor, sizes)
-        k = (batch["input_ids"] == model.config.image_token_index).sum(1)
-        assert (k < (theirs["input_ids"] == model.config.image_token_index).sum(1)).all()
+        with torch.no_grad():  # each image keeps fewer tokens than N (CDPruner writes N placeholders)
+            kept = [len(k) for k in model(**batch).kept_indices]
+        n = (theirs["input_ids"] == model.config.image_token_index).sum(1).tolist()
+        assert all(a < b for a, b in zip(kept, n)), (method, kept, n)
         generated = model.generate(**batch, **GEN)
         assert torch.equal(generated, model.generate(**batch, **GEN, use_cache=False)), method
         for i, size in enumerate(sizes):
@@ -275,13 +290,14 @@ def test_convert_command_line_writes_the_anyres_settings(tmp_path):
     assert (config.anyres_budget, config.anyres_image_newline, config.use_deft) == ("view", "compress", True)
 
 
-def test_beam_search_with_compression_equals_each_image_alone():
-    model, processor = on("deft")
+@pytest.mark.parametrize("question_aware", [False, True])
+def test_beam_search_with_compression_equals_each_image_alone(question_aware):
+    model, processor = recipe() if question_aware else on("deft")
     beams = dict(GEN, num_beams=2, num_return_sequences=2)
-    batch = T.inputs(processor, [T.SIZES[0], T.SIZES[3]])
+    batch = T.inputs(processor, [T.SIZES[0], T.SIZES[3]], prompts=QUESTIONS)
     out = model.generate(**batch, **beams)
     for i, size in enumerate([T.SIZES[0], T.SIZES[3]]):
-        alone = model.generate(**T.inputs(processor, [size], seed=i), **beams)
+        alone = model.generate(**T.inputs(processor, [size], prompts=[QUESTIONS[i]], seed=i), **beams)
         assert torch.equal(alone[:, -4:], out[2 * i : 2 * i + 2, -4:])
 
 
@@ -307,3 +323,127 @@ def test_speed_benchmark_runs_on_a_tiny_anyres_shape(tmp_path, capsys):
     tokens = speed_llava_next.TEXT_TOKENS
     assert runs["deft"]["kv_ratio"] == (tokens + runs["deft"]["visual_tokens"]) / (tokens + 88)
     assert runs["deft"]["ideal_speedup"] > 1 and "| deft |" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- question-aware DeFT, hybrid, adaptive
+def recipe(**overrides):
+    """The shipped recipe (question- and position-aware) with the zero-started question and position inputs
+    given some weight, so the question and the grid change the choice."""
+    model, processor = on("deft", **DEFT_RECIPE, **overrides)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        deft = model.model.deft
+        for layer in (deft.question_encoder.film, deft.position_encoding.proj):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.5)
+    return model, processor
+
+
+QUESTIONS = [
+    "USER: <image>\nwhat is in the picture ? ASSISTANT:",
+    "USER: a cat <image>\nand a dog ASSISTANT:",
+]
+
+
+def test_question_aware_deft_selects_by_each_rows_question():
+    model, processor = recipe()
+    size = T.SIZES[0]
+    kept = {}
+    for question in QUESTIONS:
+        batch = T.inputs(processor, [size], prompts=[question])
+        with torch.no_grad():
+            out = model(**batch)
+        layout = model.model.anyres_layout(list(size))
+        assert len(out.kept_indices[0]) == layout.count(0.25, "image", "keep")  # K + the row markers
+        assert torch.isin(torch.tensor(layout.newline_indices()), out.kept_indices[0]).all()
+        kept[question] = out.compression_scores[0]
+    assert not torch.allclose(*kept.values())  # the question changed the scores
+    # two rows, two questions, two sizes: each row scores as it does alone
+    sizes = [T.SIZES[0], T.SIZES[2]]
+    batch = T.inputs(processor, sizes, prompts=QUESTIONS)
+    with torch.no_grad():
+        together = model(**batch)
+    for i, size in enumerate(sizes):
+        with torch.no_grad():
+            alone = model(**T.inputs(processor, [size], prompts=[QUESTIONS[i]], seed=i))
+        assert torch.equal(alone.kept_indices[0], together.kept_indices[i])
+        n = model.model.anyres_layout(list(size)).num_tokens
+        torch.testing.assert_close(alone.compression_scores[0, :n], together.compression_scores[i, :n])
+
+
+def test_position_aware_deft_encodes_each_views_own_grid():
+    from modeling_deft_llava.deft.question_conditioning import grid_position_features
+
+    views = grid_position_features(((4, 4), (4, 8)), 48, "cpu")
+    alone = [grid_position_features((4, 4), 16, "cpu"), grid_position_features((4, 8), 32, "cpu")]
+    torch.testing.assert_close(views, torch.cat(alone))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(DEFT_RECIPE),
+        dict(deft_inference_mode="hybrid", deft_enable_rtd=True),
+        dict(DEFT_RECIPE, deft_inference_mode="adaptive", deft_enable_rtd=True),
+    ],
+    ids=["question-aware", "hybrid", "adaptive-question-aware"],
+)
+def test_prompt_and_content_dependent_deft_batch_rows_equal_single_runs_and_cache(settings):
+    model, processor = on("deft", **settings)
+    sizes = [T.SIZES[0], T.SIZES[1], T.SIZES[4]]
+    batch = T.inputs(processor, sizes, prompts=[QUESTIONS[0], QUESTIONS[1], QUESTIONS[0]])
+    writes_all = settings.get("deft_inference_mode", "fast") != "fast"
+    image_token = model.config.image_token_index
+    for row, size in enumerate(sizes):  # N placeholders for the content-dependent modes, K + markers else
+        layout = model.model.anyres_layout(list(size))
+        expected = layout.num_tokens if writes_all else layout.count(0.25, "image", "keep")
+        assert int((batch["input_ids"][row] == image_token).sum()) == expected
+    out = model.generate(**batch, **GEN)
+    assert torch.equal(out, model.generate(**batch, **GEN, use_cache=False))
+    new = out[:, batch["input_ids"].shape[1] :]
+    for i, size in enumerate(sizes):
+        single = T.inputs(processor, [size], prompts=[batch_prompt(i)], seed=i)
+        assert torch.equal(model.generate(**single, **GEN)[0, -new.shape[1] :], new[i]), size
+
+
+def batch_prompt(i):
+    return [QUESTIONS[0], QUESTIONS[1], QUESTIONS[0]][i]
+
+
+def test_hybrid_keeps_k_and_the_markers_when_nothing_is_uncertain_and_all_when_everything_is():
+    size = T.SIZES[3]
+    counts = {}
+    for name, thresholds in {
+        "certain": dict(deft_rtd_entropy_threshold=1.0, deft_rtd_confidence_threshold=0.0),
+        "uncertain": dict(deft_rtd_entropy_threshold=0.0, deft_rtd_confidence_threshold=1.0),
+    }.items():
+        model, processor = on("deft", deft_inference_mode="hybrid", deft_enable_rtd=True, **thresholds)
+        with torch.no_grad():
+            out = model(**T.inputs(processor, [size]))
+        counts[name] = len(out.kept_indices[0])
+        assert torch.equal(out.kept_indices[0], out.kept_indices[0].sort().values)
+    layout = model.model.anyres_layout(list(size))
+    assert counts["certain"] == layout.count(0.25, "image", "keep") < counts["uncertain"]
+
+
+def test_question_aware_deft_takes_two_images_of_different_sizes_in_one_row():
+    model, processor = recipe()
+    sizes = [T.SIZES[0], T.SIZES[2]]
+    images = [T.image(size, i) for i, size in enumerate(sizes)]
+    batch = processor(
+        images=images, text=["USER: <image><image>\nwhich is larger ? ASSISTANT:"], return_tensors="pt"
+    )
+    with torch.no_grad():
+        out = model(**batch)
+    for kept, size in zip(out.kept_indices, sizes):
+        layout = model.model.anyres_layout(list(size))
+        assert len(kept) == layout.count(0.25, "image", "keep")
+        assert torch.isin(torch.tensor(layout.newline_indices()), kept).all()
+    generated = model.generate(**batch, **GEN)
+    assert torch.equal(generated, model.generate(**batch, **GEN, use_cache=False))
+
+
+def test_question_aware_deft_names_placeholders_that_do_not_fit_the_layouts():
+    model, _ = recipe()
+    stock_inputs = T.inputs(T.processor(stock=True), [T.SIZES[0]])  # N placeholders, the model expects K
+    with pytest.raises(ValueError, match=r"image tokens do not match, tokens: 52, features: 16"):
+        model(**stock_inputs)

@@ -41,8 +41,7 @@ def convert(stock_folder: str, out_folder: str, overwrite: bool = False, **deft_
     DeFT's scorer follows `DEFT_RECIPE` (question- and position-aware, ListNet) for every recipe setting that
     neither `deft_settings` nor the folder's config.json gives; pass e.g. `deft_question_aware=False` for the
     seed's scorer. A LLaVA-NeXT folder (`model_type` "llava_next") becomes a DeFT-LLaVA-NeXT folder (the AnyRes
-    settings `anyres_budget`, `anyres_image_newline` are accepted too); its DeFT is question-blind unless told
-    otherwise (question-aware DeFT is refused on AnyRes images: `DeftLlavaDeFTCompressor.anyres_refusal`)."""
+    settings `anyres_budget`, `anyres_image_newline` are accepted too), with the same recipe."""
     check_readable_folder(stock_folder, "checkpoint folder")
     config_path = os.path.join(stock_folder, "config.json")
     if not os.path.isfile(config_path):
@@ -50,9 +49,8 @@ def convert(stock_folder: str, out_folder: str, overwrite: bool = False, **deft_
     with open(config_path) as f:
         present = json.load(f)
     anyres = present.get("model_type") in ANYRES_MODEL_TYPES
-    recipe = {**DEFT_RECIPE, "deft_question_aware": False} if anyres else DEFT_RECIPE
     deft_settings = {
-        **{k: v for k, v in recipe.items() if k not in present and k not in deft_settings},
+        **{k: v for k, v in DEFT_RECIPE.items() if k not in present and k not in deft_settings},
         **deft_settings,
     }
     valid = set(DeftSettings.field_names()) | {"compression_method"}

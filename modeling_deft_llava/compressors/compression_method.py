@@ -228,12 +228,10 @@ class CompressionMethod:
                 "LLaVA-NeXT unpads and packs the views after it; use compression_settings={'feature_space': "
                 "'projected'}"
             )
-        own = [h for h in ("compress_with_prompt", "run_language_model", "reconsider") if cls._overrides(h)]
-        if own or cls.writes_all_placeholders(config):
+        if cls._overrides("run_language_model"):
             return (
-                "it decides inside the forward pass how many rows each image keeps, or decides with the prompt "
-                f"or the decoder ({', '.join(own) or 'every placeholder written'}), which the AnyRes path does "
-                "not wire: it assumes one row count for every image"
+                "it prunes inside the decoder layers (run_language_model), which reads every image's tokens as "
+                "one count of rows per image, and AnyRes images each have their own"
             )
         if config.anyres_budget == "image" and not {"views", "sequence"} & set(cls.token_layouts):
             return (

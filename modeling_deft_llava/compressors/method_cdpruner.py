@@ -207,6 +207,7 @@ class DeftLlavaCDPrunerCompressor(TokenCompressor):
     settings_class = CDPrunerSettings
     needs_text = True
     decides_on_prompt = True  # the instruction is the prompt's text
+    token_layouts = ("grid", "sequence")  # never reads 2-D neighbours
 
     @classmethod
     def writes_all_placeholders(cls, config) -> bool:
@@ -220,7 +221,9 @@ class DeftLlavaCDPrunerCompressor(TokenCompressor):
         """Keep K rows of each image, chosen with its question; mark the others unused (the model re-packs)."""
         tokens = torch.stack(list(features.pooler_output))  # (images, N, D)
         images, n, _ = tokens.shape
-        row, question = prompt.questions(n)  # (images,), (images, seq)
+        row, question = prompt.questions(
+            int(prompt.placeholder_mask.sum()) // images
+        )  # (images,), (images, seq): placeholders per image, whatever the method keeps
         context = CompressionContext(
             spatial_shape=(1, n),  # the method does not read the grid
             num_kept=num_kept_tokens(n, model.config.deft_retention_ratio),

@@ -76,6 +76,15 @@ class DeftLlavaDecoCompressor(TokenCompressor):
     settings_class = DecoSettings
 
     @classmethod
+    def anyres_refusal(cls, config, settings) -> str | None:
+        """Refused on AnyRes images: the budget must be a square that fits each grid."""
+        return super().anyres_refusal(config, settings) or (
+            "it pools each grid to a square m x m (K a perfect square, m <= the grid's shorter side), and an "
+            "AnyRes tile grid's shape and K change with each image's size and aspect ratio (a 4x8 grid at 25% "
+            "keeps 8 tokens, no square)"
+        )
+
+    @classmethod
     def check_config(cls, config, settings, num_tokens, num_kept) -> None:
         """DeCo pools to a square grid: the budget must be a perfect square."""
         if num_kept is None:

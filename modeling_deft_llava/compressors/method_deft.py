@@ -108,22 +108,6 @@ class DeftLlavaDeFTCompressor(CompressionMethod, DeFTModule):
     token_layouts = ("grid", "views")  # the group score takes each view's own 2-D neighbours
 
     @classmethod
-    def anyres_refusal(cls, config, settings) -> str | None:
-        """AnyRes images (a different N per image) in `fast` mode, question-blind."""
-        if config.deft_question_aware:
-            return (
-                "question-aware DeFT (deft_question_aware=True) selects once the prompt is known "
-                "(compress_with_prompt), which reads one placeholder count for every image of a batch, and "
-                "AnyRes images each have their own; set deft_question_aware=False"
-            )
-        if config.deft_inference_mode != "fast":
-            return (
-                f"deft_inference_mode={config.deft_inference_mode!r} writes every placeholder and re-packs the "
-                "rows it rebuilt, which the AnyRes path does not wire; use deft_inference_mode='fast'"
-            )
-        return None
-
-    @classmethod
     def writes_all_placeholders(cls, config) -> bool:
         # hybrid and adaptive keep a content-dependent number of rows
         return config.deft_inference_mode != "fast"

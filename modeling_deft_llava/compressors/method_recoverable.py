@@ -271,7 +271,9 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
         unused (`rows_used`), and the model re-packs the batch."""
         tokens = torch.stack(list(features.pooler_output))  # (images, N, D)
         images, n, _ = tokens.shape
-        row, question = prompt.questions(n)  # (images,), (images, seq)
+        row, question = prompt.questions(
+            int(prompt.placeholder_mask.sum()) // images
+        )  # (images,), (images, seq): placeholders per image, whatever the method keeps
         side = math.isqrt(n)  # the grid only has to hold N patches: the method does not use its shape
         context = CompressionContext(
             spatial_shape=(side, side) if side * side == n else (1, n),
