@@ -41,9 +41,10 @@ from .compressors.compression_method import (
     TextBatch,
     VisualBatch,
 )
-from .compressors.compression_registry import METHODS, build_method
+from .compressors.compression_registry import build_method
+from .compressors.placeholder_policy import video_capable_methods
 from .configuration.configuration_deft_llava import DeftLlavaConfig
-from .configuration.deft_settings import PlaceholderPolicyInputs, num_kept_tokens
+from .configuration.deft_settings import num_kept_tokens
 from .deft.question_conditioning import QuestionEncoder
 from .deft.score_mixer import ScoreMixer
 from .input_checks import check_labels, check_pixel_values, check_token_inputs
@@ -148,17 +149,6 @@ class DeftLlavaPreTrainedModel(LlavaPreTrainedModel):
         "MistralDecoderLayer",
         "DeFTModule",
     ]
-
-
-def video_capable_methods(config) -> list[str]:
-    """Registered methods that compress videos, natively or frame by frame (`config`'s budget and mode; each
-    method with its default `compression_settings`, `config`'s belong to its own method)."""
-    defaults = PlaceholderPolicyInputs(
-        deft_retention_ratio=config.deft_retention_ratio,
-        deft_inference_mode=config.deft_inference_mode,
-        compression_settings=None,
-    )
-    return [n for n, c in METHODS.items() if "video" in c.modalities or c.compresses_frames(defaults)]
 
 
 class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):

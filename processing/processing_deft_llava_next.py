@@ -5,14 +5,10 @@ from __future__ import annotations
 from transformers import LlavaNextProcessor
 from transformers.image_processing_utils import select_best_resolution
 
+from ..compressors.placeholder_policy import validate_compression_method
 from ..configuration.anyres_settings import ANYRES_DEFAULTS, AnyResLayout, validate_anyres_settings
 from ..configuration.configuration_deft_llava import DEFT_CONFIG_KEYS
-from ..configuration.deft_settings import (
-    DEFAULTS,
-    check_unknown_deft_keys,
-    validate_compression_method,
-    validate_deft_settings,
-)
+from ..configuration.deft_settings import DEFAULTS, check_unknown_deft_keys, validate_deft_settings
 from ..configuration.supported_versions import check_transformers_version
 
 check_transformers_version()

@@ -42,6 +42,7 @@ from modeling_deft_llava.configuration.vision_towers import tower_has_cls
 from modeling_deft_llava.hub_card.atomic_write import place, staged
 from tqdm.auto import tqdm
 
+from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
 from modeling_deft_llava.commands.process_state import restores_process_state
 from modeling_deft_llava.compressors.method_divprune import divprune_indices
 from modeling_deft_llava.compressors.vision_attention import cls_attention
@@ -281,8 +282,6 @@ def teacher_agreement(
 # ------------------------------------------------------------------------------------------ the run
 def load_for_warm_start(args: WarmStartArguments):
     """The checked model (eval mode, everything frozen but DeFT's scoring path) and its processor."""
-    from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
-
     check_model_folder(args.model_folder)
     model = DeftLlavaForConditionalGeneration.from_pretrained(args.model_folder).eval()
     if getattr(model.model, "deft", None) is None:

@@ -14,7 +14,8 @@ hook does nothing by default, so a method writes only the hooks where it acts:
 7. `compress_text`: choose the context text tokens to keep (a method with `"text"` in `modalities`: DeFT);
    the model drops the others (`text_context.py`, `TokenLayout.mark_context`).
 
-Declarations, read at config time by `configuration/` (through the registry) and by the model:
+Declarations, read at config time through `placeholder_policy.py` (by the config classes and the processors) and
+by the model:
 `name`, `settings_class` (the method's `compression_settings`), `modalities`, the `needs_*` inputs and the
 placeholder policy `writes_all_placeholders` (K per image, or all N when the method decides the count inside
 the forward pass and the model drops the unused rows).
@@ -198,7 +199,7 @@ class CompressionMethod:
         not videos (`"video"` not in `modalities`), acts on each image alone (no hook that needs the prompt,
         the decoder or a second prefill: `compress_with_prompt`, `run_language_model`, `reconsider`) and
         writes K placeholders (`writes_all_placeholders` False). A video of F frames of N patches then keeps
-        `F * floor(ratio * N + 0.5)` tokens (`configuration.deft_settings.video_placeholder_count`); the
+        `F * floor(ratio * N + 0.5)` tokens (`placeholder_policy.video_placeholder_count`); the
         model runs the image path on the frames (`DeftLlavaModel.get_video_features`)."""
         if "video" in cls.modalities or "image" not in cls.modalities:
             return False
