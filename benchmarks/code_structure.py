@@ -245,6 +245,11 @@ def report(root: Path = ROOT) -> dict:
         "modules in cycles": sum(len(c) for c in cycles),
         "imports inside functions": [f"{a} -> {b} (line {line})" for a, b, line in in_functions],
         "module floors": max(module_floors.values()) + 1,
+        "module floors of each folder (lowest-highest)": {
+            f: f"{min(v for m, v in module_floors.items() if folder_of(m) == f)}-"
+            f"{max(v for m, v in module_floors.items() if folder_of(m) == f)}"
+            for f in sorted(folders)
+        },
         "folder floors": {f: folder_floor[f] for f in sorted(folders, key=lambda f: (folder_floor[f], f))},
         "folder arrows": {f"{a} -> {b}": n for (a, b), n in sorted(arrows.items())},
         "folder cycles": folder_cycles,

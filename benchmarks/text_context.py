@@ -46,10 +46,10 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from modeling_deft_llava.processing.word_tokenizer import build_word_tokenizer
+from modeling_deft_llava.utilities.process_state import restores_process_state
 from sklearn.datasets import load_digits
 
 from modeling_deft_llava import DeftLlavaConfig, DeftLlavaForConditionalGeneration
-from modeling_deft_llava.commands.process_state import restores_process_state
 from modeling_deft_llava.compressors.compression_method import TextSelection
 from modeling_deft_llava.deft.topk_selector import kept_counts
 from modeling_deft_llava.text_context import TextContext

@@ -22,7 +22,7 @@ import os
 import re
 from pathlib import Path
 
-from .atomic_write import place, staged
+from ..utilities.atomic_write import place, staged
 from .code_audit import audit_published_code
 
 # the three files the Auto classes name; everything else is found by following their relative imports

@@ -29,7 +29,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
 from .. import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
-from .atomic_write import place, staged
+from ..utilities.atomic_write import place, staged
 from .export import _folder_is_empty, export_for_hub
 from .isolated_check import IsolatedCheckError, run_isolated_check
 from .model_card import build_model_card

@@ -16,7 +16,17 @@ PACKAGE = "modeling_deft_llava"
 
 def test_every_installed_package_is_read():
     modules = module_files()
-    for package in ("configuration", "processing", "training", "hub_card", "serving", "compressors", "deft"):
+    for package in (
+        "configuration",
+        "processing",
+        "training",
+        "hub_card",
+        "serving",
+        "compressors",
+        "deft",
+        "commands",
+        "utilities",
+    ):
         assert f"{PACKAGE}.{package}" in modules, package
     assert f"{PACKAGE}.configuration.deft_settings" in modules
     assert f"{PACKAGE}.compressors.placeholder_policy" in modules
@@ -47,3 +57,20 @@ def test_the_walk_finds_a_cycle_closed_inside_a_function(tmp_path):
     graph, in_functions = import_graph(tmp_path)
     assert strongly_connected(graph) == [["pkg.high", "pkg.low.data"]]
     assert in_functions == [("pkg.low.data", "pkg.high", 5)]
+
+
+def test_nothing_below_the_commands_imports_them():
+    graph, _ = import_graph()
+    below = {
+        module: sorted(t for t in targets if t.startswith(f"{PACKAGE}.commands"))
+        for module, targets in graph.items()
+        if not module.startswith(f"{PACKAGE}.commands")
+    }
+    assert {module: found for module, found in below.items() if found} == {}
+
+
+def test_the_shared_utilities_import_nothing_of_the_project():
+    graph, _ = import_graph()
+    utilities = {m: t for m, t in graph.items() if m.startswith(f"{PACKAGE}.utilities")}
+    assert f"{PACKAGE}.utilities.atomic_write" in utilities
+    assert {m: sorted(t) for m, t in utilities.items() if t - {f"{PACKAGE}.utilities"}} == {}

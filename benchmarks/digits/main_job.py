@@ -19,10 +19,10 @@ import statistics
 import time
 
 import torch
+from modeling_deft_llava.commands.visualize import paired_prefill_seconds, processed_image, save_overlays
+from modeling_deft_llava.utilities.process_state import restores_process_state
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
-from modeling_deft_llava.commands.process_state import restores_process_state
-from modeling_deft_llava.commands.visualize import paired_prefill_seconds, processed_image, save_overlays
 from modeling_deft_llava.compressors.compression_method import PromptBatch
 
 from .common import TEST_SEED
