@@ -302,13 +302,20 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 "image_sizes (images of different sizes in one batch) is not supported with use_deft"
             )
         method = self.active_method
+        visual = self._visual_batch("image", self._patch_grid(pixel_values), 1, token_gradients)
         if method is not None:
             encoded = method.encode_images(
-                self, pixel_values, vision_feature_layer, vision_feature_select_strategy
+                pixel_values,
+                visual,
+                self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer,
+                (
+                    self.config.vision_feature_select_strategy
+                    if vision_feature_select_strategy is None
+                    else vision_feature_select_strategy
+                ),
             )
             if encoded is not None:
                 return encoded
-        visual = self._visual_batch("image", self._patch_grid(pixel_values), 1, token_gradients)
         with self._vision_hooks(method, visual) as before_projector:
             outputs = LlavaModel.get_image_features(
                 self,
@@ -424,6 +431,10 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             frames=frames,
             num_kept=num_kept_tokens(n, self.config.deft_retention_ratio),
             token_gradients=token_gradients,
+            feature_layer=self.config.vision_feature_layer,
+            vision_tower=self.vision_tower,
+            projector=self.multi_modal_projector,
+            input_embeddings=self.get_input_embeddings(),
         )
 
     @contextmanager
@@ -489,7 +500,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 "with a tower that has one (CLIP), 'full' with one that has none (SigLIP)"
             )
         visual.encoder_outputs = outputs
-        return method.compress_features(self, result, visual)
+        return method.compress_features(result, visual)
 
     def encode_visual_inputs(
         self,
@@ -728,8 +739,17 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 text &= ~answer_mask.to(device=text.device, dtype=torch.bool)
             for modality, features in visual.items():
                 if features.pooler_output:
-                    prompt = PromptBatch(inputs_embeds, masks[modality], text, prompt_length, modality)
-                    visual[modality] = method.compress_with_prompt(self, features, prompt)
+                    rows = int(features.pooler_output[0].shape[0])
+                    prompt = PromptBatch(
+                        inputs_embeds,
+                        masks[modality],
+                        text,
+                        prompt_length,
+                        modality,
+                        num_kept=num_kept_tokens(rows, self.config.deft_retention_ratio),
+                        input_embeddings=self.get_input_embeddings(),
+                    )
+                    visual[modality] = method.compress_with_prompt(features, prompt)
         for modality, features in visual.items():
             inputs_embeds = layout.place(
                 modality, features, masks[modality], inputs_embeds, self.config, reconsidered
@@ -778,7 +798,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             and context.index.shape[1]
         ):
             text = TextBatch(context.pack(inputs_embeds), context.token_mask, float(ratio))
-            selection = method.compress_text(self, text)
+            selection = method.compress_text(text)
             if selection is not None:
                 if selection.tokens is not None:
                     inputs_embeds = context.place(inputs_embeds, selection.tokens)
@@ -835,7 +855,14 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         """The stock language model, unless the active method runs the decoder layers itself."""
         method = self.active_method
         if method is not None:
-            outputs = method.run_language_model(self, call)
+            call.language_model = self.language_model
+            call.output_flags = {
+                key: getattr(self.config, key, False) for key in ("output_attentions", "output_hidden_states")
+            }
+            if call.layout is not None and "image" in call.layout.placeholder_masks:
+                rows = call.layout.rows_per_item["image"][0]
+                call.num_kept = num_kept_tokens(rows, self.config.deft_retention_ratio)
+            outputs = method.run_language_model(call)
             if outputs is not None:
                 return outputs
         outputs = self.language_model(
@@ -1040,9 +1067,7 @@ class DeftLlavaForConditionalGeneration(
         hidden = outputs.last_hidden_state
         last = self._last_prompt_token(outputs, model_kwargs, hidden.shape[1])
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        reconsidered = method.reconsider(
-            self.model, lambda: self.lm_head(hidden[rows, last.to(hidden.device)])
-        )
+        reconsidered = method.reconsider(lambda: self.lm_head(hidden[rows, last.to(hidden.device)]))
         if reconsidered is None or not bool(reconsidered.any()):
             return outputs
         cache = model_kwargs["past_key_values"]

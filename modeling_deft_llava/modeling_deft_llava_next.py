@@ -175,7 +175,7 @@ class DeftLlavaNextModel(DeftLlavaNextPreTrainedModel, DeftLlavaModel, LlavaNext
                 source_indices=[torch.arange(n, device=device)],
                 num_source_tokens=[n],
             )
-            out = method.compress_features(self, item, visual)
+            out = method.compress_features(item, visual)
             pieces.append((out.pooler_output[0], index[out.source_indices[0].to(device)]))
         kept = torch.cat([s for _, s in pieces])
         order = kept.argsort()

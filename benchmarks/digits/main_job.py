@@ -48,13 +48,21 @@ def compression_step(model, inputs):
         with torch.no_grad():
             embeds = inner.get_input_embeddings()(ids)
         text = inputs["attention_mask"].bool() & ~placeholders
-        prompt = PromptBatch(embeds, placeholders, text, ids.shape[1], "image")
+        prompt = PromptBatch(
+            embeds,
+            placeholders,
+            text,
+            ids.shape[1],
+            "image",
+            num_kept=visual.num_kept,
+            input_embeddings=inner.get_input_embeddings(),
+        )
 
     def run():
         with torch.no_grad():
-            out = method.compress_features(inner, features, visual)
+            out = method.compress_features(features, visual)
             if prompt is not None:
-                method.compress_with_prompt(inner, out, prompt)
+                method.compress_with_prompt(out, prompt)
 
     return run
 

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..configuration.deft_settings import num_kept_tokens
 from ..modeling_outputs_deft_llava import updated
 from .compression_method import PromptBatch, VisualBatch
 from .token_compressor import (
@@ -192,7 +191,7 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
         # the released CLS attention is the encoder's last layer's, whatever the feature layer
         return -1 if self.settings.cls_attention_layer == "released" else config.vision_feature_layer
 
-    def compress_features(self, model, features, visual: VisualBatch):
+    def compress_features(self, features, visual: VisualBatch):
         """The model's first hook: nothing is dropped yet (the question is not known); keep what the second
         needs: the projected CLS token of the feature layer and, when asked, its CLS attention `(images, N)`."""
         attention = None
@@ -200,17 +199,15 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
             attention = released_cls_attention(visual.vision_layer, visual.layer_input)  # (images, N)
         elif self.needs_cls_attention:
             attention = cls_attention(visual.vision_layer, visual.layer_input)  # (images, N)
-        states = visual.encoder_outputs.hidden_states[
-            model.config.vision_feature_layer
-        ]  # (images, 1 + N, width)
+        states = visual.encoder_outputs.hidden_states[visual.feature_layer]  # (images, 1 + N, width)
         cls_state = states[:, :1]  # (images, 1, width) the CLS token of the feature layer
         return updated(
             features,
-            cls_embeddings=model.multi_modal_projector(cls_state)[:, 0],  # (images, D)
+            cls_embeddings=visual.projector(cls_state)[:, 0],  # (images, D)
             cls_attention=attention,
         )
 
-    def compress_with_prompt(self, model, features, prompt: PromptBatch):
+    def compress_with_prompt(self, features, prompt: PromptBatch):
         """The model's second hook: compress each image with its question.
 
         The question of an image is the text that follows it in its row, up to the prompt length: the model's
@@ -223,7 +220,7 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
         side = math.isqrt(n)  # the grid only has to hold N patches: the method does not use its shape
         context = CompressionContext(
             spatial_shape=(side, side) if side * side == n else (1, n),
-            num_kept=num_kept_tokens(n, model.config.deft_retention_ratio),
+            num_kept=prompt.kept_per_item(self.name),
             cls_attention=features.cls_attention,
             cls_embedding=features.cls_embeddings,
             text_embeds=prompt.inputs_embeds[row].to(tokens.dtype),  # (images, seq, D)
