@@ -181,10 +181,16 @@ def floors(graph: dict[str, set[str]]) -> dict[str, int]:
 
 
 def folder_of(module: str) -> str:
-    """The room a module lives in: its sub-package (`compressors`, `configuration`, ...), or `core` for the model
-    package's own modules."""
+    """The room a module lives in: its sub-package (`compressors`, `configuration`, ...); for the model package's
+    own modules, `model` (the model classes, `modeling_deft_llava*.py`: the top of the model) or `core` (what the
+    model and the methods share: outputs, token layout, input checks, compatibility); `package` for the
+    package's `__init__`."""
     parts = module.split(".")
-    return parts[1] if len(parts) > 2 else ("core" if len(parts) == 2 else "package")
+    if len(parts) > 2:
+        return parts[1]
+    if len(parts) == 2:
+        return "model" if parts[1].startswith("modeling_deft_llava") else "core"
+    return "package"
 
 
 def folder_arrows(graph: dict[str, set[str]]) -> dict[tuple[str, str], int]:

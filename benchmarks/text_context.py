@@ -236,7 +236,7 @@ def text_rule(model, rule: str, seed: int = 0):
     """Replace DeFT's `compress_text` hook for the block: keep the same K context tokens by a simple rule."""
     generator = torch.Generator().manual_seed(seed)
 
-    def compress_text(model_, text):
+    def compress_text(text):
         counts = kept_counts(text.token_mask.sum(1), text.retention_ratio)  # (batch,) the same K as DeFT
         n = text.token_mask.shape[1]
         rank = torch.arange(n).expand_as(text.token_mask)  # (batch, n) slot order

@@ -4,7 +4,7 @@
 validation and the processor's placeholder count (`placeholder_policy.py`) and the model all ask this registry.
 Adding a method: write `method_<name>.py` (a `TokenCompressor` for a features method, or a `CompressionMethod`
 with the hooks it needs), add one line below, and one entry in the parameterised test settings
-(`method_settings` in `tests/test_model_methods.py`).
+(`SETTINGS` in `tests/test_model_methods.py`).
 """
 
 from __future__ import annotations

@@ -182,7 +182,7 @@ class DeftLlavaFastVCompressor(MethodModule):
 
     def run_language_model(self, call: LanguageModelCall) -> DeftLlavaModelOutputWithPast:
         """The model's hook: run the decoder layers (`run_layers`) and report, per image, the visual tokens the
-        later layers kept (`deft_kept_indices`) and the ranking (`deft_compression_scores`, `(images, N)`).
+        later layers kept (`kept_indices`) and the ranking (`compression_scores`, `(images, N)`).
 
         Raises:
             ValueError: a 4-D attention mask, or `output_attentions` / `output_hidden_states` asked for (on
@@ -241,8 +241,8 @@ class DeftLlavaFastVCompressor(MethodModule):
             # the language model decided which visual tokens the later layers keep
             per_image = layout.per_item("image", run.keep)  # (images, N) bool
             sources = layout.per_item("image", layout.source_index)  # (images, N)
-            outputs.deft_kept_indices = [src[k] for src, k in zip(sources, per_image)]
-            outputs.deft_compression_scores = layout.per_item("image", run.scores)
+            outputs.kept_indices = [src[k] for src, k in zip(sources, per_image)]
+            outputs.compression_scores = layout.per_item("image", run.scores)
         return outputs
 
     def reduce_visual(
