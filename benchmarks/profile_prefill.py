@@ -20,9 +20,8 @@ import statistics
 import time
 
 import torch
+from modeling_deft_llava.utilities.process_state import restores_process_state
 from torch.profiler import ProfilerActivity, profile
-
-from modeling_deft_llava.commands.process_state import restores_process_state
 
 try:
     from benchmarks.speed_memory import build_inputs, build_model, reconfigure

@@ -50,9 +50,9 @@ try:
 except ImportError:  # run as a script: benchmarks/ is on sys.path
     import cpu_memory
 from modeling_deft_llava.configuration.deft_settings import DEFT_RECIPE
+from modeling_deft_llava.utilities.process_state import restores_process_state
 
 from modeling_deft_llava import DeftLlavaConfig, DeftLlavaForConditionalGeneration
-from modeling_deft_llava.commands.process_state import restores_process_state
 from modeling_deft_llava.compressors.compression_registry import BASELINE_METHODS, build_method
 
 MODEL_METHODS = tuple(BASELINE_METHODS)  # every baseline, in the registry's order

@@ -123,7 +123,7 @@ def text_attention_rule(model, placement: str, ratio: float, layer: int):
     record: dict = {}
     fastv = _TextFastV(model.config.text_config.hidden_size, layer, ratio)
 
-    def run_language_model(model_, call):
+    def run_language_model(call):
         layout = call.layout
         if layout is None or layout.text_kept_indices is None:
             return None  # no context in this call: the stock language model
@@ -132,7 +132,7 @@ def text_attention_rule(model, placement: str, ratio: float, layer: int):
         position_ids = call.position_ids
         if placement == "fastv":
             run = fastv.run_layers(
-                model_.language_model,
+                call.language_model,
                 call.inputs_embeds,
                 call.attention_mask,
                 position_ids,
@@ -143,7 +143,7 @@ def text_attention_rule(model, placement: str, ratio: float, layer: int):
             before = layer  # layers that saw every token
         else:
             hidden, keep = fastv_pre_run(
-                model_.language_model,
+                call.language_model,
                 call.inputs_embeds,
                 call.attention_mask,
                 position_ids,

@@ -46,10 +46,10 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from modeling_deft_llava.processing.word_tokenizer import build_word_tokenizer
+from modeling_deft_llava.utilities.process_state import restores_process_state
 from sklearn.datasets import load_digits
 
 from modeling_deft_llava import DeftLlavaConfig, DeftLlavaForConditionalGeneration
-from modeling_deft_llava.commands.process_state import restores_process_state
 from modeling_deft_llava.compressors.compression_method import TextSelection
 from modeling_deft_llava.deft.topk_selector import kept_counts
 from modeling_deft_llava.text_context import TextContext
@@ -236,7 +236,7 @@ def text_rule(model, rule: str, seed: int = 0):
     """Replace DeFT's `compress_text` hook for the block: keep the same K context tokens by a simple rule."""
     generator = torch.Generator().manual_seed(seed)
 
-    def compress_text(model_, text):
+    def compress_text(text):
         counts = kept_counts(text.token_mask.sum(1), text.retention_ratio)  # (batch,) the same K as DeFT
         n = text.token_mask.shape[1]
         rank = torch.arange(n).expand_as(text.token_mask)  # (batch, n) slot order

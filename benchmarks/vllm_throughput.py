@@ -42,9 +42,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from modeling_deft_llava.utilities.process_state import restores_process_state
+
 from benchmarks.digits.common import TEST_SEED
 from benchmarks.digits.data import chat_messages, make_split
-from modeling_deft_llava.commands.process_state import restores_process_state
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "checkpoints" / "digits-deft-llava"

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .deft_settings import PlaceholderPolicyInputs, num_kept_tokens
+from .deft_settings import num_kept_tokens
 
 ANYRES_BUDGETS = ("image", "view")
 ANYRES_NEWLINES = ("keep", "compress")
@@ -119,34 +119,6 @@ class AnyResLayout:
         """Placeholders of this image when a K-placeholder method keeps `retention_ratio` of it."""
         sets, always = self.token_sets(budget, newline)
         return sum(num_kept_tokens(len(s), retention_ratio) for s, _ in sets) + len(always)
-
-    def placeholders(self, settings) -> int:
-        """Placeholders the processor writes for this image, and the model expects: N without compression or
-        when the method writes every placeholder (`writes_all_placeholders`: DeFT `hybrid`/`adaptive`,
-        CDPruner; the model drops the unused rows), else `count` (K of the token sets plus the kept newlines).
-
-        Args:
-            settings: anything with the fields `use_deft`, `deft_retention_ratio`, `deft_inference_mode`,
-                `compression_method`, `compression_settings`, `anyres_budget`, `anyres_image_newline` (a
-                `DeftLlavaNextConfig` or a `DeftLlavaNextProcessor`).
-
-        Raises:
-            ValueError: an unknown `compression_method` or AnyRes setting.
-        """
-        from ..compressors.compression_registry import method_class
-
-        if not settings.use_deft:
-            return self.num_tokens
-        policy = PlaceholderPolicyInputs(
-            deft_retention_ratio=settings.deft_retention_ratio,
-            deft_inference_mode=settings.deft_inference_mode,
-            compression_settings=settings.compression_settings,
-        )
-        if method_class(settings.compression_method).writes_all_placeholders(policy):
-            return self.num_tokens
-        return self.count(
-            settings.deft_retention_ratio, settings.anyres_budget, settings.anyres_image_newline
-        )
 
 
 __all__ = [

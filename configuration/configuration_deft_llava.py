@@ -7,12 +7,12 @@ from dataclasses import fields
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig
 
+from ..compressors.placeholder_policy import placeholder_count, validate_method
 from .deft_settings import (
     DEFAULTS,
     DEFT_METHOD,
     DeftSettings,
     check_unknown_deft_keys,
-    placeholder_count,
     validate_deft_settings,
 )
 from .supported_versions import check_transformers_version
@@ -126,8 +126,6 @@ class DeftLlavaConfig(LlavaConfig):
         validate_deft_settings(**self.deft_settings_dict())
         if not isinstance(self.compression_method, str) or not self.compression_method:
             raise ValueError(f"compression_method must be a method name, got {self.compression_method!r}")
-        from .method_validation import validate_method  # asks the registry of methods
-
         n = self.patch_tokens_per_image()
         validate_method(self, n, self.num_kept_tokens(n) if n is not None and self.use_deft else None)
         if self.use_deft:

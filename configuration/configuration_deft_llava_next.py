@@ -6,6 +6,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaNextConfig
 
+from ..compressors.placeholder_policy import validate_anyres_method
 from .anyres_settings import ANYRES_DEFAULTS, validate_anyres_settings
 from .configuration_deft_llava import DeftLlavaConfig
 
@@ -57,21 +58,7 @@ class DeftLlavaNextConfig(DeftLlavaConfig, LlavaNextConfig):
             )
         if not self.use_deft:
             return
-        from ..compressors.compression_registry import METHODS, method_class, method_settings
-
-        cls = method_class(self.compression_method)
-        reason = cls.anyres_refusal(self, method_settings(self.compression_method, self.compression_settings))
-        if reason is not None:
-            runs = [
-                name
-                for name, c in METHODS.items()
-                if name != self.compression_method
-                and c.anyres_refusal(self, method_settings(name, None)) is None
-            ]
-            raise ValueError(
-                f"compression_method={self.compression_method!r} cannot compress LLaVA-NeXT (AnyRes) images: "
-                f"{reason}. Methods that run here with these settings: {runs}"
-            )
+        validate_anyres_method(self)
 
 
 __all__ = ["DeftLlavaNextConfig"]

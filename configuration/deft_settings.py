@@ -2,8 +2,9 @@
 
 This file is the single source of every DeFT default. `DeftLlavaConfig` (the model config) and
 `DeFTModule` (the seed's standalone module) both read their defaults from `DeftSettings`, so a value
-changed here changes everywhere. Method names and placeholder policies come from the registry of methods
-(`modeling_deft_llava/compressors/compression_registry.py`), imported inside the functions that need it.
+changed here changes everywhere, and so is the one rounding rule of the budget (`num_kept_tokens`). It is data
+only: it imports nothing of the project, so every layer may import it. Method names, placeholder policies and the
+method checks live above it (`modeling_deft_llava/compressors/placeholder_policy.py`).
 """
 
 from __future__ import annotations
@@ -305,89 +306,6 @@ DEFT_RECIPE = {
 }
 
 # the default `compression_method`: DeFT itself. The names of every method live in one place, the registry
-# (`modeling_deft_llava/compressors/compression_registry.py`), which the functions below ask.
+# (`modeling_deft_llava/compressors/compression_registry.py`); the placeholder policy and the method checks that
+# ask it live in `modeling_deft_llava/compressors/placeholder_policy.py`, above this file.
 DEFT_METHOD = "deft"
-
-
-def validate_compression_method(value, name="compression_method") -> None:
-    """Raise `ValueError` naming the valid methods (and the closest one) unless `value` is a registered method."""
-    from ..compressors.compression_registry import method_class  # the one list of method names
-
-    method_class(value)
-
-
-@dataclass(frozen=True)
-class PlaceholderPolicyInputs:
-    """What a method's placeholder policy (`writes_all_placeholders`) reads: the DeFT budget and mode, and the
-    method's own `compression_settings` (PruneSID's `dynamic_budget` decides its count)."""
-
-    deft_retention_ratio: float = DEFAULTS.deft_retention_ratio
-    deft_inference_mode: str = DEFAULTS.deft_inference_mode
-    compression_settings: dict | None = None
-
-    def __post_init__(self):
-        validate_deft_settings(
-            deft_retention_ratio=self.deft_retention_ratio, deft_inference_mode=self.deft_inference_mode
-        )
-
-
-def placeholder_count(
-    num_tokens: int,
-    use_deft: bool,
-    retention_ratio: float,
-    inference_mode: str = DEFAULTS.deft_inference_mode,
-    compression_method: str = DEFT_METHOD,
-    compression_settings: dict | None = None,
-) -> int:
-    """Placeholders the processor writes for one image (or video) of `num_tokens` encoder tokens.
-
-    The model and the processor both call this, so their counts cannot drift apart: N without compression or
-    when the method's placeholder policy says so (`writes_all_placeholders`: DeFT's content-dependent RTD modes,
-    methods that keep K inside the forward pass such as FastV, FiCoCo-L and Recoverable), K otherwise.
-
-    Raises:
-        ValueError: `compression_method` is not a registered method.
-    """
-    from ..compressors.compression_registry import method_class  # the one list of method names
-
-    cls = method_class(compression_method)
-    settings = PlaceholderPolicyInputs(
-        deft_retention_ratio=retention_ratio,
-        deft_inference_mode=inference_mode,
-        compression_settings=compression_settings,
-    )
-    if not use_deft or cls.writes_all_placeholders(settings):
-        return num_tokens
-    return num_kept_tokens(num_tokens, retention_ratio)
-
-
-def video_placeholder_count(
-    tokens_per_frame: int,
-    frames: int,
-    use_deft: bool,
-    retention_ratio: float,
-    inference_mode: str = DEFAULTS.deft_inference_mode,
-    compression_method: str = DEFT_METHOD,
-    compression_settings: dict | None = None,
-) -> int:
-    """Placeholders the processor writes for one video of `frames` frames of `tokens_per_frame` encoder tokens.
-
-    A method that compresses videos (DeFT: one budget over all `frames * tokens_per_frame` tokens) gets
-    `placeholder_count` of the whole video; an image method applied frame by frame (`compresses_frames`)
-    keeps `placeholder_count(tokens_per_frame)` per frame, `frames` times that in all (the same total when
-    `ratio * tokens_per_frame` is a whole number).
-
-    Raises:
-        ValueError: `compression_method` is not a registered method.
-    """
-    from ..compressors.compression_registry import method_class
-
-    args = (use_deft, retention_ratio, inference_mode, compression_method, compression_settings)
-    settings = PlaceholderPolicyInputs(
-        deft_retention_ratio=retention_ratio,
-        deft_inference_mode=inference_mode,
-        compression_settings=compression_settings,
-    )
-    if use_deft and method_class(compression_method).compresses_frames(settings):
-        return frames * placeholder_count(tokens_per_frame, *args)
-    return placeholder_count(tokens_per_frame * frames, *args)

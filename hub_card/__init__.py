@@ -4,8 +4,7 @@ Installed as `modeling_deft_llava.hub_card`. May import the model, configuration
 
 - `export.py`: `export_for_hub(model, processor, folder)`, the flat, self-contained `trust_remote_code` folder.
 - `code_audit.py`: allow-list gate on the published code (imports, names used through them, builtins).
-- `atomic_write.py`: kill-safe folder writes (staging, completeness marker, swap into place, recovery), used by
-  every writer of the project (standard library only).
+- the kill-safe folder writes it uses live in `utilities/atomic_write.py` (shared by every writer of the project).
 - `isolated_check.py`: loads a Hub folder in `python -I` with the project made unimportable (standard library
   only at module level: the child process runs a copy of it).
 - `model_card.py` + `template.md`: `build_model_card(config, results, base_model, license)`.

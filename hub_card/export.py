@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic_write import place, staged
+from ..utilities.atomic_write import place, staged
 from .code_audit import audit_published_code
 
 # the three files the Auto classes name; everything else is found by following their relative imports

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..configuration.deft_settings import DeftSettings, placeholder_count
+from ..compressors.placeholder_policy import placeholder_count
+from ..configuration.deft_settings import DeftSettings
 from ..configuration.supported_versions import PEFT_BELOW, PEFT_MIN, supported_transformers_range
 
 TEMPLATE_PATH = Path(__file__).with_name("template.md")

@@ -28,7 +28,8 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
-from .atomic_write import place, staged
+from .. import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
+from ..utilities.atomic_write import place, staged
 from .export import _folder_is_empty, export_for_hub
 from .isolated_check import IsolatedCheckError, run_isolated_check
 from .model_card import build_model_card
@@ -81,8 +82,6 @@ def build_hub_folder(
 
     `validator(hub_folder, out_file)` must raise if the folder does not load without the project
     (None: `run_isolated_check`). Raises `PublishError` for a bad source folder or a failed validation."""
-    from .. import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
-
     validator = validator or run_isolated_check
     source, target = Path(folder), Path(out).absolute()
     check_source_folder(source)

@@ -7,10 +7,13 @@ Public import path::
 Layout: `modeling_deft_llava.py` (the model: it calls the compression method's hooks),
 `modeling_outputs_deft_llava.py`, `token_layout.py` (placement, positions, re-packing, cache state),
 `transformers_compat.py`; `compressors/` (the interface, the registry, one `method_<name>.py` per method,
-DeFT included); `deft/` (DeFT's stages, one per file, and the seed's `DeFTModule`); `commands/` (convert,
-visualize, demo). The design card's other folders are installed as sub-packages: `configuration/` ->
-`modeling_deft_llava.configuration`, `processing/` -> `modeling_deft_llava.processing`, `training/` ->
-`modeling_deft_llava.training`, `hub_card/` -> `modeling_deft_llava.hub_card`.
+DeFT included; `placeholder_policy.py`, the placeholders per item and the method checks of a config); `deft/`
+(DeFT's stages, one per file, and the seed's `DeFTModule`). The design card's other folders are installed as
+sub-packages: `configuration/` -> `modeling_deft_llava.configuration`, `processing/` ->
+`modeling_deft_llava.processing`, `training/` -> `modeling_deft_llava.training`, `hub_card/` ->
+`modeling_deft_llava.hub_card`, `serving/` -> `modeling_deft_llava.serving`, `utilities/` (atomic writes and
+locks, process state: imports nothing of the project) -> `modeling_deft_llava.utilities`, and the top floor
+`commands/` (convert, warm_start, visualize, demo: nothing imports it) -> `modeling_deft_llava.commands`.
 
 Importing this package registers the classes with the transformers Auto classes (`model_type="deft_llava"`, and
 `"deft_llava_next"` for LLaVA-NeXT: `modeling_deft_llava_next.py`).

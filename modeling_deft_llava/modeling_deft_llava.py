@@ -41,9 +41,10 @@ from .compressors.compression_method import (
     TextBatch,
     VisualBatch,
 )
-from .compressors.compression_registry import METHODS, build_method
+from .compressors.compression_registry import build_method
+from .compressors.placeholder_policy import placeholder_count, video_capable_methods
 from .configuration.configuration_deft_llava import DeftLlavaConfig
-from .configuration.deft_settings import PlaceholderPolicyInputs, num_kept_tokens, placeholder_count
+from .configuration.deft_settings import num_kept_tokens
 from .deft.question_conditioning import QuestionEncoder
 from .deft.score_mixer import ScoreMixer
 from .input_checks import check_labels, check_pixel_values, check_token_inputs
@@ -51,6 +52,7 @@ from .modeling_outputs_deft_llava import (
     DeftLlavaCausalLMOutputWithPast,
     DeftLlavaModelOutputWithPast,
     DeftVisualFeaturesOutput,
+    compression_report,
 )
 from .text_context import TextContext
 from .token_layout import (
@@ -148,17 +150,6 @@ class DeftLlavaPreTrainedModel(LlavaPreTrainedModel):
         "MistralDecoderLayer",
         "DeFTModule",
     ]
-
-
-def video_capable_methods(config) -> list[str]:
-    """Registered methods that compress videos, natively or frame by frame (`config`'s budget and mode; each
-    method with its default `compression_settings`, `config`'s belong to its own method)."""
-    defaults = PlaceholderPolicyInputs(
-        deft_retention_ratio=config.deft_retention_ratio,
-        deft_inference_mode=config.deft_inference_mode,
-        compression_settings=None,
-    )
-    return [n for n, c in METHODS.items() if "video" in c.modalities or c.compresses_frames(defaults)]
 
 
 class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
@@ -312,13 +303,20 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 "image_sizes (images of different sizes in one batch) is not supported with use_deft"
             )
         method = self.active_method
+        visual = self._visual_batch("image", self._patch_grid(pixel_values), 1, token_gradients)
         if method is not None:
             encoded = method.encode_images(
-                self, pixel_values, vision_feature_layer, vision_feature_select_strategy
+                pixel_values,
+                visual,
+                self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer,
+                (
+                    self.config.vision_feature_select_strategy
+                    if vision_feature_select_strategy is None
+                    else vision_feature_select_strategy
+                ),
             )
             if encoded is not None:
                 return encoded
-        visual = self._visual_batch("image", self._patch_grid(pixel_values), 1, token_gradients)
         with self._vision_hooks(method, visual) as before_projector:
             outputs = LlavaModel.get_image_features(
                 self,
@@ -434,6 +432,10 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             frames=frames,
             num_kept=num_kept_tokens(n, self.config.deft_retention_ratio),
             token_gradients=token_gradients,
+            feature_layer=self.config.vision_feature_layer,
+            vision_tower=self.vision_tower,
+            projector=self.multi_modal_projector,
+            input_embeddings=self.get_input_embeddings(),
         )
 
     @contextmanager
@@ -499,7 +501,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 "with a tower that has one (CLIP), 'full' with one that has none (SigLIP)"
             )
         visual.encoder_outputs = outputs
-        return method.compress_features(self, result, visual)
+        return method.compress_features(result, visual)
 
     def encode_visual_inputs(
         self,
@@ -594,7 +596,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         deft_reconstruct: torch.Tensor | None = None,
         deft_token_gradients: list | None = None,
         deft_prompt_length: int | None = None,
-        deft_layer_gather_index: torch.LongTensor | None = None,
+        deft_generation_state: dict | None = None,
         deft_answer_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         **kwargs,
@@ -610,7 +612,9 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
                 Methods that decide from the prompt (FastV's last query, Recoverable's question) use only
                 the prompt, so a full-recompute forward over prompt + generated tokens decides as the prefill
                 did. Default: the whole input. `generate` passes it on (`deft_generation_state`).
-            deft_layer_gather_index: FastV decoding steps: the prefill's `deft_generation_state` entry.
+            deft_generation_state: the prefill's `deft_generation_state`, passed whole to the later steps of
+                `generate` (an opaque record: what the method carries from its prefill, FastV's layer gather
+                index for one; the model reads none of the method's entries).
             deft_answer_mask: `(batch, seq)` bool, True on answer tokens (`labels != -100` of a training batch):
                 a method that reads the prompt's question (question-aware DeFT, CDPruner, Recoverable) skips them.
                 `DeftLlavaForConditionalGeneration.forward` passes it from `labels`.
@@ -647,13 +651,11 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             # the markers never reach the language model: they need no embedding row of their own
             ids = input_ids if context is None else input_ids.masked_fill(context.markers, 0)
             inputs_embeds = self.get_input_embeddings()(ids)
-        generation_state = {"deft_prompt_length": deft_prompt_length}
-        if deft_layer_gather_index is not None:
-            generation_state["deft_layer_gather_index"] = deft_layer_gather_index
+        state = dict(deft_generation_state or {})
+        if deft_prompt_length is not None:  # the call's own prompt length comes first
+            state["deft_prompt_length"] = deft_prompt_length
         if not visual and context is None:
-            return self._continue(
-                inputs_embeds, attention_mask, position_ids, past_key_values, kwargs, generation_state
-            )
+            return self._continue(inputs_embeds, attention_mask, position_ids, past_key_values, kwargs, state)
         return self._prefill(
             input_ids,
             inputs_embeds,
@@ -661,7 +663,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             position_ids,
             past_key_values,
             visual,
-            deft_prompt_length,
+            state.get("deft_prompt_length"),  # a full recompute in generate decides on the prompt
             deft_reconstruct,
             kwargs,
             context,
@@ -721,25 +723,8 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         token_ids = self._token_ids()
         masks = {m: self._placeholder_mask(input_ids, inputs_embeds, token_ids[m]) for m in visual}
         if method is not None and method.acts_in("compress_with_prompt"):
-            text = layout.valid.clone()  # real text: not padding, not a placeholder of any modality
-            for modality, token_id in token_ids.items():
-                if token_id is not None:
-                    placeholders = masks.get(modality)
-                    if placeholders is None:
-                        placeholders = self._placeholder_mask(input_ids, inputs_embeds, token_id)
-                    text &= ~placeholders
-            if context is not None:
-                text &= ~context.markers
-            if answer_mask is not None:  # a training batch: the answer is never read as the question
-                if tuple(answer_mask.shape) != tuple(text.shape):
-                    raise ValueError(
-                        f"labels {tuple(answer_mask.shape)} must have the shape of input_ids {tuple(text.shape)}"
-                    )
-                text &= ~answer_mask.to(device=text.device, dtype=torch.bool)
-            for modality, features in visual.items():
-                if features.pooler_output:
-                    prompt = PromptBatch(inputs_embeds, masks[modality], text, prompt_length, modality)
-                    visual[modality] = self._compress_with_prompt(method, features, prompt)
+            text = self._question_text(input_ids, inputs_embeds, layout, masks, context, answer_mask)
+            self._compress_with_prompt(method, visual, inputs_embeds, masks, text, prompt_length)
         for modality, features in visual.items():
             inputs_embeds = layout.place(
                 modality, features, masks[modality], inputs_embeds, self.config, reconsidered
@@ -760,19 +745,9 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         state = dict(outputs.deft_generation_state or {})
         if method is not None and method.decides_on_prompt:
             state["deft_prompt_length"] = prompt_length  # later steps decide on the same prompt
-        outputs.deft_generation_state = state or None
         layout.record(cache_of(outputs), state, original_positions)
-        for key, value in visual_output_fields(visual.get("image"), visual.get("video")).items():
+        for key, value in self._report(outputs, layout, visual, state).items():
             setattr(outputs, key, value)
-        outputs.deft_position_ids = layout.position_ids
-        outputs.deft_attention_mask = layout.attention_mask
-        outputs.deft_gather_index = layout.gather_index
-        outputs.image_features_output = visual.get("image")
-        outputs.video_features_output = visual.get("video")
-        if outputs.deft_kept_indices is None:  # a method in the language model reports its own
-            outputs.deft_kept_indices = layout.kept_indices
-        outputs.deft_num_reconstructed = layout.num_reconstructed
-        outputs.deft_text_kept_indices = layout.text_kept_indices
         return outputs
 
     def placeholders_per_item(self, features) -> list[int]:
@@ -795,10 +770,73 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             for n in features.num_source_tokens
         ]
 
-    def _compress_with_prompt(self, method, features, prompt: PromptBatch):
-        """The method's `compress_with_prompt` on one modality's items (`DeftLlavaNextModel` calls it on each
-        token set of each AnyRes image)."""
-        return method.compress_with_prompt(self, features, prompt)
+    def _question_text(self, input_ids, inputs_embeds, layout, masks, context, answer_mask) -> torch.Tensor:
+        """`(batch, seq)` bool, the real text a method may read as the question: not padding, not a placeholder
+        of any modality, not a context marker, not an answer token of a training batch (`answer_mask`)."""
+        text = layout.valid.clone()
+        for modality, token_id in self._token_ids().items():
+            if token_id is not None:
+                placeholders = masks.get(modality)
+                if placeholders is None:
+                    placeholders = self._placeholder_mask(input_ids, inputs_embeds, token_id)
+                text &= ~placeholders
+        if context is not None:
+            text &= ~context.markers
+        if answer_mask is not None:  # a training batch: the answer is never read as the question
+            if tuple(answer_mask.shape) != tuple(text.shape):
+                raise ValueError(
+                    f"labels {tuple(answer_mask.shape)} must have the shape of input_ids {tuple(text.shape)}"
+                )
+            text &= ~answer_mask.to(device=text.device, dtype=torch.bool)
+        return text
+
+    def _compress_with_prompt(self, method, visual: dict, inputs_embeds, masks, text, prompt_length) -> None:
+        """Each modality's features, compressed by the method once the prompt is known (in place in `visual`)."""
+        for modality, features in visual.items():
+            if features.pooler_output:
+                rows = int(features.pooler_output[0].shape[0])
+                prompt = PromptBatch(
+                    inputs_embeds,
+                    masks[modality],
+                    text,
+                    prompt_length,
+                    modality,
+                    num_kept=num_kept_tokens(rows, self.config.deft_retention_ratio),
+                    input_embeddings=self.get_input_embeddings(),
+                    projector=self.multi_modal_projector,
+                )
+                visual[modality] = self._compress_items_with_prompt(method, features, prompt)
+
+    def _compress_items_with_prompt(self, method, features, prompt: PromptBatch):
+        """The method's `compress_with_prompt` on one modality's items (`DeftLlavaNextModel` overrides it: each
+        token set of each AnyRes image, with that image's own prompt)."""
+        return method.compress_with_prompt(features, prompt)
+
+    @staticmethod
+    def _report(outputs, layout: TokenLayout, visual: dict, state: dict) -> dict:
+        """What a prefill reports (`COMPRESSION_REPORT_FIELDS`, the features used and stock's visual fields):
+        the layout's, the features', and what a method inside the language model reported itself."""
+        features = [visual[m] for m in ("image", "video") if visual.get(m) is not None]
+        first = features[0] if features else None
+        return {
+            **visual_output_fields(visual.get("image"), visual.get("video")),
+            "image_features_output": visual.get("image"),
+            "video_features_output": visual.get("video"),
+            # a method in the language model (FastV) reports its own kept tokens and ranking
+            "kept_indices": layout.kept_indices if outputs.kept_indices is None else outputs.kept_indices,
+            "compression_scores": (
+                outputs.compression_scores
+                if outputs.compression_scores is not None
+                else (first.compression_scores if first is not None else None)
+            ),
+            "mixture_weights": first.mixture_weights if first is not None else None,
+            "num_reconstructed": layout.num_reconstructed,
+            "text_kept_indices": layout.text_kept_indices,
+            "deft_position_ids": layout.position_ids,
+            "deft_attention_mask": layout.attention_mask,
+            "deft_gather_index": layout.gather_index,
+            "deft_generation_state": state or None,
+        }
 
     def _compress_context(self, method, context: TextContext, inputs_embeds, layout: TokenLayout):
         """The method keeps `deft_text_retention_ratio` of each sample's context tokens (`compress_text`), or
@@ -813,7 +851,7 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
             and context.index.shape[1]
         ):
             text = TextBatch(context.pack(inputs_embeds), context.token_mask, float(ratio))
-            selection = method.compress_text(self, text)
+            selection = method.compress_text(text)
             if selection is not None:
                 if selection.tokens is not None:
                     inputs_embeds = context.place(inputs_embeds, selection.tokens)
@@ -826,7 +864,8 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
 
         A cache this model wrote carries what the next call needs (`token_layout.record_cache_state`): new
         tokens continue the cached positions, and prompt-dependent methods get what the prefill decided
-        (`generation_state`: the prompt length, FastV's layer gather index) unless the call passes its own.
+        (`generation_state`, passed on whole: the prompt length and the method's own entries) unless the call
+        passes its own.
 
         Raises:
             ValueError: the cache was re-packed (`hybrid`/`adaptive`, Recoverable) and the attention mask does
@@ -870,7 +909,14 @@ class DeftLlavaModel(DeftLlavaPreTrainedModel, LlavaModel):
         """The stock language model, unless the active method runs the decoder layers itself."""
         method = self.active_method
         if method is not None:
-            outputs = method.run_language_model(self, call)
+            call.language_model = self.language_model
+            call.output_flags = {
+                key: getattr(self.config, key, False) for key in ("output_attentions", "output_hidden_states")
+            }
+            if call.layout is not None and "image" in call.layout.placeholder_masks:
+                rows = call.layout.rows_per_item["image"][0]
+                call.num_kept = num_kept_tokens(rows, self.config.deft_retention_ratio)
+            outputs = method.run_language_model(call)
             if outputs is not None:
                 return outputs
         outputs = self.language_model(
@@ -989,13 +1035,13 @@ class DeftLlavaForConditionalGeneration(
         pixel_values_videos: torch.Tensor | None = None,
         deft_token_gradients: list | None = None,
         deft_prompt_length: int | None = None,
-        deft_layer_gather_index: torch.LongTensor | None = None,
+        deft_generation_state: dict | None = None,
         deft_num_images_in_batch: int | None = None,
         cache: Cache | None = None,
         **kwargs,
     ) -> DeftLlavaCausalLMOutputWithPast:
         r"""LLaVA forward with compression. `deft_token_gradients`, `deft_prompt_length`,
-        `deft_layer_gather_index`: see `DeftLlavaModel.forward`. The cache may be passed as `cache`
+        `deft_generation_state`: see `DeftLlavaModel.forward`. The cache may be passed as `cache`
         (transformers >= 5.24) or `past_key_values` (earlier releases).
 
         Training loss (`self.training`): `lm_loss + deft_rtd_loss_weight * rtd_loss + deft_feedback_loss_weight *
@@ -1026,7 +1072,7 @@ class DeftLlavaForConditionalGeneration(
             vision_feature_select_strategy=vision_feature_select_strategy,
             mm_encoder_outputs=mm_encoder_outputs,
             deft_prompt_length=deft_prompt_length,
-            deft_layer_gather_index=deft_layer_gather_index,
+            deft_generation_state=deft_generation_state,
             # labels mark the answer: methods that read the question never read it
             deft_answer_mask=(labels != -100) if labels is not None and mm_encoder_outputs else None,
             return_dict=True,  # the fields below; `config.return_dict=False` applies to this method's output only
@@ -1050,19 +1096,7 @@ class DeftLlavaForConditionalGeneration(
             attentions=outputs.attentions,
             **cache_kwargs(cache_of(outputs)),
             **visual_output_fields(outputs.image_features_output, outputs.video_features_output),
-            kept_indices=outputs.deft_kept_indices,
-            compression_scores=(
-                outputs.deft_compression_scores
-                if outputs.deft_compression_scores is not None
-                else (feats[0].compression_scores if feats else None)
-            ),
-            mixture_weights=feats[0].mixture_weights if feats else None,
-            num_reconstructed=outputs.deft_num_reconstructed,
-            text_kept_indices=outputs.deft_text_kept_indices,
-            deft_position_ids=outputs.deft_position_ids,
-            deft_attention_mask=outputs.deft_attention_mask,
-            deft_gather_index=outputs.deft_gather_index,
-            deft_generation_state=outputs.deft_generation_state,
+            **compression_report(outputs),
         )
 
     def _reconsider(self, outputs, model_kwargs, cached_before, state_before, kwargs):
@@ -1075,9 +1109,7 @@ class DeftLlavaForConditionalGeneration(
         hidden = outputs.last_hidden_state
         last = self._last_prompt_token(outputs, model_kwargs, hidden.shape[1])
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        reconsidered = method.reconsider(
-            self.model, lambda: self.lm_head(hidden[rows, last.to(hidden.device)])
-        )
+        reconsidered = method.reconsider(lambda: self.lm_head(hidden[rows, last.to(hidden.device)]))
         if reconsidered is None or not bool(reconsidered.any()):
             return outputs
         cache = model_kwargs["past_key_values"]
@@ -1134,11 +1166,14 @@ class DeftLlavaForConditionalGeneration(
     def _update_model_kwargs_for_generation(
         self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1
     ):
-        """Hand the prefill's position ids (gaps kept), compacted mask and `deft_generation_state` (the prompt
-        length a prompt-dependent method decided on, FastV's layer gather index) back to `generate`."""
-        for key, value in (getattr(outputs, "deft_generation_state", None) or {}).items():
-            if model_kwargs.get(key) is None:  # the prefill's value holds for the whole generation
-                model_kwargs[key] = value
+        """Hand the prefill's position ids (gaps kept), compacted mask and `deft_generation_state` (an opaque
+        record: the prompt length a prompt-dependent method decided on, the method's own state) back to
+        `generate`, which passes the record whole to every later step."""
+        state = getattr(outputs, "deft_generation_state", None)
+        if (
+            state and model_kwargs.get("deft_generation_state") is None
+        ):  # the prefill's holds for the generation
+            model_kwargs["deft_generation_state"] = state
         positions = getattr(outputs, "deft_position_ids", None)
         cache = cache_of(outputs)
         if positions is not None and cache is not None:

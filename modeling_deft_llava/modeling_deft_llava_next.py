@@ -18,7 +18,7 @@ encoding step (`get_image_features`):
 
 A method that selects once the prompt is known (question-aware DeFT, CDPruner: `decides_on_prompt` and a
 `compress_with_prompt` hook) gets each image's N rows and `AnyResLayout` from step 1 instead; once the prompt is
-built, `_compress_with_prompt` runs steps 2 and 3 with, for each image, a prompt whose placeholders are that
+built, `_compress_items_with_prompt` runs steps 2 and 3 with, for each image, a prompt whose placeholders are that
 image's alone (the method reads the question of that image's row). A method that marks the rows it keeps out of
 all N (`rows_used`: DeFT `hybrid`/`adaptive`, CDPruner; the processor then writes N placeholders) gets its marks
 merged per image, the kept row markers marked used; the model drops the other rows and re-packs the batch.
@@ -44,6 +44,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from .compressors.compression_method import PromptBatch, VisualBatch
+from .compressors.placeholder_policy import anyres_placeholder_count
 from .configuration.anyres_settings import AnyResLayout
 from .configuration.configuration_deft_llava_next import DeftLlavaNextConfig
 from .configuration.deft_settings import num_kept_tokens
@@ -161,7 +162,7 @@ class DeftLlavaNextModel(DeftLlavaNextPreTrainedModel, DeftLlavaModel, LlavaNext
                 )
             layouts.append(layout)
         if self._selects_with_prompt(method):
-            # the N rows wait for the prompt (`_compress_with_prompt`), each image with its layout
+            # the N rows wait for the prompt (`_compress_items_with_prompt`), each image with its layout
             return DeftAnyResFeaturesOutput(
                 **{f.name: getattr(result, f.name) for f in fields(result)}, anyres_layouts=layouts
             )
@@ -178,9 +179,9 @@ class DeftLlavaNextModel(DeftLlavaNextPreTrainedModel, DeftLlavaModel, LlavaNext
         layouts = getattr(features, "anyres_layouts", None)
         if layouts is None:
             return [len(rows) for rows in features.pooler_output]
-        return [layout.placeholders(self.config) for layout in layouts]
+        return [anyres_placeholder_count(layout, self.config) for layout in layouts]
 
-    def _compress_with_prompt(self, method, features, prompt: PromptBatch):
+    def _compress_items_with_prompt(self, method, features, prompt: PromptBatch):
         """Each token set of each image through the method's `compress_features`, then its
         `compress_with_prompt` with a prompt whose placeholders are that image's alone (the method reads the
         question of that image's row). Features already compressed (`anyres_layouts` None) pass unchanged.
@@ -207,8 +208,8 @@ class DeftLlavaNextModel(DeftLlavaNextPreTrainedModel, DeftLlavaModel, LlavaNext
             image_prompt = replace(prompt, placeholder_mask=own)
 
             def compress(item, visual, image_prompt=image_prompt):
-                item = method.compress_features(self, item, visual)
-                return method.compress_with_prompt(self, item, image_prompt)
+                item = method.compress_features(item, visual)
+                return method.compress_with_prompt(item, replace(image_prompt, num_kept=visual.num_kept))
 
             merged.append(self._compress_image(method, feature, layout, compress))
         return self._images_output(features, merged)
@@ -225,7 +226,7 @@ class DeftLlavaNextModel(DeftLlavaNextPreTrainedModel, DeftLlavaModel, LlavaNext
         if compress is None:
 
             def compress(item, visual):
-                return method.compress_features(self, item, visual)
+                return method.compress_features(item, visual)
 
         sets, always = layout.token_sets(self.config.anyres_budget, self.config.anyres_image_newline)
         device, n_all = feature.device, feature.shape[0]
@@ -246,6 +247,10 @@ class DeftLlavaNextModel(DeftLlavaNextPreTrainedModel, DeftLlavaModel, LlavaNext
                 spatial_shape=shape,
                 frames=1,
                 num_kept=num_kept_tokens(n, self.config.deft_retention_ratio),
+                feature_layer=self.config.vision_feature_layer,
+                vision_tower=self.vision_tower,
+                projector=self.multi_modal_projector,
+                input_embeddings=self.get_input_embeddings(),
             )
             item = DeftVisualFeaturesOutput(
                 pooler_output=[feature[index]],

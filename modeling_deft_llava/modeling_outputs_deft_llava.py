@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -74,16 +75,63 @@ def updated(output, **values):
     return new
 
 
+# What compression reports: one set of fields under one set of names, those of the output users read
+# (`DeftLlavaCausalLMOutputWithPast`). The inner output (`DeftLlavaModelOutputWithPast`) carries the same fields,
+# and the outer forward takes them all in one step (`compression_report`), never one by one.
+COMPRESSION_REPORT_FIELDS = (
+    "kept_indices",
+    "compression_scores",
+    "mixture_weights",
+    "num_reconstructed",
+    "text_kept_indices",
+    "deft_position_ids",
+    "deft_attention_mask",
+    "deft_gather_index",
+    "deft_generation_state",
+)
+
+
+def compression_report(output) -> dict:
+    """`{field: value}` of what compression reports (`COMPRESSION_REPORT_FIELDS`), read from `output`."""
+    return {name: getattr(output, name) for name in COMPRESSION_REPORT_FIELDS}
+
+
+def _renamed(old: str, new: str) -> property:
+    """A deprecated attribute name that reads and writes `new` (with a FutureWarning naming it)."""
+
+    def warn():
+        warnings.warn(
+            f"DeftLlavaModelOutputWithPast.{old} is deprecated; use .{new} (the name of the model's output)",
+            FutureWarning,
+            stacklevel=3,
+        )
+
+    def get(self):
+        warn()
+        return getattr(self, new)
+
+    def set_(self, value):
+        warn()
+        setattr(self, new, value)
+
+    return property(get, set_, doc=f"Deprecated name of `{new}`.")
+
+
 @dataclass
 class DeftLlavaModelOutputWithPast(LlavaModelOutputWithPast):
-    """LLaVA inner output plus the compression bookkeeping.
+    """LLaVA inner output plus what compression reports (`COMPRESSION_REPORT_FIELDS`, the fields of
+    `DeftLlavaCausalLMOutputWithPast` under the same names).
 
     deft_position_ids: `(batch, seq)` position ids the language model used (gaps kept), or None.
     deft_attention_mask: `(batch, seq')` compacted mask after re-packing, or None when nothing was dropped.
     deft_gather_index: `(batch, seq')` index into the input sequence of every kept token (-1 on new padding).
     image_features_output / video_features_output: the `DeftVisualFeaturesOutput` used.
-    deft_generation_state: forward keyword arguments that later decoding steps need (the prompt length a
-        prompt-dependent method decided on, FastV's `deft_layer_gather_index`); `generate` passes them on.
+    kept_indices, num_reconstructed, compression_scores, mixture_weights, text_kept_indices: see
+        `DeftLlavaCausalLMOutputWithPast` (until 0.1.0 named `deft_kept_indices`, `deft_num_reconstructed`,
+        `deft_compression_scores`, `deft_text_kept_indices`: those names still work, with a FutureWarning).
+    deft_generation_state: an opaque record of what later steps of `generate` need (the prompt length a
+        prompt-dependent method decided on, and whatever the method itself carries); the model and `generate`
+        pass it on whole (`deft_generation_state=` of `forward`), and only the method reads its own entries.
     """
 
     deft_position_ids: torch.LongTensor | None = None
@@ -91,11 +139,17 @@ class DeftLlavaModelOutputWithPast(LlavaModelOutputWithPast):
     deft_gather_index: torch.LongTensor | None = None
     image_features_output: DeftVisualFeaturesOutput | None = None
     video_features_output: DeftVisualFeaturesOutput | None = None
-    deft_kept_indices: list | None = None
-    deft_num_reconstructed: torch.Tensor | None = None
-    deft_compression_scores: torch.Tensor | None = None
+    kept_indices: list | None = None
+    num_reconstructed: torch.Tensor | None = None
+    compression_scores: torch.Tensor | None = None
     deft_generation_state: dict | None = None
-    deft_text_kept_indices: list | None = None
+    text_kept_indices: list | None = None
+    mixture_weights: dict | None = None
+
+    deft_kept_indices = _renamed("deft_kept_indices", "kept_indices")
+    deft_num_reconstructed = _renamed("deft_num_reconstructed", "num_reconstructed")
+    deft_compression_scores = _renamed("deft_compression_scores", "compression_scores")
+    deft_text_kept_indices = _renamed("deft_text_kept_indices", "text_kept_indices")
 
 
 @dataclass

@@ -351,9 +351,9 @@ def record_cache_state(
 
     Compression leaves the cache in a layout that its length alone does not describe: kept visual tokens keep
     their original positions (the text after an image of N patches of which K were kept continues at `cached
-    tokens + (N - K)`), prompt-dependent methods decided on a prompt of `deft_prompt_length` tokens (FastV's
-    later layers hold a re-packed cache described by `deft_layer_gather_index`), and re-packing leaves the
-    cache shorter than the input.
+    tokens + (N - K)`), prompt-dependent methods decided on a prompt of `deft_prompt_length` tokens (and a
+    method may carry its own state, opaque here: FastV's later layers hold a re-packed cache that its state
+    describes), and re-packing leaves the cache shorter than the input.
 
     Args:
         position_ids: `(batch, seq)` positions the language model used for the new tokens (None: contiguous).

@@ -7,15 +7,13 @@ import torch
 from transformers import LlavaProcessor
 from transformers.image_utils import get_image_size, to_numpy_array
 
-from ..configuration.configuration_deft_llava import DEFT_CONFIG_KEYS
-from ..configuration.deft_settings import (
-    DEFAULTS,
-    check_unknown_deft_keys,
+from ..compressors.placeholder_policy import (
     placeholder_count,
     validate_compression_method,
-    validate_deft_settings,
     video_placeholder_count,
 )
+from ..configuration.configuration_deft_llava import DEFT_CONFIG_KEYS
+from ..configuration.deft_settings import DEFAULTS, check_unknown_deft_keys, validate_deft_settings
 from ..configuration.supported_versions import check_transformers_version
 from .image_depth import images_to_eight_bit
 

@@ -5,14 +5,10 @@ from __future__ import annotations
 from transformers import LlavaNextProcessor
 from transformers.image_processing_utils import select_best_resolution
 
+from ..compressors.placeholder_policy import anyres_placeholder_count, validate_compression_method
 from ..configuration.anyres_settings import ANYRES_DEFAULTS, AnyResLayout, validate_anyres_settings
 from ..configuration.configuration_deft_llava import DEFT_CONFIG_KEYS
-from ..configuration.deft_settings import (
-    DEFAULTS,
-    check_unknown_deft_keys,
-    validate_compression_method,
-    validate_deft_settings,
-)
+from ..configuration.deft_settings import DEFAULTS, check_unknown_deft_keys, validate_deft_settings
 from ..configuration.supported_versions import check_transformers_version
 from .image_depth import images_to_eight_bit
 from .processing_deft_llava import check_image_arrays
@@ -147,7 +143,7 @@ class DeftLlavaNextProcessor(LlavaNextProcessor):
         """Placeholders of one image (the stock count, plus `num_additional_image_tokens`, which the stock
         processor takes off again for the "default" strategy)."""
         layout = self.anyres_layout(orig_height, orig_width, height, width)
-        return layout.placeholders(self) + self.num_additional_image_tokens
+        return anyres_placeholder_count(layout, self) + self.num_additional_image_tokens
 
 
 __all__ = ["DeftLlavaNextProcessor"]

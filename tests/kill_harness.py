@@ -115,7 +115,7 @@ class FsKiller:
         ):
             setattr(os, name, self.wrap(getattr(os, name), path_args, name))
         try:
-            from modeling_deft_llava.hub_card import atomic_write
+            from modeling_deft_llava.utilities import atomic_write
         except ImportError:  # the unfixed code has no helper
             atomic_write = None
         if atomic_write is not None and self.no_exchange:

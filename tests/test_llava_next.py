@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import tiny_next as T
 import torch
+from modeling_deft_llava.commands.convert import convert
 from modeling_deft_llava.configuration.anyres_settings import AnyResLayout
 from modeling_deft_llava.configuration.deft_settings import DEFT_RECIPE, num_kept_tokens
 from transformers import (
@@ -17,7 +18,6 @@ from transformers import (
 )
 
 from modeling_deft_llava import DeftLlavaNextConfig, DeftLlavaNextForConditionalGeneration
-from modeling_deft_llava.commands.convert import convert
 from modeling_deft_llava.deft.group_scorer import group_scores
 
 GEN = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[4])  # never emit <image>
@@ -150,9 +150,9 @@ def test_deft_sees_the_views_and_a_sequence_method_one_token_set():
         model, processor = on(method)
         compress = type(model.model.active_method).compress_features
 
-        def spy(self, m, features, visual, compress=compress, method=method):
+        def spy(self, features, visual, compress=compress, method=method):
             seen[method] = visual.spatial_shape
-            return compress(self, m, features, visual)
+            return compress(self, features, visual)
 
         type(model.model.active_method).compress_features = spy
         try:

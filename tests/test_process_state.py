@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from modeling_deft_llava.commands.process_state import restores_process_state
+from modeling_deft_llava.utilities.process_state import restores_process_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds benchmarks/
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import tiny
 import torch
-from modeling_deft_llava.hub_card.atomic_write import run_lock
 from modeling_deft_llava.hub_card.export import export_for_hub
+from modeling_deft_llava.utilities.atomic_write import run_lock
 from safetensors.torch import load_file
 from test_training import make_workspace, run_args
 
@@ -402,8 +402,9 @@ def _writes_into(folder: Path, original):
 
 
 def test_convert_never_deletes_what_another_program_wrote(sources, tmp_path, monkeypatch):
-    from modeling_deft_llava import DeftLlavaForConditionalGeneration
     from modeling_deft_llava.commands.convert import convert
+
+    from modeling_deft_llava import DeftLlavaForConditionalGeneration
 
     out = tmp_path / "out"
     out.mkdir()  # empty: convert may use it

@@ -11,9 +11,9 @@ import pytest
 import tiny
 import torch
 from modeling_deft_llava.configuration import validate_deft_settings
-from modeling_deft_llava.configuration.deft_settings import placeholder_count
 
 from modeling_deft_llava import DeftLlavaConfig, DeftLlavaForConditionalGeneration
+from modeling_deft_llava.compressors.placeholder_policy import placeholder_count
 
 TYPOS = [
     ("deft_retension_ratio", 0.25, "deft_retention_ratio"),

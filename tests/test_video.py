@@ -9,12 +9,11 @@ import pytest
 import tiny
 import torch
 from modeling_deft_llava.configuration import num_kept_tokens
-from modeling_deft_llava.configuration.deft_settings import video_placeholder_count
 from test_model import GEN, greedy_full_recompute
 from test_model_methods import method_settings
 
 from modeling_deft_llava.compressors.compression_registry import METHODS
-from modeling_deft_llava.modeling_deft_llava import video_capable_methods
+from modeling_deft_llava.compressors.placeholder_policy import video_capable_methods, video_placeholder_count
 
 FRAMES = 3
 N = tiny.NUM_PATCHES  # 16 patches per frame

@@ -20,7 +20,7 @@ from contextlib import nullcontext
 import datasets
 import torch
 import transformers
-from modeling_deft_llava.hub_card.atomic_write import remove_tree, run_lock
+from modeling_deft_llava.utilities.atomic_write import remove_tree, run_lock
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
@@ -197,7 +197,7 @@ def train(
     changes nothing when that checkpoint is already at the last step and the final save is complete.
 
     Raises:
-        RuntimeError: another run is writing into the same `output_dir` (`hub_card.atomic_write.run_lock`).
+        RuntimeError: another run is writing into the same `output_dir` (`utilities.atomic_write.run_lock`).
     """
     _setup_logging(training_args)
     main_process = training_args.process_index == 0

@@ -29,7 +29,7 @@ the answer tokens (`lm_loss`) or images (the DeFT terms) of the logging window, 
 Activation checkpointing must be non-reentrant when the feedback pass is on (it takes `torch.autograd.grad`,
 which reentrant checkpointing refuses): the trainer raises a `ValueError` at construction otherwise.
 
-Checkpoints and the final adapter are kill-safe (`hub_card/atomic_write.py`; docs/reliability.md):
+Checkpoints and the final adapter are kill-safe (`utilities/atomic_write.py`; docs/reliability.md):
 
 - a checkpoint is written to `<output_dir>/.tmp-checkpoint-<step>/checkpoint-<step>`; once every process has
   written its part, `save_complete.json` (every file and its size) is written last and the folder is moved to
@@ -50,7 +50,7 @@ import re
 
 import torch
 import torch.distributed as dist
-from modeling_deft_llava.hub_card.atomic_write import (
+from modeling_deft_llava.utilities.atomic_write import (
     MARKER,
     fsync_dir,
     is_complete,

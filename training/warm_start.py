@@ -22,7 +22,7 @@ Teachers (the ranking each registered method keeps first):
   at every budget. Works on any tower.
 
 Ranks rather than raw teacher values make the target scale-free (CLS attention is heavy-tailed, DivPrune has
-only an order). Deterministic for a seed on CPU. The result is written with `hub_card/atomic_write.py` (built
+only an order). Deterministic for a seed on CPU. The result is written with `utilities/atomic_write.py` (built
 in a hidden staging folder, renamed into place): a killed run leaves the old folder or the new one.
 """
 
@@ -39,10 +39,11 @@ import torch
 import torch.nn.functional as F
 from modeling_deft_llava.configuration.deft_settings import num_kept_tokens
 from modeling_deft_llava.configuration.vision_towers import tower_has_cls
-from modeling_deft_llava.hub_card.atomic_write import place, staged
+from modeling_deft_llava.utilities.atomic_write import place, staged
+from modeling_deft_llava.utilities.process_state import restores_process_state
 from tqdm.auto import tqdm
 
-from modeling_deft_llava.commands.process_state import restores_process_state
+from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
 from modeling_deft_llava.compressors.method_divprune import divprune_indices
 from modeling_deft_llava.compressors.vision_attention import cls_attention
 
@@ -281,8 +282,6 @@ def teacher_agreement(
 # ------------------------------------------------------------------------------------------ the run
 def load_for_warm_start(args: WarmStartArguments):
     """The checked model (eval mode, everything frozen but DeFT's scoring path) and its processor."""
-    from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
-
     check_model_folder(args.model_folder)
     model = DeftLlavaForConditionalGeneration.from_pretrained(args.model_folder).eval()
     if getattr(model.model, "deft", None) is None:

@@ -32,9 +32,9 @@ import time
 import torch
 from modeling_deft_llava.configuration.deft_settings import num_kept_tokens
 from modeling_deft_llava.training.trainer import feedback_gradients
+from modeling_deft_llava.utilities.process_state import restores_process_state
 
 from modeling_deft_llava import DeftLlavaProcessor
-from modeling_deft_llava.commands.process_state import restores_process_state
 from modeling_deft_llava.deft.score_mixer import COMPONENTS
 
 from .calibrate_rtd import CALIBRATION_SEED

@@ -34,8 +34,8 @@ import time
 import numpy as np
 import torch
 from modeling_deft_llava.configuration.deft_settings import DEFAULTS, num_kept_tokens
+from modeling_deft_llava.utilities.process_state import restores_process_state
 
-from modeling_deft_llava.commands.process_state import restores_process_state
 from modeling_deft_llava.deft.deft_module import pruned_token_mask
 from modeling_deft_llava.deft.token_dictionary import calibrate_thresholds, uncertainty
 

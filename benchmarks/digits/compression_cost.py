@@ -18,9 +18,9 @@ import os
 import time
 
 import torch
+from modeling_deft_llava.utilities.process_state import restores_process_state
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
-from modeling_deft_llava.commands.process_state import restores_process_state
 
 from .common import TEST_SEED
 from .data import chat_messages, make_split

@@ -23,9 +23,9 @@ import time
 
 import torch
 from modeling_deft_llava.configuration.deft_settings import num_kept_tokens
+from modeling_deft_llava.utilities.process_state import restores_process_state
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
-from modeling_deft_llava.commands.process_state import restores_process_state
 from modeling_deft_llava.compressors.compression_registry import BASELINE_METHODS
 
 from .common import (

@@ -40,8 +40,8 @@ import time
 import numpy as np
 import torch
 from modeling_deft_llava.configuration.deft_settings import num_kept_tokens
+from modeling_deft_llava.utilities.process_state import restores_process_state
 
-from modeling_deft_llava.commands.process_state import restores_process_state
 from modeling_deft_llava.compressors.method_uniform import uniform_indices
 
 from .common import TEST_SEED, DigitsCollator, atomic_write_json

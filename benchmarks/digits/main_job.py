@@ -19,10 +19,10 @@ import statistics
 import time
 
 import torch
+from modeling_deft_llava.commands.visualize import paired_prefill_seconds, processed_image, save_overlays
+from modeling_deft_llava.utilities.process_state import restores_process_state
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
-from modeling_deft_llava.commands.process_state import restores_process_state
-from modeling_deft_llava.commands.visualize import paired_prefill_seconds, processed_image, save_overlays
 from modeling_deft_llava.compressors.compression_method import PromptBatch
 
 from .common import TEST_SEED
@@ -48,13 +48,22 @@ def compression_step(model, inputs):
         with torch.no_grad():
             embeds = inner.get_input_embeddings()(ids)
         text = inputs["attention_mask"].bool() & ~placeholders
-        prompt = PromptBatch(embeds, placeholders, text, ids.shape[1], "image")
+        prompt = PromptBatch(
+            embeds,
+            placeholders,
+            text,
+            ids.shape[1],
+            "image",
+            num_kept=visual.num_kept,
+            input_embeddings=inner.get_input_embeddings(),
+            projector=inner.multi_modal_projector,
+        )
 
     def run():
         with torch.no_grad():
-            out = method.compress_features(inner, features, visual)
+            out = method.compress_features(features, visual)
             if prompt is not None:
-                method.compress_with_prompt(inner, out, prompt)
+                method.compress_with_prompt(out, prompt)
 
     return run
 

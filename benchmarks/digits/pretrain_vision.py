@@ -24,12 +24,11 @@ import time
 
 import numpy as np
 import torch
+from modeling_deft_llava.utilities.process_state import restores_process_state
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration
-
-from modeling_deft_llava.commands.process_state import restores_process_state
 
 from .common import (
     SELECT_STRATEGY,

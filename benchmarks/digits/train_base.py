@@ -20,10 +20,9 @@ import sys
 import time
 
 import torch
+from modeling_deft_llava.utilities.process_state import restores_process_state
 from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration, LlavaProcessor, Trainer, TrainingArguments
-
-from modeling_deft_llava.commands.process_state import restores_process_state
 
 from .common import (
     ROPE_THETA,

@@ -25,10 +25,9 @@ import os
 import shutil
 import time
 
-from modeling_deft_llava.configuration.deft_settings import DEFT_RECIPE, RANKING_LOSSES
-
 from modeling_deft_llava.commands.convert import convert
-from modeling_deft_llava.commands.process_state import restores_process_state
+from modeling_deft_llava.configuration.deft_settings import DEFT_RECIPE, RANKING_LOSSES
+from modeling_deft_llava.utilities.process_state import restores_process_state
 
 from .common import atomic_write_json
 from .data import user_text

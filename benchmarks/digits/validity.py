@@ -34,10 +34,9 @@ import time
 
 import numpy as np
 import torch
+from modeling_deft_llava.utilities.process_state import restores_process_state
 from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
-
-from modeling_deft_llava.commands.process_state import restores_process_state
 
 from .common import (
     TEST_SEED,

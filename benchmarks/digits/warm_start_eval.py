@@ -27,6 +27,7 @@ import os
 import time
 
 import torch
+from modeling_deft_llava.commands.convert import convert
 from modeling_deft_llava.configuration.deft_settings import num_kept_tokens
 from modeling_deft_llava.training.warm_start import (
     TEACHERS,
@@ -35,10 +36,9 @@ from modeling_deft_llava.training.warm_start import (
     teacher_agreement,
     warm_start,
 )
+from modeling_deft_llava.utilities.process_state import restores_process_state
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
-from modeling_deft_llava.commands.convert import convert
-from modeling_deft_llava.commands.process_state import restores_process_state
 
 from .common import NUM_VISUAL_TOKENS, TEST_SEED, atomic_write_json, evaluate_generate
 from .evaluate_methods import load, method_settings, score

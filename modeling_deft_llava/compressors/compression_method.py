@@ -14,7 +14,13 @@ hook does nothing by default, so a method writes only the hooks where it acts:
 7. `compress_text`: choose the context text tokens to keep (a method with `"text"` in `modalities`: DeFT);
    the model drops the others (`text_context.py`, `TokenLayout.mark_context`).
 
-Declarations, read at config time by `configuration/` (through the registry) and by the model:
+A hook gets what it uses in its record, never the model: the batch's K (`VisualBatch.num_kept`,
+`PromptBatch.num_kept`, `LanguageModelCall.num_kept`: the model applies the one rounding rule, no method
+recomputes it from `deft_retention_ratio`) and the layers or embeddings it reads (`VisualBatch.vision_tower`,
+`projector`, `input_embeddings`; `LanguageModelCall.language_model`).
+
+Declarations, read at config time through `placeholder_policy.py` (by the config classes and the processors) and
+by the model:
 `name`, `settings_class` (the method's `compression_settings`), `modalities`, the `needs_*` inputs and the
 placeholder policy `writes_all_placeholders` (K per image, or all N when the method decides the count inside
 the forward pass and the model drops the unused rows).
@@ -50,6 +56,12 @@ class VisualBatch:
         layer_input: `(items, 1 + N, width)` that layer's input, captured when the method `needs_vision_layer`.
         encoder_outputs: the vision tower's output (`hidden_states` when the tower returned them), or None.
         token_gradients: list, per item, of `(N, hidden_size)` gradients of a full-token task loss (DeFT).
+        feature_layer: `config.vision_feature_layer`, the hidden-states index of the features (Recoverable
+            reads the CLS token of that layer), or None.
+        vision_tower: the vision encoder (a method that runs it itself: ToMe, FiCoCo-V), or None.
+        projector: the multi-modal projector (vision width -> hidden_size), or None.
+        input_embeddings: the language model's input embedding table (DeFT `hybrid` reads each visual token
+            through it), or None.
     """
 
     modality: str
@@ -60,6 +72,10 @@ class VisualBatch:
     layer_input: torch.Tensor | None = None
     encoder_outputs: Any = None
     token_gradients: list | None = None
+    feature_layer: int | list[int] | None = None
+    vision_tower: nn.Module | None = None
+    projector: nn.Module | None = None
+    input_embeddings: nn.Module | None = None
 
 
 @dataclass
@@ -75,6 +91,10 @@ class PromptBatch:
             question).
         prompt_length: tokens of the prompt; later ones were generated.
         modality: `"image"` or `"video"`, the items of `placeholder_mask`.
+        num_kept: K, the tokens each item keeps (the project's one rounding rule on its rows), or None where
+            the caller does not say (a method that needs K then refuses the call).
+        input_embeddings: the language model's input embedding table (DeFT `hybrid`), or None.
+        projector: the multi-modal projector (Recoverable's released order projects its merged tokens), or None.
     """
 
     inputs_embeds: torch.Tensor
@@ -82,6 +102,15 @@ class PromptBatch:
     text_mask: torch.Tensor
     prompt_length: int
     modality: str = "image"
+    num_kept: int | None = None
+    input_embeddings: nn.Module | None = None
+    projector: nn.Module | None = None
+
+    def kept_per_item(self, method: str) -> int:
+        """K; raises ValueError naming `method` when the batch does not carry it."""
+        if self.num_kept is None:
+            raise ValueError(f"{method} keeps K tokens per item and needs PromptBatch.num_kept, got None")
+        return self.num_kept
 
     def questions(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each item's batch row `(items,)` and its question `(items, seq)` bool: every real text token of the
@@ -138,7 +167,12 @@ class LanguageModelCall:
         kwargs: the other keyword arguments of the forward (`use_cache`, `output_attentions`, ...).
         layout: the prefill's `TokenLayout` (where each item's visual tokens are), None in decoding steps.
         prompt_length: tokens of the prompt (decisions use the prompt only).
-        generation_state: what the prefill recorded for later steps (`method.generation_state_keys`).
+        generation_state: what the prefill recorded for later steps: the `deft_generation_state` record's
+            entries, the method's own included (FastV's layer gather index), which the model passes on unread.
+        language_model: the decoder (its layers, rotary embedding and final norm).
+        num_kept: K, the visual tokens each image keeps, in a prefill with images; None otherwise.
+        output_flags: the model config's `output_attentions` / `output_hidden_states` (a call's own kwargs
+            take precedence).
     """
 
     inputs_embeds: torch.Tensor
@@ -149,6 +183,9 @@ class LanguageModelCall:
     layout: Any = None
     prompt_length: int | None = None
     generation_state: dict = field(default_factory=dict)
+    language_model: nn.Module | None = None
+    num_kept: int | None = None
+    output_flags: dict = field(default_factory=dict)
 
 
 class CompressionMethod:
@@ -198,7 +235,7 @@ class CompressionMethod:
         not videos (`"video"` not in `modalities`), acts on each image alone (no hook that needs the prompt,
         the decoder or a second prefill: `compress_with_prompt`, `run_language_model`, `reconsider`) and
         writes K placeholders (`writes_all_placeholders` False). A video of F frames of N patches then keeps
-        `F * floor(ratio * N + 0.5)` tokens (`configuration.deft_settings.video_placeholder_count`); the
+        `F * floor(ratio * N + 0.5)` tokens (`placeholder_policy.video_placeholder_count`); the
         model runs the image path on the frames (`DeftLlavaModel.get_video_features`)."""
         if "video" in cls.modalities or "image" not in cls.modalities:
             return False
@@ -290,8 +327,11 @@ class CompressionMethod:
         return config.vision_feature_layer
 
     # ------------------------------------------------------------------ hooks, in the order the model calls them
-    def encode_images(self, model, pixel_values: torch.Tensor, vision_feature_layer, strategy):
-        """Run the vision encoder and projector; return a `DeftVisualFeaturesOutput`, or None for the stock path."""
+    # Each hook gets what it uses (the batch's K, the layers and embeddings in its record), never the model.
+    def encode_images(self, pixel_values: torch.Tensor, visual: VisualBatch, vision_feature_layer, strategy):
+        """Run the vision encoder (`visual.vision_tower`) and projector (`visual.projector`) on `pixel_values`,
+        keeping `visual.num_kept` tokens; `vision_feature_layer` and `strategy` are the call's (the config's
+        when the call gives none). Return a `DeftVisualFeaturesOutput`, or None for the stock path."""
         return None
 
     def compress_vision_features(self, features: torch.Tensor, visual: VisualBatch):
@@ -299,26 +339,26 @@ class CompressionMethod:
         (K rows, their source patches), or None to leave them alone."""
         return None
 
-    def compress_features(self, model, features, visual: VisualBatch):
+    def compress_features(self, features, visual: VisualBatch):
         """Compress the projected features (`DeftVisualFeaturesOutput`, one entry per item); return it or a
         new one (rows for the placeholders, `source_indices`, and `rows_used` for content-dependent counts)."""
         return features
 
-    def compress_with_prompt(self, model, features, prompt: PromptBatch):
+    def compress_with_prompt(self, features, prompt: PromptBatch):
         """Compress once the prompt is known; return `features` or a new `DeftVisualFeaturesOutput`."""
         return features
 
-    def run_language_model(self, model, call: LanguageModelCall):
+    def run_language_model(self, call: LanguageModelCall):
         """Run the decoder layers; return a `DeftLlavaModelOutputWithPast`, or None for the stock language model."""
         return None
 
-    def reconsider(self, model, next_token_logits) -> torch.Tensor | None:
+    def reconsider(self, next_token_logits) -> torch.Tensor | None:
         """After a prefill: `(batch,)` bool of the samples that need a second prefill with every usable row, or
         None. `next_token_logits()` computes the `(batch, vocab)` logits of each sample's last position (only
         a method that uses them pays for the head)."""
         return None
 
-    def compress_text(self, model, text: TextBatch) -> TextSelection | None:
+    def compress_text(self, text: TextBatch) -> TextSelection | None:
         """Choose the context tokens to keep (called only when `"text"` is in `modalities` and
         `deft_text_retention_ratio` is set); None keeps every one."""
         return None

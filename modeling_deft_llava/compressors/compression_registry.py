@@ -1,9 +1,10 @@
 """Every compression method by name: the only list of method names in the project.
 
 `METHODS` maps `config.compression_method` to the method's class (one `method_<name>.py` each). Config
-validation, the processor's placeholder count and the model all ask this registry. Adding a method: write
-`method_<name>.py` (a `TokenCompressor` for a features method, or a `CompressionMethod` with the hooks it
-needs), add one line below, and one entry in the parameterised test settings (`tests/method_settings.py`).
+validation and the processor's placeholder count (`placeholder_policy.py`) and the model all ask this registry.
+Adding a method: write `method_<name>.py` (a `TokenCompressor` for a features method, or a `CompressionMethod`
+with the hooks it needs), add one line below, and one entry in the parameterised test settings
+(`SETTINGS` in `tests/test_model_methods.py`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..configuration.deft_settings import num_kept_tokens
 from ..modeling_outputs_deft_llava import updated
 from .compression_method import PromptBatch, VisualBatch
 from .token_compressor import (
@@ -213,11 +212,11 @@ class DeftLlavaCDPrunerCompressor(TokenCompressor):
     def writes_all_placeholders(cls, config) -> bool:
         return True  # the K kept rows are chosen once the prompt is known; the model drops the others
 
-    def compress_features(self, model, features, visual: VisualBatch):
+    def compress_features(self, features, visual: VisualBatch):
         """Nothing yet: the instruction is not known before `compress_with_prompt`."""
         return features
 
-    def compress_with_prompt(self, model, features, prompt: PromptBatch):
+    def compress_with_prompt(self, features, prompt: PromptBatch):
         """Keep K rows of each image, chosen with its question; mark the others unused (the model re-packs)."""
         tokens = torch.stack(list(features.pooler_output))  # (images, N, D)
         images, n, _ = tokens.shape
@@ -226,7 +225,7 @@ class DeftLlavaCDPrunerCompressor(TokenCompressor):
         )  # (images,), (images, seq): placeholders per image, whatever the method keeps
         context = CompressionContext(
             spatial_shape=(1, n),  # the method does not read the grid
-            num_kept=num_kept_tokens(n, model.config.deft_retention_ratio),
+            num_kept=prompt.kept_per_item(self.name),
             text_embeds=prompt.inputs_embeds[row].to(tokens.dtype),  # (images, seq, D)
             text_mask=question,
         )

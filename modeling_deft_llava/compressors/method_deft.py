@@ -154,7 +154,7 @@ class DeftLlavaDeFTCompressor(CompressionMethod, DeFTModule):
             setattr(self, attribute, getattr(config, key))
         self.inference_mode = config.deft_inference_mode
 
-    def compress_features(self, model, features, visual: VisualBatch):
+    def compress_features(self, features, visual: VisualBatch):
         if not features.pooler_output:
             return features
         if self.question_aware:  # selected once the prompt is known (`compress_with_prompt`)
@@ -163,9 +163,11 @@ class DeftLlavaDeFTCompressor(CompressionMethod, DeFTModule):
                 spatial_shape=tuple(visual.spatial_shape),
                 token_gradients=visual.token_gradients,
             )
-        return self._select(model, features, visual.modality, visual.spatial_shape, visual.token_gradients)
+        return self._select(
+            visual.input_embeddings, features, visual.modality, visual.spatial_shape, visual.token_gradients
+        )
 
-    def compress_with_prompt(self, model, features, prompt: PromptBatch):
+    def compress_with_prompt(self, features, prompt: PromptBatch):
         """Question-aware DeFT: score and select each item with its row's question (see the module docstring)."""
         if not self.question_aware:
             return features
@@ -180,7 +182,7 @@ class DeftLlavaDeFTCompressor(CompressionMethod, DeFTModule):
                 "features that get_image_features / get_video_features of this model return"
             )
         return self._select(
-            model,
+            prompt.input_embeddings,
             features,
             prompt.modality,
             spatial_shape,
@@ -191,7 +193,7 @@ class DeftLlavaDeFTCompressor(CompressionMethod, DeFTModule):
 
     def _select(
         self,
-        model,
+        embeddings,
         features,
         modality,
         spatial_shape,
@@ -199,14 +201,18 @@ class DeftLlavaDeFTCompressor(CompressionMethod, DeFTModule):
         question_embeds=None,
         question_mask=None,
     ):
-        """Score and select the rows of each item (`fast`: K rows; `hybrid`/`adaptive`: N rows, `rows_used`)."""
+        """Score and select the rows of each item (`fast`: K rows; `hybrid`/`adaptive`: N rows, `rows_used`).
+        `embeddings`: the language model's input embedding table (`hybrid` reads the tokens through it)."""
         tokens = torch.stack(list(features.pooler_output))  # (items, N, D)
         grads = torch.stack(token_gradients) if token_gradients is not None else None
         mode = self.inference_mode
         logits = None
         if mode == "hybrid":
             # the language model's own reading of each visual token through its vocabulary embedding
-            embeddings = model.get_input_embeddings()
+            if embeddings is None:
+                raise ValueError(
+                    "DeFT hybrid mode reads the language model's input embeddings; none were given"
+                )
             with loaded_weights(embeddings):
                 logits = tokens @ embeddings.weight.to(tokens.device).t()  # (items, N, vocab)
         out = self(
@@ -259,7 +265,7 @@ class DeftLlavaDeFTCompressor(CompressionMethod, DeFTModule):
         result.rows_used = list(usable) if mode == "hybrid" else list(selected)
         return result
 
-    def compress_text(self, model, text: TextBatch) -> TextSelection:
+    def compress_text(self, text: TextBatch) -> TextSelection:
         """Keep the top `deft_text_retention_ratio` of each sample's context tokens (DeFT's text path).
 
         Samples without context are left out of the call (`DeFTModule` refuses an all-padding row)."""
@@ -289,7 +295,7 @@ class DeftLlavaDeFTCompressor(CompressionMethod, DeFTModule):
             scores[has] = out.scores.float()
         return TextSelection(kept=kept[:, :n], tokens=rows, scores=scores)
 
-    def reconsider(self, model, next_token_logits) -> torch.Tensor | None:
+    def reconsider(self, next_token_logits) -> torch.Tensor | None:
         """`adaptive`: samples whose next-token distribution is uncertain (the RTD rule: normalised entropy >
         `deft_rtd_entropy_threshold` or max probability < `deft_rtd_confidence_threshold`)."""
         if self.inference_mode != "adaptive":

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from ..configuration.deft_settings import num_kept_tokens
 from ..modeling_outputs_deft_llava import DeftLlavaModelOutputWithPast
 from ..token_layout import check_attention_mask, gather_seq, last_real_index, repack_left, scatter_seq
 from ..transformers_compat import cache_kwargs
@@ -181,23 +180,23 @@ class DeftLlavaFastVCompressor(MethodModule):
                 "leave it True for this method"
             )
 
-    def run_language_model(self, model, call: LanguageModelCall) -> DeftLlavaModelOutputWithPast:
+    def run_language_model(self, call: LanguageModelCall) -> DeftLlavaModelOutputWithPast:
         """The model's hook: run the decoder layers (`run_layers`) and report, per image, the visual tokens the
-        later layers kept (`deft_kept_indices`) and the ranking (`deft_compression_scores`, `(images, N)`).
+        later layers kept (`kept_indices`) and the ranking (`compression_scores`, `(images, N)`).
 
         Raises:
             ValueError: a 4-D attention mask, or `output_attentions` / `output_hidden_states` asked for (on
                 the call or in the config): the layers run here return neither.
         """
         check_attention_mask(call.attention_mask)
-        kwargs, language_model = call.kwargs, model.language_model
+        kwargs, language_model = call.kwargs, call.language_model
         asked = [
             key
             for key in ("output_attentions", "output_hidden_states")
             if (
                 kwargs.get(key)
                 if kwargs.get(key) is not None
-                else getattr(model.config, key, False) or getattr(language_model.config, key, False)
+                else call.output_flags.get(key) or getattr(language_model.config, key, False)
             )
         ]
         if asked:  # asked on the call or in the config: refused, never silently dropped
@@ -213,11 +212,7 @@ class DeftLlavaFastVCompressor(MethodModule):
         layout = call.layout
         images = layout is not None and "image" in layout.placeholder_masks
         visual_items = layout.item_of_token("image") if images else None
-        num_kept = (
-            num_kept_tokens(layout.rows_per_item["image"][0], model.config.deft_retention_ratio)
-            if images
-            else 1
-        )
+        num_kept = call.num_kept if images else 1
         run = self.run_layers(
             language_model,
             inputs_embeds,
@@ -246,8 +241,8 @@ class DeftLlavaFastVCompressor(MethodModule):
             # the language model decided which visual tokens the later layers keep
             per_image = layout.per_item("image", run.keep)  # (images, N) bool
             sources = layout.per_item("image", layout.source_index)  # (images, N)
-            outputs.deft_kept_indices = [src[k] for src, k in zip(sources, per_image)]
-            outputs.deft_compression_scores = layout.per_item("image", run.scores)
+            outputs.kept_indices = [src[k] for src, k in zip(sources, per_image)]
+            outputs.compression_scores = layout.per_item("image", run.scores)
         return outputs
 
     def reduce_visual(

@@ -276,9 +276,9 @@ class DeftLlavaPruneSIDCompressor(TokenCompressor):
         tokens = gather_tokens(image_features, kept)  # (batch, K, D)
         return CompressionResult(tokens=tokens, kept_indices=kept, scores=context.cls_attention)
 
-    def compress_features(self, model, features, visual: VisualBatch):
+    def compress_features(self, features, visual: VisualBatch):
         if not self.settings.dynamic_budget:
-            return super().compress_features(model, features, visual)
+            return super().compress_features(features, visual)
         if not features.pooler_output:
             return features
         tokens = torch.stack(list(features.pooler_output))  # (items, N, D)

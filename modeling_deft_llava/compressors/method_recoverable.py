@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..configuration.deft_settings import num_kept_tokens
 from ..modeling_outputs_deft_llava import updated
 from .compression_method import PromptBatch, VisualBatch
 from .token_compressor import (
@@ -97,15 +96,14 @@ class MergePlan:
     scores: torch.Tensor
 
 
-def projector_input(config, hidden_states) -> torch.Tensor:
+def projector_input(feature_layer, hidden_states, num_patches: int) -> torch.Tensor:
     """`(images, N, width)` what a LLaVA projector receives, rebuilt from the vision tower's `hidden_states`
-    as transformers' `LlavaModel.get_image_features` selects it (`vision_feature_layer`, one int or a list
-    whose layers are concatenated; `vision_feature_select_strategy="default"` drops the CLS token)."""
-    layers = config.vision_feature_layer
-    chosen = [hidden_states[layers]] if isinstance(layers, int) else [hidden_states[i] for i in layers]
-    if config.vision_feature_select_strategy == "default":
-        chosen = [states[:, 1:] for states in chosen]
-    return torch.cat(chosen, dim=-1)
+    as transformers' `LlavaModel.get_image_features` selects it: the `feature_layer` states (one index, or a list
+    whose layers are concatenated), without the CLS token where the select strategy dropped it (the last
+    `num_patches` positions: a CLS tower under `"default"`, a tower without CLS under `"full"`)."""
+    layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+    chosen = [hidden_states[i] for i in layers]  # (images, 1 + N or N, width) each
+    return torch.cat([states[:, states.shape[1] - num_patches :] for states in chosen], dim=-1)
 
 
 def released_cls_attention(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -239,7 +237,7 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
         # the released CLS attention is the encoder's last layer's, whatever the feature layer
         return -1 if self.settings.cls_attention_layer == "released" else config.vision_feature_layer
 
-    def compress_features(self, model, features, visual: VisualBatch):
+    def compress_features(self, features, visual: VisualBatch):
         """The model's first hook: nothing is dropped yet (the question is not known); keep what the second
         needs: the projected CLS token of the feature layer, when asked its CLS attention `(images, N)`, and with
         `merge_space="vision"` the projector's input of every image `(N, width)`."""
@@ -248,21 +246,20 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
             attention = released_cls_attention(visual.vision_layer, visual.layer_input)  # (images, N)
         elif self.needs_cls_attention:
             attention = cls_attention(visual.vision_layer, visual.layer_input)  # (images, N)
-        states = visual.encoder_outputs.hidden_states[
-            model.config.vision_feature_layer
-        ]  # (images, 1 + N, width)
+        states = visual.encoder_outputs.hidden_states[visual.feature_layer]  # (images, 1 + N, width)
         cls_state = states[:, :1]  # (images, 1, width) the CLS token of the feature layer
         projector_inputs = None
         if self.settings.merge_space == "vision":  # the released order merges these, then projects
-            projector_inputs = list(projector_input(model.config, visual.encoder_outputs.hidden_states))
+            hidden, n = visual.encoder_outputs.hidden_states, features.pooler_output[0].shape[0]
+            projector_inputs = list(projector_input(visual.feature_layer, hidden, n))
         return updated(
             features,
-            cls_embeddings=model.multi_modal_projector(cls_state)[:, 0],  # (images, D)
+            cls_embeddings=visual.projector(cls_state)[:, 0],  # (images, D)
             cls_attention=attention,
             projector_inputs=projector_inputs,  # per image (N, width)
         )
 
-    def compress_with_prompt(self, model, features, prompt: PromptBatch):
+    def compress_with_prompt(self, features, prompt: PromptBatch):
         """The model's second hook: compress each image with its question.
 
         The question of an image is the text that follows it in its row, up to the prompt length: the model's
@@ -277,15 +274,22 @@ class DeftLlavaRecoverableCompressor(TokenCompressor):
         side = math.isqrt(n)  # the grid only has to hold N patches: the method does not use its shape
         context = CompressionContext(
             spatial_shape=(side, side) if side * side == n else (1, n),
-            num_kept=num_kept_tokens(n, model.config.deft_retention_ratio),
+            num_kept=prompt.kept_per_item(self.name),
             cls_attention=features.cls_attention,
             cls_embedding=features.cls_embeddings,
             text_embeds=prompt.inputs_embeds[row].to(tokens.dtype),  # (images, seq, D)
             text_mask=question,  # (images, seq)
         )
         if self.settings.merge_space == "vision":  # the released order: merge the projector's input, project
+            if features.projector_inputs is None or prompt.projector is None:
+                raise ValueError(
+                    "recoverable with merge_space='vision' needs features.projector_inputs (set by its "
+                    "compress_features hook) and prompt.projector (the model's multi_modal_projector) to merge "
+                    f"before projecting; got projector_inputs={'None' if features.projector_inputs is None else 'set'}, "
+                    f"projector={'None' if prompt.projector is None else 'set'}; or use merge_space='projected'"
+                )
             vision = torch.stack(list(features.projector_inputs))  # (images, N, width)
-            out = self.compress_merging_vision(tokens, vision, model.multi_modal_projector, context)
+            out = self.compress_merging_vision(tokens, vision, prompt.projector, context)
         else:
             out = self(tokens, context)  # K tokens per image, with their representative patch
         index = out.kept_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])  # (images, K, D)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..configuration.deft_settings import num_kept_tokens
 from ..modeling_outputs_deft_llava import DeftVisualFeaturesOutput
+from .compression_method import VisualBatch
 from .token_compressor import MethodModule, check_choice
 from .tome_merge import tome_bipartite_merge
 
@@ -146,38 +146,36 @@ class DeftLlavaToMeCompressor(MethodModule):
         run = tome_layers_run(config.vision_config.num_hidden_layers, layer)
         cls.check_layers(settings, layer, run)
         if num_tokens is not None and config.use_deft:
-            cls(8, settings).schedule(
-                num_tokens, num_kept_tokens(num_tokens, config.deft_retention_ratio), run
-            )
+            cls(8, settings).schedule(num_tokens, num_kept, run)  # num_kept: K (ToMe writes K placeholders)
 
     @classmethod
     def check_layers(cls, settings, layer: int, run: int) -> None:
         """Settings that depend on the encoder layers run (FiCoCo-V's start layer)."""
 
-    def encode_images(self, model, pixel_values, vision_feature_layer, strategy) -> DeftVisualFeaturesOutput:
+    def encode_images(
+        self, pixel_values, visual: VisualBatch, vision_feature_layer, strategy
+    ) -> DeftVisualFeaturesOutput:
         """The model's hook: run the encoder layers up to the feature layer with merging (`encode`), then the
         projector on the K patch tokens (CLS dropped).
 
         Raises:
             ValueError: a list of feature layers or a strategy other than `"default"`.
         """
-        layer = model.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        strategy = model.config.vision_feature_select_strategy if strategy is None else strategy
+        layer = vision_feature_layer
         if not isinstance(layer, int) or strategy != "default":
             raise ValueError(
                 f"{self.name} needs one int vision_feature_layer and the 'default' strategy, got "
                 f"{layer!r} and {strategy!r}"
             )
-        vision_model = getattr(model.vision_tower, "vision_model", model.vision_tower)
-        patch = model.config.vision_config.patch_size
-        n = (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
+        vision_model = getattr(visual.vision_tower, "vision_model", visual.vision_tower)
+        n = visual.spatial_shape[0] * visual.spatial_shape[1]
         encoded = self.encode(
             vision_model,
-            pixel_values.to(model.vision_tower.dtype),
+            pixel_values.to(visual.vision_tower.dtype),
             tome_layers_run(len(vision_model.encoder.layers), layer),
-            num_kept_tokens(n, model.config.deft_retention_ratio),
+            visual.num_kept,
         )
-        features = model.multi_modal_projector(encoded.hidden_states[:, 1:])  # (images, K, D), CLS dropped
+        features = visual.projector(encoded.hidden_states[:, 1:])  # (images, K, D), CLS dropped
         return DeftVisualFeaturesOutput(
             last_hidden_state=encoded.hidden_states,
             pooler_output=list(features),

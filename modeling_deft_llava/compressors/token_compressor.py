@@ -141,7 +141,7 @@ class TokenCompressor(MethodModule):
             return None
         return self(features, self.context_for(visual))
 
-    def compress_features(self, model, features, visual: VisualBatch):
+    def compress_features(self, features, visual: VisualBatch):
         if self.feature_space != "projected" or not features.pooler_output:
             return features
         tokens = torch.stack(list(features.pooler_output))  # (items, N, D)

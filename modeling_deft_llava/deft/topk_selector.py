@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..configuration.deft_settings import num_kept_tokens
+from .score_mixer import normalize_per_sample
 
 
 def kept_counts(num_valid: torch.Tensor, retention_ratio: float) -> torch.Tensor:
@@ -76,8 +77,6 @@ def select_with_coverage(
     Returns:
         kept_indices, kept_mask: as `select_topk` (ascending indices, unused slots of short rows at index 0).
     """
-    from .score_mixer import normalize_per_sample
-
     batch, n = scores.shape
     valid = token_mask if token_mask is not None else torch.ones_like(scores, dtype=torch.bool)
     counts = kept_counts(valid.sum(1), retention_ratio)  # (batch,)

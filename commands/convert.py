@@ -8,7 +8,7 @@ Reads both key layouts (transformers 5 `model.language_model.*` and the older `l
 the public llava-hf repos and stock `save_pretrained` write). The DeFT modules are new: they are initialised
 fresh, listed in the log, and should be trained (see `training/`), or warm-started without labels
 (`commands/warm_start.py`). The output folder is written with
-`hub_card/atomic_write.py` (built next to it, then renamed into place; `--overwrite` swaps the old folder out in
+`utilities/atomic_write.py` (built next to it, then renamed into place; `--overwrite` swaps the old folder out in
 one step and deletes it afterwards): a kill at any point leaves the old folder or the new one, and an existing
 non-empty folder is never touched without `--overwrite`.
 """
@@ -22,12 +22,12 @@ import os
 
 from ..configuration.anyres_settings import AnyResSettings
 from ..configuration.deft_settings import DEFT_RECIPE, DeftSettings
-from ..hub_card.atomic_write import place, staged
 from ..modeling_deft_llava import DeftLlavaForConditionalGeneration
 from ..modeling_deft_llava_next import DeftLlavaNextForConditionalGeneration
 from ..processing.processing_deft_llava import PROCESSOR_DEFT_KEYS, DeftLlavaProcessor
 from ..processing.processing_deft_llava_next import PROCESSOR_KEYS, DeftLlavaNextProcessor
 from ..training.folders import check_readable_folder
+from ..utilities.atomic_write import place, staged
 
 # LLaVA-NeXT (AnyRes) folders become DeFT-LLaVA-NeXT folders; every other folder a DeFT-LLaVA one
 ANYRES_MODEL_TYPES = ("llava_next", "deft_llava_next")
