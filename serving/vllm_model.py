@@ -36,6 +36,7 @@ Shapes: `embed_multimodal` returns, per image, `(K, hidden_size + 2)`; `embed_in
 from __future__ import annotations
 
 from collections.abc import Iterable
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -56,7 +57,11 @@ from vllm.model_executor.models.utils import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from modeling_deft_llava import DeFTModule
+from modeling_deft_llava.compressors.compression_method import CompressionMethod
+from modeling_deft_llava.compressors.compression_registry import METHODS, build_method, method_class
 from modeling_deft_llava.compressors.method_deft import DeftLlavaDeFTCompressor
+from modeling_deft_llava.compressors.token_compressor import CompressionContext, TokenCompressor
+from modeling_deft_llava.compressors.vision_attention import cls_attention, patch_keys
 
 from .vllm_processing import (
     DeftLlavaVllmDummyInputsBuilder,
@@ -71,18 +76,62 @@ OFFSET_BASE = 64
 OFFSET_CHANNELS = 2
 
 
+# the hooks a method may override that vLLM's plugin does not run, and why (see `fixed_k_refusal`)
+UNSERVED_HOOKS = {
+    "encode_images": "it runs inside the vision encoder's layers, and vLLM runs its own CLIP/SigLIP tower unchanged",
+    "compress_with_prompt": "it reads the prompt's text, and vLLM encodes images (embed_multimodal) without it",
+    "run_language_model": "it prunes or merges inside the language model's layers, which vLLM runs (paged "
+    "attention, a KV cache reserved per placeholder)",
+    "reconsider": "it asks for a second prefill with more tokens, which vLLM's scheduler does not offer",
+}
+
+
+def fixed_k_refusal(method: type[CompressionMethod], config) -> str | None:
+    """Why the baseline `method` cannot run in the plugin with `config`, or None when it can: it must keep a fixed
+    K per image from the vision features or the projected features alone, before the language model (a
+    `TokenCompressor` that overrides none of `UNSERVED_HOOKS`, reads no text, and writes K placeholders)."""
+    for hook, reason in UNSERVED_HOOKS.items():
+        if getattr(method, hook) is not getattr(CompressionMethod, hook):
+            return reason
+    if method.needs_text:
+        return UNSERVED_HOOKS["compress_with_prompt"]
+    if not issubclass(method, TokenCompressor) or method.compress is TokenCompressor.compress:
+        return "it does not compress one image's features on its own (a TokenCompressor)"
+    if method.writes_all_placeholders(config):
+        return (
+            "with these compression_settings it decides the number of tokens per image inside the forward pass "
+            f"({config.compression_settings!r}), and vLLM's placeholder accounting needs a fixed K per image"
+        )
+    return None
+
+
+def served_methods() -> list[str]:
+    """The `compression_method` names the plugin serves (with their default settings): DeFT (fast mode) and the
+    fixed-K baselines."""
+    defaults = SimpleNamespace(
+        compression_settings=None, deft_inference_mode="fast", deft_retention_ratio=0.25
+    )
+    return [
+        name
+        for name, cls in METHODS.items()
+        if name == DeftLlavaDeFTCompressor.name or fixed_k_refusal(cls, defaults) is None
+    ]
+
+
 def serving_refusal(config) -> str | None:
     """Why vLLM cannot serve this configuration (None: it can). Fixed K per image and compression before the
     language model are required; see the module docstring."""
     if not config.use_deft:
         return None
-    if config.compression_method != "deft":
+    if config.compression_method != DeftLlavaDeFTCompressor.name:
+        reason = fixed_k_refusal(method_class(config.compression_method), config)
+        if reason is None:
+            return None
         return (
             f"compression_method={config.compression_method!r} is not served by the DeFT-LLaVA vLLM plugin: "
-            "only compression_method='deft' (deft_inference_mode='fast') or use_deft=False are; baselines that "
-            "prune inside the language model (fastv, ficoco_l), read the prompt's text (recoverable) or work "
-            "inside the vision encoder (tome, ficoco_v) are not ported. Serve it with transformers' generate, "
-            "or load the folder with use_deft=False"
+            f"{reason}. Served: {served_methods()} (a fixed K per image, chosen before the language model), or "
+            "use_deft=False. Serve this method with transformers' generate, or pass "
+            "hf_overrides={'compression_method': ...} with a served one"
         )
     if config.deft_inference_mode != "fast":
         return (
@@ -99,6 +148,29 @@ def serving_refusal(config) -> str | None:
             "scorer ranks without the question: lower accuracy, see the model card)"
         )
     return None
+
+
+class _FeatureLayerView:
+    """vLLM's CLIP encoder layer seen through the names `vision_attention.cls_attention` / `patch_keys` read
+    (`layer_norm1`, `self_attn.q_proj/k_proj/num_heads/head_dim/scale`): vLLM fuses q, k and v into one
+    `qkv_proj`, whose output is `[q | k | v]`. The same statistics as transformers' layer, so a baseline ranks
+    the same patches as in `generate`."""
+
+    def __init__(self, layer: nn.Module):
+        attn = layer.self_attn
+        heads = attn.num_heads_per_partition
+        width = heads * attn.head_dim
+        self.layer_norm1 = layer.layer_norm1
+
+        def q_proj(states):
+            return attn.qkv_proj(states)[0][..., :width]
+
+        def k_proj(states):
+            return attn.qkv_proj(states)[0][..., width : 2 * width]
+
+        self.self_attn = SimpleNamespace(
+            q_proj=q_proj, k_proj=k_proj, num_heads=heads, head_dim=attn.head_dim, scale=attn.scale
+        )
 
 
 def build_deft_module(config) -> DeFTModule:
@@ -204,7 +276,10 @@ class DeftLlavaVllmForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
             self.multi_modal_projector = DeftLlavaVllmProjector(
                 config, quant_config, maybe_prefix(prefix, "multi_modal_projector")
             )
-            self.deft = build_deft_module(config) if self.compress else None
+            is_deft = config.compression_method == DeftLlavaDeFTCompressor.name
+            self.deft = build_deft_module(config) if self.compress and is_deft else None
+            # a fixed-K baseline (`fixed_k_refusal` passed): the registry's method, as the transformers model builds it
+            self.compressor = build_method(config) if self.compress and not is_deft else None
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(
                 vllm_config=vllm_config,
@@ -230,22 +305,28 @@ class DeftLlavaVllmForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
         if not isinstance(pixel_values, torch.Tensor):  # one tensor per image: all share the tower's size
             pixel_values = torch.stack(list(pixel_values))
         strategy = self.config.vision_feature_select_strategy
-        features = self.vision_tower(pixel_values, feature_select_strategy=strategy)  # (images, N, vision)
-        features = self.multi_modal_projector(features)  # (images, N, hidden_size)
-        images, n, _ = features.shape
-        if not self.compress:
-            kept = torch.arange(n, device=features.device).expand(images, n)  # (images, N)
-            rows = features
+        if self.compressor is not None:  # a fixed-K baseline
+            rows, kept, n = self._compress_with_baseline(pixel_values, strategy)
         else:
-            patch = self.config.vision_config.patch_size
-            grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
-            out = self.deft(tokens=features, modality="image", spatial_shape=grid, inference_mode="fast")
-            rows, kept = out.retained_tokens, out.kept_indices  # (images, K, hidden_size), (images, K)
-            if rows.shape[1] != self.num_kept_tokens:
-                raise ValueError(
-                    f"the DeFT module kept {rows.shape[1]} tokens per image but the processor wrote "
-                    f"{self.num_kept_tokens} placeholders (N={n}, ratio {self.config.deft_retention_ratio})"
-                )
+            features = self.vision_tower(
+                pixel_values, feature_select_strategy=strategy
+            )  # (images, N, vision)
+            features = self.multi_modal_projector(features)  # (images, N, hidden_size)
+            images, n, _ = features.shape
+            if self.deft is None:  # compression off
+                kept = torch.arange(n, device=features.device).expand(images, n)  # (images, N)
+                rows = features
+            else:
+                patch = self.config.vision_config.patch_size
+                grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+                out = self.deft(tokens=features, modality="image", spatial_shape=grid, inference_mode="fast")
+                rows, kept = out.retained_tokens, out.kept_indices  # (images, K, hidden_size), (images, K)
+        if self.compress and rows.shape[1] != self.num_kept_tokens:
+            raise ValueError(
+                f"compression method {self.config.compression_method!r} kept {rows.shape[1]} tokens per image but "
+                f"the processor wrote {self.num_kept_tokens} placeholders (N={n}, ratio "
+                f"{self.config.deft_retention_ratio})"
+            )
         k = rows.shape[1]
         offsets = kept - torch.arange(k, device=kept.device)  # (images, K) >= 0: kept indices ascend
         if not self.keep_original_positions:
@@ -253,6 +334,45 @@ class DeftLlavaVllmForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
         codes = torch.stack([offsets % OFFSET_BASE, offsets // OFFSET_BASE], dim=-1)  # (images, K, 2)
         out_rows = torch.cat([rows, codes.to(rows.dtype)], dim=-1)  # (images, K, hidden_size + 2)
         return list(out_rows)
+
+    def _compress_with_baseline(self, pixel_values: torch.Tensor, strategy: str):
+        """A fixed-K baseline, run as `DeftLlavaModel` runs it: on the vision features before the projector
+        (`feature_space="vision"`: the projector then sees the K kept rows) or on the projected features, with
+        the feature layer's CLS attention and keys recomputed from that layer's input when the method needs them.
+        Returns `(rows (images, K, hidden_size), kept (images, K), N)`."""
+        method = self.compressor
+        captured = {}
+        hook = None
+        if method.needs_vision_layer:
+            layer = self.vision_tower.vision_model.encoder.layers[
+                -1
+            ]  # the feature layer (the tower ends there)
+
+            def keep_input(module, args, kwargs):
+                captured["x"] = args[0] if args else kwargs["hidden_states"]  # (images, 1 + N, width)
+
+            hook = layer.register_forward_pre_hook(keep_input, with_kwargs=True)
+        try:
+            features = self.vision_tower(
+                pixel_values, feature_select_strategy=strategy
+            )  # (images, N, vision)
+        finally:
+            if hook is not None:
+                hook.remove()
+        n = features.shape[1]
+        patch = self.config.vision_config.patch_size
+        view = _FeatureLayerView(self.vision_tower.vision_model.encoder.layers[-1]) if captured else None
+        context = CompressionContext(
+            spatial_shape=(pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch),
+            num_kept=self.num_kept_tokens,
+            cls_attention=cls_attention(view, captured["x"]) if method.needs_cls_attention else None,
+            vision_keys=patch_keys(view, captured["x"]) if method.needs_vision_keys else None,
+        )
+        if method.feature_space == "vision":
+            out = method(features, context)  # (images, K, vision)
+            return self.multi_modal_projector(out.tokens), out.kept_indices, n
+        out = method(self.multi_modal_projector(features), context)
+        return out.tokens, out.kept_indices, n
 
     # ------------------------------------------------------------------ language-model side
     def embed_input_ids(
@@ -310,10 +430,15 @@ class DeftLlavaVllmForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
 
         # compression off (use_deft=False): the checkpoint's DeFT weights are not used; question-blind serving
         # of a question-aware checkpoint (hf_overrides deft_question_aware=False): its question encoder is not
+        # a baseline's checkpoint weights (a DeFT checkpoint served with another compression_method): not used
         skip = ["deft."] if self.deft is None else ["deft.question_encoder."]
-        return AutoWeightsLoader(self, ignore_unexpected_prefixes=skip).load_weights(
+        loaded = AutoWeightsLoader(self, ignore_unexpected_prefixes=skip).load_weights(
             renamed(), mapper=self.hf_to_vllm_mapper
         )
+        # the baselines are built from settings alone (parameter-free): nothing of theirs is in a checkpoint
+        return loaded | {
+            f"compressor.{name}" for name, _ in (self.compressor or nn.Module()).named_parameters()
+        }
 
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list
@@ -333,4 +458,10 @@ class DeftLlavaVllmForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
         return positions.unsqueeze(0).expand(3, -1).clone(), delta
 
 
-__all__ = ["DeftLlavaVllmForConditionalGeneration", "build_deft_module", "serving_refusal"]
+__all__ = [
+    "DeftLlavaVllmForConditionalGeneration",
+    "build_deft_module",
+    "fixed_k_refusal",
+    "served_methods",
+    "serving_refusal",
+]

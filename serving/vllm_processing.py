@@ -8,7 +8,9 @@ the PyPI `torchvision` wheels are CUDA builds that do not load with the CPU torc
 - the number of `<image>` placeholders per image is `config.num_kept_tokens(N)` (N = the encoder's patch tokens,
   counted as vLLM's LLaVA counts them), the count `DeftLlavaProcessor` writes and the count the model class
   returns rows for; vLLM reserves KV-cache blocks, schedules and accounts for exactly these K tokens;
-- pixel values only (no precomputed `image_embeds`, which would bypass compression); no Pixtral towers.
+- pixel values only (no precomputed `image_embeds`, which would bypass compression); no Pixtral towers;
+- the images reach `DeftLlavaProcessor` with dummy text, one `<image>` each (`_get_hf_mm_text`): the processor
+  refuses images without a prompt that places them.
 """
 
 from __future__ import annotations
@@ -29,7 +31,13 @@ from vllm.multimodal.processing import (
 from modeling_deft_llava import DeftLlavaConfig, DeftLlavaProcessor
 
 # the config fields that decide how many placeholders the processor writes
-PROCESSOR_SETTINGS = ("use_deft", "deft_retention_ratio", "deft_inference_mode", "compression_method")
+PROCESSOR_SETTINGS = (
+    "use_deft",
+    "deft_retention_ratio",
+    "deft_inference_mode",
+    "compression_method",
+    "compression_settings",
+)
 
 
 def num_source_tokens(config) -> int:
@@ -86,6 +94,11 @@ class DeftLlavaVllmDummyInputsBuilder(BaseDummyInputsBuilder[DeftLlavaVllmProces
 
 class DeftLlavaVllmMultiModalProcessor(BaseMultiModalProcessor[DeftLlavaVllmProcessingInfo]):
     """Runs `DeftLlavaProcessor` (which already writes K placeholders) and tells vLLM where they are."""
+
+    def _get_hf_mm_text(self, mm_counts: Mapping[str, int]) -> str | None:
+        """One `<image>` per image (vLLM's dummy text; the real prompt is tokenized elsewhere):
+        `DeftLlavaProcessor` refuses images without a prompt that places them."""
+        return self.dummy_inputs.get_dummy_text(mm_counts)
 
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]

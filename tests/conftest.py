@@ -1,6 +1,7 @@
 """Suite-wide settings: property tests draw the same examples on every run, and no test leaves process-wide state
 changed for the tests after it (a fresh clone is green every time, in any order)."""
 
+import importlib.util
 import os
 
 import pytest
@@ -20,6 +21,10 @@ try:
     import sklearn  # noqa: F401
 except ImportError:  # not installed: no test imports it either
     pass
+# vLLM's model modules set variables on their first import (cv2's LD_LIBRARY_PATH, Triton's and Inductor's
+# settings): imported here in an environment with vLLM (requirements-vllm.txt), before any test imports them
+if importlib.util.find_spec("vllm") is not None:
+    import modeling_deft_llava.serving.vllm_model  # noqa: F401
 
 
 def _global_state() -> dict:

