@@ -60,7 +60,6 @@ def test_links_between_pages_resolve():
                 continue  # a web address
             file, _, anchor = target.partition("#")
             path = (page.parent / file).resolve() if file else page
-            relative = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
             assert path.exists(), f"{page.name} links to {target}, which does not exist"
             if anchor and path.suffix == ".md":
                 assert anchor in anchors(path), f"{page.name} links to {target}: no such heading"
