@@ -198,18 +198,21 @@ class EndpointHandler:
         text, used_position = self._full_prompt(prompt, len(images), position)
         inputs = self.processor(images=images, text=[text], return_tensors="pt")
         with torch.no_grad():
-            kept = self.model(**inputs).kept_indices  # list, per image, of the kept source indices
+            # the inner model's output carries, besides the kept source indices, each image's encoder token
+            # count N (LLaVA-NeXT: base view plus tile grid, different per image size)
+            outputs = self.model.model(**inputs)
             generated = self.model.generate(**inputs, **generation)
+        kept = outputs.kept_indices  # list, per image, of the kept source indices
         prompt_length = inputs["input_ids"].shape[1]
         answer = self.processor.tokenizer.decode(generated[0, prompt_length:], skip_special_tokens=True)
         per_image = [int(len(k)) for k in kept]
-        grid = [s // self.model.config.vision_config.patch_size for s in inputs["pixel_values"].shape[-2:]]
+        sources = [int(n) for n in outputs.image_features_output.num_source_tokens]
         return [
             {
                 "generated_text": answer.strip(),
                 "num_visual_tokens": sum(per_image),
                 "num_visual_tokens_per_image": per_image,
-                "num_source_tokens_per_image": [grid[0] * grid[1]] * len(images),
+                "num_source_tokens_per_image": sources,
                 "image_position": used_position,
             }
         ]

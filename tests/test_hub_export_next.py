@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,3 +169,29 @@ def test_next_processor_scales_16_bit_images_and_refuses_images_without_text():
         processor(images=[np.zeros((20, 40), dtype=np.uint8)], text=[PROMPT])
     with pytest.raises(ValueError, match="LLaVA-NeXT takes images only"):
         processor(videos=[[eight]], text=[PROMPT])
+
+
+def test_the_endpoint_handler_reports_each_images_own_token_count(exported):
+    """The exported `handler.py` on a NeXT folder: `num_source_tokens_per_image` is each image's N (base view plus
+    its tile grid, different per image size); it reported one view's patch count before."""
+    import base64
+    import importlib.util
+    import io
+
+    folder = Path(exported["folder"])
+    spec = importlib.util.spec_from_file_location("deft_next_handler", folder / "handler.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    handler = module.EndpointHandler(str(folder))
+    sizes = [SIZE, (40, 20)]
+    encoded = []
+    for i, size in enumerate(sizes):
+        buffer = io.BytesIO()
+        T.image(size, seed=i).save(buffer, format="PNG")
+        encoded.append(base64.b64encode(buffer.getvalue()).decode())
+    prompt = "USER: <image><image>\nwhat is in the picture ? ASSISTANT:"
+    reply = handler({"inputs": {"prompt": prompt, "images": encoded}, "parameters": {"max_new_tokens": 2}})[0]
+    model = exported["model"]
+    expected = [model.model.anyres_layout([h, w]).num_tokens for h, w in sizes]
+    assert reply["num_source_tokens_per_image"] == expected
+    assert len(reply["num_visual_tokens_per_image"]) == 2
