@@ -253,3 +253,16 @@ def test_speed_ideal_counts_the_tokens_each_layer_runs_not_the_placeholders(tmp_
     full, kept = speed_memory.TEXT_TOKENS + 64, speed_memory.TEXT_TOKENS + 16
     mixed = speed_memory.lm_flops(text, [full, kept])  # FastV-like: all N in layer 1, K in layer 2
     assert speed_memory.lm_flops(text, kept) < mixed < speed_memory.lm_flops(text, full)
+
+
+def test_evaluate_config_counts_the_folders_own_budget():
+    """A DeFT folder evaluated without settings keeps its saved K (16 of 64 for the shipped checkpoint at 25%):
+    the visual-token count was read from the settings alone, so it said 64."""
+    from benchmarks.digits.common import TEST_SEED
+    from benchmarks.digits.evaluate_methods import evaluate_config
+    from benchmarks.digits.tasks import TASKS
+
+    task = TASKS["easy"]
+    samples = task.make_split("test", 2, seed=TEST_SEED)
+    out = evaluate_config(task.deft_checkpoint, {}, samples, task, batch_size=2)
+    assert out["mean_visual_tokens"] == 16.0

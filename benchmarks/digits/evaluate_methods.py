@@ -147,7 +147,8 @@ def evaluate_config(folder: str, settings: dict, samples, task, batch_size: int 
     model, processor = load(folder, settings)
     desc = ",".join(f"{k}={v}" for k, v in settings.items() if k != "use_deft")
     out = evaluate_model(model, processor, samples, task, batch_size, desc)
-    k = num_kept_tokens(NUM_VISUAL_TOKENS, settings.get("deft_retention_ratio", 1.0))
+    config = model.config  # the folder's own settings, with `settings` applied (not `settings` alone)
+    k = config.num_kept_tokens(NUM_VISUAL_TOKENS) if config.use_deft else NUM_VISUAL_TOKENS
     out["mean_visual_tokens"] = mean_visual_tokens(model, processor, samples, batch_size, k)
     return out
 
