@@ -21,6 +21,10 @@ try:
     import sklearn  # noqa: F401
 except ImportError:  # not installed: no test imports it either
     pass
+# torch's compiler stack sets TORCHINDUCTOR_CACHE_DIR on its first import (`torch._dynamo.package`), which the
+# model's `torch.compiler.is_compiling()` check triggers: a test file run alone failed its first such test
+import torch._dynamo  # noqa: E402, F401
+
 # vLLM's model modules set variables on their first import (cv2's LD_LIBRARY_PATH, Triton's and Inductor's
 # settings): imported here in an environment with vLLM (requirements-vllm.txt), before any test imports them
 if importlib.util.find_spec("vllm") is not None:

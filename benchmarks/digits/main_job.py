@@ -19,7 +19,12 @@ import statistics
 import time
 
 import torch
-from modeling_deft_llava.commands.visualize import paired_prefill_seconds, processed_image, save_overlays
+from modeling_deft_llava.commands.visualize import (
+    paired_prefill_runs,
+    processed_image,
+    save_overlays,
+    saving_text,
+)
 from modeling_deft_llava.utilities.process_state import restores_process_state
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration, DeftLlavaProcessor
@@ -115,7 +120,8 @@ def main(argv=None) -> None:
         generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
     )
     full_inputs = full_processor(images=images, text=prompts, padding=True, return_tensors="pt")
-    on, off = paired_prefill_seconds(model, inputs, full_inputs, args.repeats)
+    on_runs, off_runs = paired_prefill_runs(model, inputs, full_inputs, args.repeats)
+    on, off = statistics.median(on_runs), statistics.median(off_runs)
     scoring = compression_seconds(model, inputs, args.repeats)
     grid = model.model._patch_grid(inputs["pixel_values"])
     n_tokens = grid[0] * grid[1]
@@ -143,8 +149,8 @@ def main(argv=None) -> None:
     print(f"{correct}/{len(samples)} correct")
     print(
         f"prefill of the batch: {on * 1000:.1f} ms compressed vs {off * 1000:.1f} ms with all {n_tokens} tokens "
-        f"({1 - on / off:.0%} time saved, median of {args.repeats}; sequence {inputs['input_ids'].shape[1]} vs "
-        f"{full_inputs['input_ids'].shape[1]} tokens)"
+        f"{saving_text(on_runs, off_runs)} (medians of {args.repeats} alternating runs; sequence "
+        f"{inputs['input_ids'].shape[1]} vs {full_inputs['input_ids'].shape[1]} tokens)"
     )
     print(
         f"{model.config.compression_method} compression step (scoring + top-k on the {n_tokens} projected rows of "
