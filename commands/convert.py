@@ -21,7 +21,7 @@ import logging
 import os
 
 from ..configuration.anyres_settings import AnyResSettings
-from ..configuration.deft_settings import DEFT_RECIPE, DeftSettings
+from ..configuration.deft_settings import DEFT_METHOD, DEFT_RECIPE, DeftSettings
 from ..modeling_deft_llava import DeftLlavaForConditionalGeneration
 from ..modeling_deft_llava_next import DeftLlavaNextForConditionalGeneration
 from ..processing.processing_deft_llava import PROCESSOR_DEFT_KEYS, DeftLlavaProcessor
@@ -90,15 +90,39 @@ def convert(stock_folder: str, out_folder: str, overwrite: bool = False, **deft_
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stock_folder")
-    parser.add_argument("out_folder")
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--use-deft", dest="use_deft", action="store_true", default=True)
-    parser.add_argument("--no-deft", dest="use_deft", action="store_false")
-    parser.add_argument("--deft-retention-ratio", type=float)
-    parser.add_argument("--deft-inference-mode", choices=["fast", "hybrid", "adaptive"])
-    parser.add_argument("--deft-semantic-dim", type=int)
-    parser.add_argument("--compression-method")
+    defaults = DeftSettings()  # every default below is the config field's (the single source)
+    parser.add_argument(
+        "stock_folder", help="a stock llava-hf folder (llava or llava_next), or a DeFT folder"
+    )
+    parser.add_argument("out_folder", help="where the DeFT-LLaVA folder is written (new, or empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty out_folder")
+    parser.add_argument(
+        "--use-deft",
+        dest="use_deft",
+        action="store_true",
+        default=True,
+        help="compression on in the written config (the default)",
+    )
+    parser.add_argument("--no-deft", dest="use_deft", action="store_false", help="compression off")
+    parser.add_argument(
+        "--deft-retention-ratio",
+        type=float,
+        help=f"share of visual tokens kept, in (0, 1] (default: the source folder's, else {defaults.deft_retention_ratio})",
+    )
+    parser.add_argument(
+        "--deft-inference-mode",
+        choices=["fast", "hybrid", "adaptive"],
+        help=f"DeFT's Recoverable Token Dictionary mode (default: the source folder's, else {defaults.deft_inference_mode})",
+    )
+    parser.add_argument(
+        "--deft-semantic-dim",
+        type=int,
+        help=f"width of DeFT's semantic space (default: the source folder's, else {defaults.deft_semantic_dim}, the seed's)",
+    )
+    parser.add_argument(
+        "--compression-method",
+        help=f"deft or a baseline (docs/methods.md; default: the source folder's, else {DEFT_METHOD!r})",
+    )
     parser.add_argument("--anyres-budget", choices=["image", "view"], help="LLaVA-NeXT folders only")
     parser.add_argument(
         "--anyres-image-newline", choices=["keep", "compress"], help="LLaVA-NeXT folders only"

@@ -36,3 +36,17 @@ def test_the_vllm_wrapper_without_vllm_names_the_install():
     assert run.returncode == 1
     assert "error: deft-llava-vllm runs vLLM's command line" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_convert_arguments_all_have_help(capsys):
+    """`convert --help` named its arguments without saying what they are or which default applies."""
+    from modeling_deft_llava.commands import convert
+
+    with pytest.raises(SystemExit):
+        convert.main(["--help"])
+    out = capsys.readouterr().out
+    for name in ("stock_folder", "out_folder", "--overwrite", "--no-deft", "--deft-retention-ratio"):
+        line = next(i for i, text in enumerate(out.splitlines()) if text.strip().startswith(name))
+        rest = out.splitlines()[line].strip()[len(name) :].strip() or out.splitlines()[line + 1].strip()
+        assert rest and not rest.startswith("-"), f"{name} has no help text"
+    assert "source folder's, else" in out
