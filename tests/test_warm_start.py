@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import tiny
 import torch
+from modeling_deft_llava.commands import warm_start as command
 from modeling_deft_llava.training.warm_start import (
     LOG_FILE,
     WarmStartArguments,
+    list_images,
     listwise_loss,
     rank_scores,
     teacher_agreement,
@@ -21,7 +23,6 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from modeling_deft_llava import DeftLlavaForConditionalGeneration
-from modeling_deft_llava.commands import warm_start as command
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -279,3 +280,13 @@ def test_each_teacher_ranks_as_its_registered_method_keeps(teacher, method, sett
     assert k == 4
     for row, indices in zip(target, kept):
         assert set(row.topk(k).indices.tolist()) == set(indices.tolist())
+
+
+def test_an_unreadable_image_is_named_when_the_folder_is_listed(tmp_path):
+    """Every image's header is read when the folder is listed, before a model loads: a broken file among good
+    ones was reported only once training reached it."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_text("not a png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "c.png")
+    with pytest.raises(ValueError, match=r"b\.png' is not a readable image"):
+        list_images(str(tmp_path))

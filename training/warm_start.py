@@ -138,7 +138,21 @@ def list_images(folder: str, what: str = "images") -> list[str]:
     )
     if not paths:
         raise ValueError(f"{what} folder {folder!r} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
+    check_images(paths)
     return paths
+
+
+def check_images(paths: list[str]) -> None:
+    """Read every image's header before any model is loaded: a file that is not a readable image is a
+    ValueError naming it (it was found only when training reached it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            raise ValueError(f"{path!r} is not a readable image ({error})") from error
 
 
 def load_images(paths: list[str]) -> list:
