@@ -37,6 +37,7 @@ from speed_memory import (  # noqa: E402
     kv_bytes,
     layer_tokens,
     lm_flops,
+    prefill_memory_rows,
     reconfigure,
     vision_flops,
     write_json_atomic,
@@ -106,41 +107,12 @@ def num_views(config) -> int:
 def memory_probe(configs, text_layers, dtype, shape: Path = SHAPE) -> list[dict]:
     """CPU peak memory of one prefill per configuration (in a process started by `cpu_memory.run_in_subprocess`)."""
     model, _ = build_model(text_layers, dtype, configs[0][1], shape)
-    phases = {}
 
-    def language_model_starts(module, args, kwargs):
-        phases["vision_peak"] = cpu_memory.peak_rss_bytes()
-        cpu_memory.reset_peak()
+    def inputs_for(method, ratio):
+        reconfigure(model, method, ratio)
+        return build_inputs(model, dtype)
 
-    hook = model.model.language_model.layers[0].register_forward_pre_hook(
-        language_model_starts, with_kwargs=True
-    )
-    rows, warmed = [], set()
-    with torch.no_grad():
-        for method, ratio in configs:
-            reconfigure(model, method, ratio)
-            inputs = build_inputs(model, dtype)
-            if method not in warmed:
-                model(**inputs, use_cache=True, logits_to_keep=1)
-                warmed.add(method)
-            out, mem = cpu_memory.measure(
-                lambda inputs=inputs: model(**inputs, use_cache=True, logits_to_keep=1)
-            )
-            vision = phases["vision_peak"] - mem["baseline_bytes"]
-            language = mem["peak_growth_bytes"]
-            rows.append(
-                {
-                    "method": method or "none",
-                    "retention_ratio": ratio,
-                    "kv_bytes": kv_bytes(out.past_key_values),
-                    "peak_memory_bytes": max(vision, language),
-                    "vision_phase_peak_bytes": vision,
-                    "language_phase_peak_bytes": language,
-                }
-            )
-            del out
-    hook.remove()
-    return rows
+    return prefill_memory_rows(model, configs, inputs_for)
 
 
 def main(argv=None) -> None:

@@ -114,6 +114,19 @@ def memory_probe(shape: str, configs: list, dtype, batch: int, text_layers: int 
     `cpu_memory.run_in_subprocess`, see the module docstring)."""
     device = torch.device("cpu")
     model, config, n = build_model(shape, dtype, device, configs[0][1], text_layers)
+
+    def inputs_for(method, ratio):
+        reconfigure(model, method, ratio)
+        return build_inputs(config, model.config.num_kept_tokens(n), batch, dtype, device)
+
+    return prefill_memory_rows(model, configs, inputs_for)
+
+
+def prefill_memory_rows(model, configs: list, inputs_for) -> list[dict]:
+    """One row per configuration `(method or None, ratio)`: the KV cache and the CPU peak memory of one prefill,
+    split at the language model's first layer (the vision phase's peak, then the decoder's high-water mark).
+    `inputs_for(method, ratio)` sets the model up for the configuration and returns its inputs. Each method's
+    first prefill runs once untimed (its one-time allocations)."""
     phases = {}
 
     def language_model_starts(module, args, kwargs):
@@ -126,8 +139,7 @@ def memory_probe(shape: str, configs: list, dtype, batch: int, text_layers: int 
     try:
         with torch.no_grad():
             for method, ratio in configs:
-                reconfigure(model, method, ratio)
-                inputs = build_inputs(config, model.config.num_kept_tokens(n), batch, dtype, device)
+                inputs = inputs_for(method, ratio)
                 if method not in warmed:  # one-time allocations of this method's first prefill
                     model(**inputs, use_cache=True, logits_to_keep=1)
                     warmed.add(method)
