@@ -57,15 +57,29 @@ def placeholder_count(
     Raises:
         ValueError: `compression_method` is not a registered method.
     """
+    if writes_every_placeholder(
+        use_deft, retention_ratio, inference_mode, compression_method, compression_settings
+    ):
+        return num_tokens
+    return num_kept_tokens(num_tokens, retention_ratio)
+
+
+def writes_every_placeholder(
+    use_deft: bool,
+    retention_ratio: float,
+    inference_mode: str,
+    compression_method: str,
+    compression_settings: dict | None,
+) -> bool:
+    """True when the processor writes all N placeholders of an item: compression off, or the method's placeholder
+    policy says so (`writes_all_placeholders`). Raises ValueError for an unregistered `compression_method`."""
     cls = method_class(compression_method)
-    settings = PlaceholderPolicyInputs(
+    policy = PlaceholderPolicyInputs(
         deft_retention_ratio=retention_ratio,
         deft_inference_mode=inference_mode,
         compression_settings=compression_settings,
     )
-    if not use_deft or cls.writes_all_placeholders(settings):
-        return num_tokens
-    return num_kept_tokens(num_tokens, retention_ratio)
+    return not use_deft or cls.writes_all_placeholders(policy)
 
 
 def anyres_placeholder_count(layout, settings) -> int:
@@ -82,14 +96,13 @@ def anyres_placeholder_count(layout, settings) -> int:
     Raises:
         ValueError: an unknown `compression_method` or AnyRes setting.
     """
-    if not settings.use_deft:
-        return layout.num_tokens
-    policy = PlaceholderPolicyInputs(
-        deft_retention_ratio=settings.deft_retention_ratio,
-        deft_inference_mode=settings.deft_inference_mode,
-        compression_settings=settings.compression_settings,
-    )
-    if method_class(settings.compression_method).writes_all_placeholders(policy):
+    if writes_every_placeholder(
+        settings.use_deft,
+        settings.deft_retention_ratio,
+        settings.deft_inference_mode,
+        settings.compression_method,
+        settings.compression_settings,
+    ):
         return layout.num_tokens
     return layout.count(settings.deft_retention_ratio, settings.anyres_budget, settings.anyres_image_newline)
 
