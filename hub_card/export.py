@@ -26,40 +26,12 @@ from pathlib import Path
 from ..utilities.atomic_write import place, staged
 from .code_audit import audit_published_code
 
-# the three files the Auto classes name; everything else is found by following their relative imports
-ENTRY_MODULES = (
-    "modeling_deft_llava.modeling_deft_llava",
-    "modeling_deft_llava.configuration.configuration_deft_llava",
-    "modeling_deft_llava.processing.processing_deft_llava",
-)
-
-MODEL_AUTO_MAP = {
-    "AutoConfig": "configuration_deft_llava.DeftLlavaConfig",
-    "AutoModel": "modeling_deft_llava.DeftLlavaModel",
-    "AutoModelForCausalLM": "modeling_deft_llava.DeftLlavaForConditionalGeneration",
-    "AutoModelForImageTextToText": "modeling_deft_llava.DeftLlavaForConditionalGeneration",
-}
-PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_deft_llava.DeftLlavaProcessor"}
-
-# DeFT-LLaVA-NeXT (AnyRes): its own three entry files (they import the DeFT-LLaVA ones)
-NEXT_ENTRY_MODULES = (
-    "modeling_deft_llava.modeling_deft_llava_next",
-    "modeling_deft_llava.configuration.configuration_deft_llava_next",
-    "modeling_deft_llava.processing.processing_deft_llava_next",
-)
-NEXT_MODEL_AUTO_MAP = {
-    "AutoConfig": "configuration_deft_llava_next.DeftLlavaNextConfig",
-    "AutoModel": "modeling_deft_llava_next.DeftLlavaNextModel",
-    "AutoModelForCausalLM": "modeling_deft_llava_next.DeftLlavaNextForConditionalGeneration",
-    "AutoModelForImageTextToText": "modeling_deft_llava_next.DeftLlavaNextForConditionalGeneration",
-}
-NEXT_PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_deft_llava_next.DeftLlavaNextProcessor"}
-
 
 @dataclass(frozen=True)
 class ExportFamily:
     """What the export writes for one model family: the entry modules and the two `auto_map`s."""
 
+    # the three files the Auto classes name; everything else is found by following their relative imports
     entry_modules: tuple[str, ...]
     model_auto_map: dict
     processor_auto_map: dict
@@ -68,11 +40,45 @@ class ExportFamily:
     def processor_class(self) -> str:
         return self.processor_auto_map["AutoProcessor"].rpartition(".")[2]
 
+    @classmethod
+    def named(cls, module: str, prefix: str) -> ExportFamily:
+        """A family whose files are `modeling_<module>.py`, `configuration_<module>.py`, `processing_<module>.py`
+        and whose classes are `<prefix>Config`, `<prefix>Model`, `<prefix>ForConditionalGeneration`,
+        `<prefix>Processor` (both DeFT-LLaVA families; the NeXT entry files import the DeFT-LLaVA ones)."""
+        generation = f"modeling_{module}.{prefix}ForConditionalGeneration"
+        return cls(
+            entry_modules=(
+                f"modeling_deft_llava.modeling_{module}",
+                f"modeling_deft_llava.configuration.configuration_{module}",
+                f"modeling_deft_llava.processing.processing_{module}",
+            ),
+            model_auto_map={
+                "AutoConfig": f"configuration_{module}.{prefix}Config",
+                "AutoModel": f"modeling_{module}.{prefix}Model",
+                "AutoModelForCausalLM": generation,
+                "AutoModelForImageTextToText": generation,
+            },
+            processor_auto_map={"AutoProcessor": f"processing_{module}.{prefix}Processor"},
+        )
+
+
+LLAVA_FAMILY = ExportFamily.named("deft_llava", "DeftLlava")
+NEXT_FAMILY = ExportFamily.named("deft_llava_next", "DeftLlavaNext")  # DeFT-LLaVA-NeXT (AnyRes)
+ENTRY_MODULES, MODEL_AUTO_MAP, PROCESSOR_AUTO_MAP = (
+    LLAVA_FAMILY.entry_modules,
+    LLAVA_FAMILY.model_auto_map,
+    LLAVA_FAMILY.processor_auto_map,
+)
+NEXT_ENTRY_MODULES, NEXT_MODEL_AUTO_MAP, NEXT_PROCESSOR_AUTO_MAP = (
+    NEXT_FAMILY.entry_modules,
+    NEXT_FAMILY.model_auto_map,
+    NEXT_FAMILY.processor_auto_map,
+)
 
 # config.model_type -> family
 FAMILIES = {
-    "deft_llava": ExportFamily(ENTRY_MODULES, MODEL_AUTO_MAP, PROCESSOR_AUTO_MAP),
-    "deft_llava_next": ExportFamily(NEXT_ENTRY_MODULES, NEXT_MODEL_AUTO_MAP, NEXT_PROCESSOR_AUTO_MAP),
+    "deft_llava": LLAVA_FAMILY,
+    "deft_llava_next": NEXT_FAMILY,
 }
 
 
