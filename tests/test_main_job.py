@@ -44,9 +44,8 @@ def test_compressed_and_full_prefills_alternate():
     # measured one side after the other, a burst of load once made the compressed side 30x slower in a whole
     # run of the main job (-3135% "saved"); alternating runs share any burst
     import tiny
-    from test_model import batch_inputs
-
     from modeling_deft_llava.commands.visualize import paired_prefill_seconds
+    from test_model import batch_inputs
 
     settings = dict(use_deft=True, deft_retention_ratio=0.25)
     model, processor = tiny.model(**settings), tiny.processor(**settings)
@@ -71,7 +70,7 @@ def test_main_job_imports_warn_of_nothing():
     printed a fallback notice on every run of the main job (a warning that was ours to fix)."""
     import subprocess
 
-    code = "import benchmarks.digits.main_job, tests.tiny"
+    code = "import sys; sys.path.insert(0, 'tests'); import benchmarks.digits.main_job, tiny, tiny_next; tiny_next.image_processor()"
     repo = Path(__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr

@@ -61,9 +61,9 @@ def stock_twin(deft_model) -> LlavaNextForConditionalGeneration:
 
 
 def image_processor():
-    from transformers import LlavaNextImageProcessor
+    from transformers import LlavaNextImageProcessorPil  # the PIL backend by name: no torchvision notice
 
-    return LlavaNextImageProcessor(
+    return LlavaNextImageProcessorPil(
         size={"shortest_edge": VIEW},
         crop_size={"height": VIEW, "width": VIEW},
         image_grid_pinpoints=PINPOINTS,
